@@ -1,0 +1,272 @@
+"""Candidate invariant groups, read off the autograd graph of one real forward pass.
+
+No symbolic tracing: :class:`DataflowRecorder` notes, for every call of a layer or a normalization
+module, the autograd nodes of its input and output; :func:`find_candidates` then follows each layer's
+output forward through the graph. The output must reach a normalization in training mode through
+positively homogeneous operations only, and be used by nothing else (THEORY.md §1). Models with
+data-dependent control flow are fine: the graph is the one the real batch built.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from torch.autograd.graph import Node
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from lightning_sphere.groups import InvariantGroups, ParamSlice
+
+LAYERS = (_ConvNd, nn.Linear)
+NORMS = (_BatchNorm, _InstanceNorm)
+
+#: Autograd nodes of operations that are positively homogeneous of degree 1 in their (single) input on
+#: the path, f(ρx) = ρ f(x) for ρ > 0, and that commute with adding a per-channel constant, so that the
+#: normalization still cancels the layer's bias: pooling, means, resampling, views, casts.
+SHIFT_COMMUTING = frozenset(
+    {
+        "MaxPool2DWithIndicesBackward0",
+        "MaxPool3DWithIndicesBackward0",
+        "AvgPool2DBackward0",
+        "AvgPool3DBackward0",
+        "AdaptiveAvgPool2DBackward0",
+        "AdaptiveAvgPool3DBackward0",
+        "AdaptiveMaxPool2DBackward0",
+        "AdaptiveMaxPool3DBackward0",
+        "MeanBackward0",
+        "MeanBackward1",
+        "SumBackward0",
+        "SumBackward1",
+        "AmaxBackward0",
+        "UpsampleNearest1DBackward0",
+        "UpsampleNearest2DBackward0",
+        "UpsampleNearest3DBackward0",
+        "UpsampleBilinear2DBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "PermuteBackward0",
+        "TransposeBackward0",
+        "TBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+        "ExpandBackward0",
+        "AliasBackward0",
+        "CloneBackward0",
+        "ToCopyBackward0",
+    }
+)
+#: Positively homogeneous operations that do not commute with a shift: after them the bias is no longer
+#: cancelled, and it joins its channel's group (scaling weight and bias together is still invariant).
+SHIFT_BREAKING = frozenset({"ReluBackward0", "LeakyReluBackward0", "PreluKernelBackward0", "NativeDropoutBackward0"})
+HOMOGENEOUS = SHIFT_COMMUTING | SHIFT_BREAKING
+#: Products: homogeneous in the path operand when the other factor does not depend on it (which the
+#: single-use rule guarantees) — dropout masks, gates, constant scales. Division only as numerator.
+SCALING = frozenset({"MulBackward0", "DivBackward0"})
+#: Longest chain of homogeneous operations followed from a layer to its normalization.
+_MAX_PATH = 64
+
+
+@dataclass(eq=False)
+class _Call:
+    """One forward call of a recorded module."""
+
+    name: str
+    module: nn.Module
+    input: Node | None
+    output: Node | None
+    training: bool
+
+    def interior(self) -> set[Node]:
+        """The nodes this call created: everything reachable from its output before its input."""
+        inside: set[Node] = set()
+        stack = [self.output] if self.output is not None else []
+        while stack:
+            node = stack.pop()
+            if node in inside or node is self.input or hasattr(node, "variable"):
+                continue
+            inside.add(node)
+            stack.extend(child for child, _ in node.next_functions if child is not None)
+        return inside
+
+
+class DataflowRecorder:
+    """Records the calls of the layers and normalizations of ``model`` while active (a context manager)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.calls: list[_Call] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> DataflowRecorder:
+        names = {module: name for name, module in self.model.named_modules()}
+        for module, name in names.items():
+            if isinstance(module, LAYERS + NORMS):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            if isinstance(output, Tensor) and first is not None:
+                self.calls.append(_Call(name, module, first.grad_fn, output.grad_fn, module.training))
+
+        return record
+
+
+@dataclass
+class Candidates:
+    """What :func:`find_candidates` found: unverified groups, and why other layers were left out."""
+
+    groups: list[InvariantGroups] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+class _Graph:
+    """The autograd graph reachable from some roots, with each node's consumers."""
+
+    def __init__(self, roots: Sequence[Node]) -> None:
+        self.consumers: dict[Node, list[Node]] = defaultdict(list)
+        self.leaf: dict[Tensor, Node] = {}
+        seen: set[Node] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                self.leaf[variable] = node
+            for child, _ in node.next_functions:
+                if child is not None:
+                    self.consumers[child].append(node)
+                    stack.append(child)
+        self.nodes = seen
+
+
+def find_candidates(calls: Sequence[_Call], roots: Sequence[Tensor], model: nn.Module) -> Candidates:
+    """Layers whose output reaches a normalization through homogeneous operations only (§1 table).
+
+    Args:
+        calls: what a :class:`DataflowRecorder` saw during the forward pass that built ``roots``.
+        roots: the loss, or the model's outputs.
+        model: the model, for parameter names.
+    """
+    graph = _Graph([r.grad_fn for r in roots if r.grad_fn is not None])
+    norm_calls = {c.input: c for c in calls if isinstance(c.module, NORMS) and c.input is not None}
+    layer_calls: dict[nn.Module, list[_Call]] = defaultdict(list)
+    for call in calls:
+        if isinstance(call.module, LAYERS) and call.output in graph.nodes:
+            layer_calls[call.module].append(call)
+    param_names = {p: n for n, p in model.named_parameters()}
+    found = Candidates()
+    for module, module_calls in layer_calls.items():
+        name = module_calls[0].name
+        paths = [_follow(call.output, graph, norm_calls) for call in module_calls]
+        reason = next((p.reason for p in paths if p.norm is None), None) or _check_params(
+            module, module_calls, graph, param_names, with_bias=not all(p.bias_cancelled for p in paths)
+        )
+        if reason is None and len({type(p.norm.module) for p in paths}) > 1:
+            reason = "its calls are normalized by different kinds of layers"
+        if reason is None:
+            bias = module.bias if not all(p.bias_cancelled for p in paths) else None
+            found.groups.append(_channel_groups(name, module, paths[0].norm, bias, param_names))
+        else:
+            found.rejected[name] = reason
+    return found
+
+
+@dataclass
+class _Path:
+    """Where a layer's output goes: the normalization it reaches, or why it does not."""
+
+    norm: _Call | None
+    reason: str = ""
+    bias_cancelled: bool = True  # the normalization still cancels the layer's bias
+
+
+def _follow(node: Node, graph: _Graph, norm_calls: dict[Node, _Call]) -> _Path:
+    """Walk forward from a layer's output to the normalization it feeds, or say why it does not."""
+    bias_cancelled = True
+    for _ in range(_MAX_PATH):
+        norm = norm_calls.get(node)
+        users = graph.consumers.get(node, [])
+        if norm is not None:
+            if not _normalizes(norm.module, norm.training):
+                return _Path(None, f"{norm.name} ({type(norm.module).__name__}) uses running statistics (eval mode)")
+            interior = norm.interior()
+            if all(user in interior for user in users):
+                return _Path(norm, bias_cancelled=bias_cancelled)
+            return _Path(None, "output is used besides the normalization")
+        if len(users) != 1:
+            return _Path(None, "output is used besides the normalization" if users else "output is not normalized")
+        user = users[0]
+        op = user.name()
+        edges = [child for child, _ in user.next_functions if child is node]
+        scaling = op in SCALING and (op == "MulBackward0" or user.next_functions[0][0] is node)
+        if not (op in HOMOGENEOUS or scaling) or len(edges) != 1:
+            return _Path(None, f"output goes through {op.removesuffix('Backward0')}, which breaks invariance")
+        bias_cancelled &= op in SHIFT_COMMUTING
+        node = user
+    return _Path(None, "output is not normalized")
+
+
+def _check_params(
+    layer: nn.Module, calls: Sequence[_Call], graph: _Graph, names: dict[Tensor, str], with_bias: bool
+) -> str | None:
+    """Why the layer's parameters cannot form groups (frozen, or used outside the layer), if they cannot."""
+    if not layer.weight.requires_grad:
+        return "weight is frozen"
+    bias = getattr(layer, "bias", None)
+    if with_bias and bias is not None and not bias.requires_grad:
+        return "bias is frozen but not cancelled by the normalization"
+    inside = set().union(*(c.interior() for c in calls))
+    for p in (layer.weight, bias):
+        if p is not None and any(user not in inside for user in graph.consumers.get(graph.leaf.get(p), ())):
+            return f"{names[p]} is also used outside {calls[0].name}"
+    return None
+
+
+def _normalizes(norm: nn.Module, training: bool) -> bool:
+    """Whether the normalization uses the statistics of its input (training mode, or no running stats)."""
+    return training or not getattr(norm, "track_running_stats", False)
+
+
+def _channel_groups(
+    name: str, layer: nn.Module, norm: _Call, bias: Tensor | None, names: dict[Tensor, str]
+) -> InvariantGroups:
+    """One group per output channel of ``layer`` (BatchNorm, InstanceNorm): a row of its weight.
+
+    The bias joins its channel's group only when an operation on the path (ReLU, dropout, …) keeps the
+    normalization from cancelling it; scaling weight row and bias entry together is invariant (§1).
+    """
+    weight = layer.weight
+    if isinstance(layer, _ConvTransposeNd):
+        # weight is (C_in, C_out / groups, *k): output channel (group, j) once dim 0 is split.
+        split = layer.groups
+        pieces = [ParamSlice(names[weight], weight, (0, 2) if split > 1 else (1,), split)]
+    else:
+        pieces = [ParamSlice(names[weight], weight)]
+    if bias is not None:
+        pieces.append(ParamSlice(names[bias], bias))
+    return InvariantGroups(
+        module_name=name,
+        slices=tuple(pieces),
+        num_groups=pieces[0].num_channels,
+        norm_name=norm.name,
+        norm_type=type(norm.module).__name__,
+        granularity="channel",
+    )

@@ -1,0 +1,154 @@
+"""Which tensors form radially invariant groups, and whether they really are (THEORY.md §1).
+
+An :class:`InvariantGroups` entry describes one module: its parameters, cut into ``num_groups``
+groups of ``dim`` entries each (one group per output channel after BatchNorm, one per channel group
+after GroupNorm, the whole layer after LayerNorm, …). Each parameter's share is a
+:class:`ParamSlice`: the dimensions of the tensor that index output channels, so that per-group
+sums are plain reductions over the other dimensions, whatever the memory layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+#: Largest ``max |cos(g, x)|`` over a module's groups for it to count as radially invariant.
+#: Truly invariant groups show 1e-7…1e-4 in float32 with BatchNorm's eps = 1e-5 (eps makes invariance
+#: approximate when the pre-norm variance is small); non-invariant ones show 1e-2 and more (§1).
+COSINE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class ParamSlice:
+    """One parameter's share of its module's groups.
+
+    Args:
+        name: qualified parameter name, as in ``model.named_parameters()``.
+        param: the parameter.
+        channel_dims: the dimensions that index the module's output channels, outermost first (after
+            ``split``); empty when the whole tensor is one channel.
+        split: if above 1, dimension 0 is first unflattened into ``(split, -1)``: the layout of a
+            grouped ConvTranspose weight, whose output channel is ``(group, dim 1)``.
+    """
+
+    name: str
+    param: nn.Parameter
+    channel_dims: tuple[int, ...] = (0,)
+    split: int = 1
+
+    def _shaped(self, t: Tensor) -> Tensor:
+        return t.unflatten(0, (self.split, -1)) if self.split > 1 else t
+
+    @property
+    def num_channels(self) -> int:
+        shape = self._shaped(self.param).shape
+        return math.prod(shape[d] for d in self.channel_dims)
+
+    def channel_sums(self, t: Tensor) -> Tensor:
+        """Sum ``t`` (shaped like the parameter) over everything but the output channels: ``(C,)``."""
+        t = self._shaped(t)
+        others = [d for d in range(t.dim()) if d not in self.channel_dims]
+        return (t.sum(others) if others else t).reshape(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class InvariantGroups:
+    """The radially invariant groups of one module.
+
+    Attributes:
+        module_name: the module's name in ``model.named_modules()``.
+        slices: the parameters involved and how they split into groups.
+        num_groups: number of groups; each holds ``dim`` entries.
+        norm_name: name of the normalization module that makes the groups invariant.
+        norm_type: its class name (``"BatchNorm2d"``, …).
+        granularity: ``"channel"``, ``"layer"`` or ``"<k> channels"``.
+        cosine: ``max |cos(g, x)|`` over the groups when verified, ``None`` before.
+    """
+
+    module_name: str
+    slices: tuple[ParamSlice, ...]
+    num_groups: int
+    norm_name: str
+    norm_type: str
+    granularity: str = "channel"
+    cosine: float | None = None
+
+    @property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        return tuple(s.param for s in self.slices)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def dim(self) -> int:
+        """Size ``d`` of one group."""
+        return self.numel // self.num_groups
+
+    def __post_init__(self) -> None:
+        for s in self.slices:
+            if s.num_channels % self.num_groups:
+                raise ValueError(
+                    f"{s.name} has {s.num_channels} output channels, which do not split into "
+                    f"{self.num_groups} groups of {self.module_name}"
+                )
+
+    def group_sums(self, products: Sequence[Tensor]) -> Tensor:
+        """Per-group sums of tensors shaped like each slice's parameter: ``(num_groups,)``."""
+        return sum(
+            s.channel_sums(t).view(self.num_groups, -1).sum(1) for s, t in zip(self.slices, products, strict=True)
+        )
+
+
+@torch.no_grad()
+def gradient_cosines(groups: Sequence[InvariantGroups], grads: Mapping[nn.Parameter, Tensor]) -> list[float | None]:
+    """``max |cos(g, x)|`` over each module's groups, from the current weights and ``grads`` (§1 test).
+
+    Groups with a zero gradient are left out; a module is ``None`` when none of its groups has a finite,
+    non-zero gradient (it cannot be judged on this step). One device-to-host transfer for all modules.
+    """
+    worst = []
+    for entry in groups:
+        x = [s.param.detach().to(_math_dtype(s.param)) for s in entry.slices]
+        g = [grads[s.param].to(xs.dtype) for s, xs in zip(entry.slices, x, strict=True)]
+        xg = entry.group_sums([a * b for a, b in zip(x, g, strict=True)])
+        xx = entry.group_sums([a * a for a in x])
+        gg = entry.group_sums([b * b for b in g])
+        cos = (xg / (xx * gg).sqrt()).abs()
+        judged = (gg > 0) & cos.isfinite()
+        usable = gg.isfinite().all() & judged.any()
+        worst.append(torch.where(usable, torch.where(judged, cos, 0).amax(), -1))
+    if not worst:
+        return []
+    return [None if v < 0 else v for v in torch.stack(worst).double().cpu().tolist()]
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    """float32 at least; float64 stays float64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def verify(
+    groups: Iterable[InvariantGroups], grads: Mapping[nn.Parameter, Tensor], tolerance: float = COSINE_TOLERANCE
+) -> tuple[list[InvariantGroups], list[InvariantGroups], list[InvariantGroups]]:
+    """Split candidates into (accepted, rejected, undecided) by the gradient-orthogonality test of §1.
+
+    Accepted and rejected entries carry their measured ``cosine``; undecided ones had no usable
+    gradient on this step (missing, zero or not finite) and should be tried again on a later one.
+    """
+    candidates = [g for g in groups if all(p in grads for p in g.params)]
+    waiting = [g for g in groups if not all(p in grads for p in g.params)]
+    accepted, rejected = [], []
+    for entry, cos in zip(candidates, gradient_cosines(candidates, grads), strict=True):
+        if cos is None:
+            waiting.append(entry)
+        elif cos <= tolerance:
+            accepted.append(replace(entry, cosine=cos))
+        else:
+            rejected.append(replace(entry, cosine=cos))
+    return accepted, rejected, waiting

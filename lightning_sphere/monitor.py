@@ -1,0 +1,217 @@
+"""The SphereMonitor callback logic, shared by the ``pytorch_lightning`` and ``lightning.pytorch`` classes.
+
+Hook order this relies on (Lightning 2.x, see the developers' notes): the first training batch's
+forward pass is recorded and its loss graph analysed in ``on_before_backward``; candidates are
+verified on the gradients of ``on_before_optimizer_step`` (weights still ``x_k``); the torch optimizer
+step hooks measure armed steps (they do not fire on AMP-skipped steps); ``on_train_batch_end`` collects
+and logs at Lightning's own step and cadence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sphere.detect import GroupFinder
+from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups
+from lightning_sphere.sinks import LoggerSink
+from lightning_sphere.summary import summarize
+from lightning_sphere.tracker import SphereTracker
+
+
+@dataclass(frozen=True)
+class Framework:
+    """What differs between the two Lightning packages."""
+
+    misconfiguration: type[Exception]
+    info: Callable[[str], None]
+    warn: Callable[[str], None]
+    unsupported_strategies: tuple[type, ...]
+
+
+class SphereMonitorLogic:
+    """Measure the spherical dynamics of every normalized filter and stream them to the loggers.
+
+    Finds the radially invariant groups of the model on the first training step (each output channel
+    of a layer followed by BatchNorm or InstanceNorm, …), verifies them by gradient orthogonality, prints
+    a summary, then measures every logging step on the device: effective learning rate, angular update,
+    radial and tangential updates, the Riemannian gradient and, for Adam, its deformation (THEORY.md
+    §2–§5, §7). Keys are ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all``.
+
+    Args:
+        log_every_n_steps: measure and log every this many optimizer steps; ``None`` follows
+            ``Trainer(log_every_n_steps=...)``.
+        histogram_every_n_steps: also log per-group histograms (TensorBoard only) every this many steps, a
+            multiple of the logging cadence; ``None`` means every 10th logging step, ``0`` never.
+        custom_scalars: write a TensorBoard custom-scalars layout with one multi-line chart per metric.
+        tolerance: largest ``max |cos(g, x)|`` a candidate module may show on its first step to be
+            tracked (see :data:`~lightning_sphere.COSINE_TOLERANCE`).
+
+    Raises:
+        MisconfigurationException: for invalid arguments, and at setup for strategies that shard
+            parameters into flat buffers (FSDP1, DeepSpeed) or into DTensors (ModelParallelStrategy).
+
+    Example::
+
+        trainer = Trainer(callbacks=[SphereMonitor()])
+        trainer.fit(model)
+        monitor.metrics["sphere/effective_lr/all"]
+    """
+
+    _framework: Framework
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+        custom_scalars: bool = True,
+        tolerance: float = COSINE_TOLERANCE,
+    ) -> None:
+        error = self._framework.misconfiguration
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise error(f"`log_every_n_steps` must be a positive int or None, got {log_every_n_steps!r}")
+        if histogram_every_n_steps is not None and (
+            not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 0
+        ):
+            raise error(
+                "`histogram_every_n_steps` must be an int >= 0 (0 turns histograms off) or None, "
+                f"got {histogram_every_n_steps!r}"
+            )
+        if not 0 < tolerance < 1:
+            raise error(f"`tolerance` must be in (0, 1), got {tolerance!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.tolerance = tolerance
+        self._sink = LoggerSink(custom_scalars)
+        self._metrics: dict[str, float] = {}
+        self._finder: GroupFinder | None = None
+        self._tracker: SphereTracker | None = None
+        self._recording = False
+        self._summarized = False
+        self._cadence = (0, 0)
+
+    @property
+    def groups(self) -> list[InvariantGroups]:
+        """The tracked modules, once found (after the first training step)."""
+        return [] if self._tracker is None else list(self._tracker.groups)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last logged values, with the loggers' keys."""
+        return dict(self._metrics)
+
+    def summary(self) -> str:
+        """The table printed at the start of training: tracked modules, and those left out with the reason."""
+        if self._finder is None:
+            return "lightning_sphere: no training step seen yet"
+        untracked = dict(self._finder.rejected)
+        untracked |= {g.module_name: "waiting for a gradient to verify it" for g in self._finder.pending}
+        if self._tracker is not None:
+            untracked |= self._tracker.untracked
+        return summarize(self.groups, self._finder.model, untracked)
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        error = self._framework.misconfiguration
+        if isinstance(trainer.strategy, self._framework.unsupported_strategies):
+            raise error(
+                f"SphereMonitor does not support {type(trainer.strategy).__name__}: it shards parameters so "
+                "that a filter's entries are not one row on one device. Use DDP (`strategy='ddp'`) or a "
+                "single device, or remove SphereMonitor from the callbacks."
+            )
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        hist = self.histogram_every_n_steps
+        hist = 10 * every if hist is None else hist
+        if every and hist % every:
+            raise error(
+                f"`histogram_every_n_steps={hist}` must be a multiple of the logging cadence ({every} steps), "
+                "since histograms are taken on logging steps; or 0 to turn them off."
+            )
+        if not every:
+            self._framework.warn(
+                "SphereMonitor: `log_every_n_steps=0` on the Trainer turns logging off; nothing is measured."
+            )
+        self._cadence = (every, hist)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._finder = GroupFinder(pl_module, self.tolerance)
+        self._close_tracker()
+        self._summarized = False
+        if not trainer.loggers:
+            self._framework.warn(
+                "SphereMonitor: the Trainer has no logger; metrics are still measured and kept in "
+                "`SphereMonitor.metrics`. Pass `logger=TensorBoardLogger(...)` to see them in charts."
+            )
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._finder is not None and not self._finder.analyzed and not self._recording:
+            self._finder.start()
+            self._recording = True
+        if self._tracker is not None:
+            self._arm(trainer)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+        if self._recording:
+            self._finder.analyze([loss])
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        if self._finder is None or not self._finder.pending:
+            return
+        grads = {p: p.grad for entry in self._finder.pending for p in entry.params if p.grad is not None}
+        for entry in self._finder.verify(grads):
+            self._framework.warn(
+                f"SphereMonitor: {entry.module_name} is not tracked: {self._finder.rejected[entry.module_name]}"
+            )
+        self._close_tracker()
+        self._tracker = SphereTracker(self._finder.accepted, trainer.optimizers)
+        self._arm(trainer)
+        self._tracker.snapshot(optimizer)  # this step's pre-hook ran before the groups were known
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._recording and self._finder.analyzed:
+            self._finder.stop()
+            self._recording = False
+        if not self._summarized and self._finder is not None and self._finder.done:
+            self._summarized = True
+            self._report()
+        measurement = None if self._tracker is None else self._tracker.collect()
+        if measurement is not None:
+            self._metrics = measurement.scalars
+            self._sink.write(trainer.loggers, measurement, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._finder is not None:
+            self._finder.stop()
+        self._recording = False
+        self._close_tracker()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _arm(self, trainer: Any) -> None:
+        every, hist = self._cadence
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # the step this batch will log at, plus one
+        if every and step % every == 0:
+            self._tracker.arm(histograms=bool(hist) and step % hist == 0)
+        else:
+            self._tracker.disarm()
+
+    def _close_tracker(self) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def _report(self) -> None:
+        if self.groups:
+            self._framework.info(self.summary())
+        else:
+            self._framework.warn(
+                "SphereMonitor found no radially invariant group (a Conv/Linear layer whose output only feeds "
+                "a normalization in training mode); training continues unmonitored.\n" + self.summary()
+            )
