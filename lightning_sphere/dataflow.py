@@ -10,7 +10,7 @@ data-dependent control flow are fine: the graph is the one the real batch built.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,7 +117,7 @@ class DataflowRecorder:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, name: str):  # noqa: ANN202
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             first = args[0] if args and isinstance(args[0], Tensor) else None
             if isinstance(output, Tensor) and first is not None:
@@ -168,11 +168,13 @@ def find_candidates(calls: Sequence[_Call], roots: Sequence[Tensor], model: nn.M
     graph = _Graph([r.grad_fn for r in roots if r.grad_fn is not None])
     norm_calls = {c.input: c for c in calls if isinstance(c.module, NORMS) and c.input is not None}
     layer_calls: dict[nn.Module, list[_Call]] = defaultdict(list)
+    found = Candidates()
     for call in calls:
         if isinstance(call.module, LAYERS) and call.output in graph.nodes:
             layer_calls[call.module].append(call)
+        elif isinstance(call.module, LAYERS) and not call.module.weight.requires_grad:
+            found.rejected[call.name] = "weight is frozen"
     param_names = {p: n for n, p in model.named_parameters()}
-    found = Candidates()
     for module, module_calls in layer_calls.items():
         name = module_calls[0].name
         paths = [_follow(call.output, graph, norm_calls) for call in module_calls]
@@ -218,7 +220,7 @@ def _follow(node: Node, graph: _Graph, norm_calls: dict[Node, _Call]) -> _Path:
         edges = [child for child, _ in user.next_functions if child is node]
         scaling = op in SCALING and (op == "MulBackward0" or user.next_functions[0][0] is node)
         if not (op in HOMOGENEOUS or scaling) or len(edges) != 1:
-            return _Path(None, f"output goes through {op.removesuffix('Backward0')}, which breaks invariance")
+            return _Path(None, f"output reaches {op.removesuffix('Backward0')} before any normalization")
         bias_cancelled &= op in SHIFT_COMMUTING
         node = user
     return _Path(None, "output is not normalized")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sphere.dataflow import DataflowRecorder, find_candidates
-from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups, verify
+from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups, tolerance_for, verify
 
 
 class GroupFinder:
@@ -24,12 +24,17 @@ class GroupFinder:
 
     Args:
         model: the model whose groups to find.
-        tolerance: largest ``max |cos(g, x)|`` a module may show and still be tracked.
+        tolerance: largest ``max |cos(g, x)|`` a module may show and still be tracked (float32).
+        compute_dtype: the dtype gradients are computed in under mixed precision, if 16-bit: the
+            tolerance widens to a few of its ulps (:func:`~lightning_sphere.groups.cosine_tolerance`).
     """
 
-    def __init__(self, model: nn.Module, tolerance: float = COSINE_TOLERANCE) -> None:
+    def __init__(
+        self, model: nn.Module, tolerance: float = COSINE_TOLERANCE, compute_dtype: torch.dtype | None = None
+    ) -> None:
         self.model = model
         self.tolerance = tolerance
+        self.compute_dtype = compute_dtype
         self.pending: list[InvariantGroups] = []
         self.accepted: list[InvariantGroups] = []
         #: Modules left out, with the reason.
@@ -75,24 +80,32 @@ class GroupFinder:
 
         One device-to-host transfer. Candidates without a usable gradient stay pending.
         """
-        accepted, rejected, self.pending = verify(self.pending, grads, self.tolerance)
+        accepted, rejected, self.pending = verify(self.pending, grads, self.tolerance, self.compute_dtype)
         self.accepted += accepted
         for entry in rejected:
+            limit = tolerance_for(entry, self.tolerance, self.compute_dtype)
             self.rejected[entry.module_name] = (
-                f"gradient not orthogonal to the weights: max |cos(g, x)| = {entry.cosine:.1e} > {self.tolerance:.0e}"
+                f"gradient not orthogonal to the weights: max |cos(g, x)| = {entry.cosine:.1e} > {limit:.1e}"
             )
         return rejected
 
-    def give_up_pending(self, why: str) -> None:
-        """Reject every candidate still pending, with the reason ``why``."""
-        for entry in self.pending:
+    def reject(self, entries: Sequence[InvariantGroups], why: str) -> None:
+        """Reject pending candidates without a verdict from their gradient, with the reason ``why``."""
+        for entry in entries:
             self.rejected[entry.module_name] = why
-        self.pending = []
+        self.pending = [entry for entry in self.pending if entry not in entries]
 
 
-def find_invariant_groups(
-    model: nn.Module, example_input: Any, *, tolerance: float = COSINE_TOLERANCE
-) -> list[InvariantGroups]:
+class FoundGroups(list):
+    """The verified groups, one :class:`InvariantGroups` per module, and ``rejected``: module name → why
+    it is not tracked."""
+
+    def __init__(self, groups: Sequence[InvariantGroups], rejected: Mapping[str, str]) -> None:
+        super().__init__(groups)
+        self.rejected = dict(rejected)
+
+
+def find_invariant_groups(model: nn.Module, example_input: Any, *, tolerance: float = COSINE_TOLERANCE) -> FoundGroups:
     """The verified radially invariant groups of ``model``, one entry per module. Plain PyTorch.
 
     Runs one forward pass in training mode on ``example_input`` (a tensor, a tuple of positional
@@ -103,6 +116,7 @@ def find_invariant_groups(
     Example::
 
         groups = find_invariant_groups(model, torch.randn(8, 3, 32, 32))
+        print(summarize(groups, model, groups.rejected))
         tracker = SphereTracker(groups, [optimizer])
 
     Candidates whose gradient is not orthogonal to their weights (max ``|cos(g, x)|`` above
@@ -138,8 +152,8 @@ def find_invariant_groups(
         with torch.no_grad():
             for buffer, saved in buffers.items():
                 buffer.copy_(saved)
-    finder.give_up_pending("no gradient on the example input to verify it with")
-    return finder.accepted
+    finder.reject(finder.pending, "no gradient on the example input to verify it with")
+    return FoundGroups(finder.accepted, finder.rejected)
 
 
 def _call(model: nn.Module, example_input: Any) -> Any:

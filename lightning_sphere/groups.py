@@ -22,6 +22,17 @@ from torch import Tensor, nn
 COSINE_TOLERANCE = 1e-3
 
 
+def cosine_tolerance(dtype: torch.dtype, tolerance: float = COSINE_TOLERANCE) -> float:
+    """The verification tolerance for gradients computed in ``dtype``.
+
+    16-bit arithmetic leaves the gradient of an invariant group a radial part of a few units in the last
+    place (bfloat16 shows |cos| ≈ 4e-3), so those get four ulps: 3.9e-3 for float16, 3.1e-2 for bfloat16.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return max(tolerance, 4 * torch.finfo(dtype).eps)
+    return tolerance
+
+
 @dataclass(frozen=True, eq=False)
 class ParamSlice:
     """One parameter's share of its module's groups.
@@ -105,6 +116,12 @@ class InvariantGroups:
         )
 
 
+def tolerance_for(entry: InvariantGroups, tolerance: float, compute_dtype: torch.dtype | None = None) -> float:
+    """The tolerance for one module: the widest of its weights' dtype and the ``compute_dtype``."""
+    dtypes = {entry.slices[0].param.dtype, compute_dtype or torch.float32}
+    return max(cosine_tolerance(d, tolerance) for d in dtypes)
+
+
 @torch.no_grad()
 def gradient_cosines(groups: Sequence[InvariantGroups], grads: Mapping[nn.Parameter, Tensor]) -> list[float | None]:
     """``max |cos(g, x)|`` over each module's groups, from the current weights and ``grads`` (§1 test).
@@ -134,12 +151,17 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 
 
 def verify(
-    groups: Iterable[InvariantGroups], grads: Mapping[nn.Parameter, Tensor], tolerance: float = COSINE_TOLERANCE
+    groups: Iterable[InvariantGroups],
+    grads: Mapping[nn.Parameter, Tensor],
+    tolerance: float = COSINE_TOLERANCE,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[list[InvariantGroups], list[InvariantGroups], list[InvariantGroups]]:
     """Split candidates into (accepted, rejected, undecided) by the gradient-orthogonality test of §1.
 
     Accepted and rejected entries carry their measured ``cosine``; undecided ones had no usable
-    gradient on this step (missing, zero or not finite) and should be tried again on a later one.
+    gradient on this step (missing, zero or not finite) and should be tried again on a later one. The
+    tolerance widens for 16-bit weights or a 16-bit ``compute_dtype`` (mixed precision), see
+    :func:`cosine_tolerance`.
     """
     candidates = [g for g in groups if all(p in grads for p in g.params)]
     waiting = [g for g in groups if not all(p in grads for p in g.params)]
@@ -147,7 +169,7 @@ def verify(
     for entry, cos in zip(candidates, gradient_cosines(candidates, grads), strict=True):
         if cos is None:
             waiting.append(entry)
-        elif cos <= tolerance:
+        elif cos <= tolerance_for(entry, tolerance, compute_dtype):
             accepted.append(replace(entry, cosine=cos))
         else:
             rejected.append(replace(entry, cosine=cos))

@@ -20,7 +20,10 @@ from lightning_sphere.detect import GroupFinder
 from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups
 from lightning_sphere.sinks import LoggerSink
 from lightning_sphere.summary import summarize
-from lightning_sphere.tracker import SphereTracker
+from lightning_sphere.tracker import UNOPTIMIZED, SphereTracker
+
+#: Steps a candidate may wait for a finite, non-zero gradient (AMP skips the first few) before it is dropped.
+MAX_VERIFICATION_STEPS = 50
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class SphereMonitorLogic:
         self._tracker: SphereTracker | None = None
         self._recording = False
         self._summarized = False
+        self._verification_steps = 0
         self._cadence = (0, 0)
 
     @property
@@ -142,6 +146,7 @@ class SphereMonitorLogic:
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._finder = GroupFinder(pl_module, self.tolerance)
+        self._verification_steps = 0
         self._close_tracker()
         self._summarized = False
         if not trainer.loggers:
@@ -162,15 +167,22 @@ class SphereMonitorLogic:
             self._finder.analyze([loss])
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        if self._finder is None or not self._finder.pending:
+        finder = self._finder
+        if finder is None or not finder.pending:
             return
-        grads = {p: p.grad for entry in self._finder.pending for p in entry.params if p.grad is not None}
-        for entry in self._finder.verify(grads):
-            self._framework.warn(
-                f"SphereMonitor: {entry.module_name} is not tracked: {self._finder.rejected[entry.module_name]}"
-            )
+        stepped = {p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        finder.reject([e for e in finder.pending if not all(p in stepped for p in e.params)], UNOPTIMIZED)
+        grads = {p: p.grad for entry in finder.pending for p in entry.params if p.grad is not None}
+        waiting = len(finder.pending)
+        for entry in finder.verify(grads):
+            self._framework.warn(f"SphereMonitor: {entry.module_name} is not tracked: {finder.rejected[entry.module_name]}")
+        self._verification_steps += 1
+        if finder.pending and self._verification_steps >= MAX_VERIFICATION_STEPS:
+            finder.reject(finder.pending, f"no usable gradient to verify it in {MAX_VERIFICATION_STEPS} steps")
+        if len(finder.pending) == waiting and self._tracker is not None:
+            return  # nothing decided on this step
         self._close_tracker()
-        self._tracker = SphereTracker(self._finder.accepted, trainer.optimizers)
+        self._tracker = SphereTracker(finder.accepted, trainer.optimizers)
         self._arm(trainer)
         self._tracker.snapshot(optimizer)  # this step's pre-hook ran before the groups were known
 
@@ -190,7 +202,8 @@ class SphereMonitorLogic:
         if self._finder is not None:
             self._finder.stop()
         self._recording = False
-        self._close_tracker()
+        if self._tracker is not None:
+            self._tracker.close()  # the groups stay inspectable after fit
 
     # ------------------------------------------------------------------ helpers
 

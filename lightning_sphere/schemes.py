@@ -59,7 +59,10 @@ def adam_terms(state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, Te
     if "exp_avg" not in state:
         return None
     beta1, beta2 = group["betas"]
-    step = state["step"]
+    # float64 bias corrections, as torch computes them from a Python step count: 1 − β2^t is small early on.
+    step = torch.as_tensor(
+        state["step"], dtype=torch.float32 if state["exp_avg"].device.type == "mps" else torch.float64
+    )
     second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
     a = state["exp_avg"] / (1 - beta1**step)
     b = second.sqrt() / (1 - beta2**step).sqrt() + group["eps"]

@@ -9,7 +9,7 @@ from torch import nn
 from lightning_sphere.groups import InvariantGroups
 
 
-def summarize(groups: Sequence[InvariantGroups], model: nn.Module, untracked: Mapping[str, str] = {}) -> str:  # noqa: B006
+def summarize(groups: Sequence[InvariantGroups], model: nn.Module, untracked: Mapping[str, str] | None = None) -> str:
     """A text table: one row per tracked module, the tracked share of the trainable parameters, and
     every module left out with the reason."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -52,6 +52,9 @@ REDUCTION = {
 #: Metrics whose per-group distribution is reported as a histogram.
 HISTOGRAMS = ("effective_lr", "angular_update", "norm")
 
+#: Why a module whose parameters no optimizer steps is not tracked.
+UNOPTIMIZED = "not stepped by any optimizer"
+
 _FIELDS = GroupStats._fields
 _COLUMN = {name: i for i, name in enumerate(_FIELDS)}
 
@@ -63,6 +66,8 @@ class Measurement:
     Attributes:
         scalars: ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all`` → value, plus
             ``sphere/skipped_groups/all``, the number of groups left out (zero norm, non-finite values).
+            A metric undefined for a layer has no key: the Adam diagnostics for other optimizers, the
+            equilibrium where §7 predicts none, gradient metrics when every gradient is zero.
         histograms: ``sphere_hist/<metric>/<module name>`` → the per-group values (CPU), when asked for.
     """
 
@@ -89,6 +94,7 @@ class _Probe:
 
     optimizer: torch.optim.Optimizer
     slots: list[_Slot]
+    armed: bool = False
     snapshot: dict[Tensor, Tensor] | None = None
 
     @property
@@ -122,7 +128,7 @@ class SphereTracker:
         for entry in groups:
             owners = [owner.get(p) for p in entry.params]
             if any(o is None for o in owners):
-                self.untracked[entry.module_name] = "not stepped by any optimizer"
+                self.untracked[entry.module_name] = UNOPTIMIZED
             elif len({o[0] for o in owners}) > 1:
                 self.untracked[entry.module_name] = "its parameters are stepped by different optimizers"
             else:
@@ -139,9 +145,8 @@ class SphereTracker:
         self._probes = [_Probe(optimizers[i], s) for i, s in slots.items()]
         self._handles = []
         for probe in self._probes:
-            self._handles.append(probe.optimizer.register_step_pre_hook(self._pre_hook(probe)))
-            self._handles.append(probe.optimizer.register_step_post_hook(self._post_hook(probe)))
-        self._armed = False
+            self._handles.append(probe.optimizer.register_step_pre_hook(lambda *_, p=probe: self._before_step(p)))
+            self._handles.append(probe.optimizer.register_step_post_hook(lambda *_, p=probe: self._after_step(p)))
         self._histograms = False
         self._recorded = False
 
@@ -150,15 +155,18 @@ class SphereTracker:
         return self._stats.shape[0]
 
     def arm(self, histograms: bool = False) -> None:
-        """Measure the next step of each optimizer (and keep the per-group values if ``histograms``)."""
-        self._clear_snapshots()
-        self._armed = True
+        """Measure the next step of each optimizer (and keep the per-group values if ``histograms``).
+
+        A step that never happens (an AMP step skipped for inf/nan gradients) leaves the optimizer armed.
+        """
+        for probe in self._probes:
+            probe.armed, probe.snapshot = True, None
         self._histograms = histograms
 
     def disarm(self) -> None:
         """Measure nothing until armed again."""
-        self._clear_snapshots()
-        self._armed = False
+        for probe in self._probes:
+            probe.armed, probe.snapshot = False, None
 
     def snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         """Copy the weights now, as the step pre-hook would: for a step whose pre-hook has already run."""
@@ -172,18 +180,8 @@ class SphereTracker:
             handle.remove()
         self._handles.clear()
 
-    def _clear_snapshots(self) -> None:
-        for probe in self._probes:
-            probe.snapshot = None
-
-    def _pre_hook(self, probe: _Probe):  # noqa: ANN202
-        return lambda optimizer, args, kwargs: self._before_step(probe)
-
-    def _post_hook(self, probe: _Probe):  # noqa: ANN202
-        return lambda optimizer, args, kwargs: self._after_step(probe)
-
     def _before_step(self, probe: _Probe) -> None:
-        if not self._armed or probe.snapshot is not None:
+        if not probe.armed or probe.snapshot is not None:
             return
         params = probe.params
         with torch.no_grad():
@@ -195,6 +193,7 @@ class SphereTracker:
         snapshot, probe.snapshot = probe.snapshot, None
         if snapshot is None:
             return
+        probe.armed = False
         with torch.no_grad():
             for slot in probe.slots:
                 self._stats[slot.rows] = _module_stats(probe.optimizer, slot, snapshot)

@@ -1,0 +1,29 @@
+import pytest
+import torch
+from torch import nn
+
+
+def bn_net(dtype: torch.dtype = torch.float64, eps: float = 1e-5) -> nn.Sequential:
+    """Two tracked layers: conv → BN (bias-free) and conv → ReLU → BN (bias joins the group)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, bias=False),
+        nn.BatchNorm2d(6, eps=eps),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3),
+        nn.ReLU(),
+        nn.BatchNorm2d(8, eps=eps),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    ).to(dtype)
+
+
+@pytest.fixture
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(16, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 10, (16,), generator=gen)
+
+
+# The tests' models are tiny: one thread is fastest, and immune to a busy second core (OpenMP threads
+# spin-wait on each other, which makes a loaded machine tens of times slower).
+torch.set_num_threads(1)

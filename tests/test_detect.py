@@ -1,0 +1,181 @@
+"""Candidate groups from the autograd graph, and their verification by gradient orthogonality."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sphere import GroupFinder, find_invariant_groups
+from lightning_sphere.groups import cosine_tolerance
+
+
+class Residual(nn.Module):
+    """conv → BN, with the conv output also added to the block output: not invariant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: which branch runs depends on the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5))
+        self.b = nn.Sequential(nn.Conv2d(3, 5, 3), nn.GELU(), nn.BatchNorm2d(5))
+
+    def forward(self, x):
+        return self.a(x) if x.mean() > -100 else self.b(x)
+
+
+class Penalized(nn.Module):
+    """conv → BN, but the output also carries a weight penalty: the loss is not invariant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean((2, 3)) + self.conv.weight.square().sum()
+
+
+def found(model, x):
+    finder = GroupFinder(model)
+    finder.start()
+    out = model(x)
+    finder.stop()
+    finder.analyze([out])
+    return {g.module_name: g for g in finder.pending}, finder.rejected
+
+
+IMG = torch.randn(8, 3, 6, 6)
+
+
+def test_bn_after_conv_is_one_group_per_channel_without_the_bias():
+    groups, rejected = found(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(80, 2)), IMG)
+    assert list(groups) == ["0"] and "not normalized" in rejected["3"]
+    g = groups["0"]
+    assert (g.num_groups, g.dim, g.norm_name, g.norm_type) == (5, 27, "1", "BatchNorm2d")
+    assert [s.name for s in g.slices] == ["0.weight"]
+
+
+@pytest.mark.parametrize(
+    ("between", "bias_joins"),
+    [
+        (nn.ReLU(), True),
+        (nn.LeakyReLU(0.1), True),
+        (nn.Dropout(0.3), True),
+        (nn.MaxPool2d(2), False),
+        (nn.AvgPool2d(2), False),
+        (nn.Identity(), False),
+    ],
+)
+def test_homogeneous_ops_between_keep_the_group(between, bias_joins):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), between, nn.BatchNorm2d(4))
+    groups, _ = found(model, IMG)
+    names = [s.name for s in groups["0"].slices]
+    assert names == (["0.weight", "0.bias"] if bias_joins else ["0.weight"])
+    assert groups["0"].dim == 27 + bias_joins
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.BatchNorm2d(4)), "Gelu"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.BatchNorm2d(4)), "Silu"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.BatchNorm2d(4)), "Tanh"),
+        (Residual(), "used besides"),
+        (Penalized(), "also used outside"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval()), "running statistics"),
+    ],
+)
+def test_broken_invariance_is_rejected_with_a_reason(model, reason):
+    groups, rejected = found(model, torch.randn(8, 3 if not isinstance(model, Residual) else 4, 6, 6))
+    name = "conv" if isinstance(model, Residual | Penalized) else "0"
+    assert name not in groups
+    assert reason in rejected[name]
+
+
+def test_frozen_weights_are_not_candidates():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[0].weight.requires_grad_(False)
+    groups, rejected = found(model, IMG)
+    assert groups == {} and rejected["0"] == "weight is frozen"
+
+
+def test_instance_norm_without_running_stats_works_in_eval_mode():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4)).eval()
+    groups, _ = found(model, IMG)
+    assert groups["0"].num_groups == 4
+
+
+def test_linear_and_conv_transpose_channels():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(108, 6), nn.ReLU(), nn.BatchNorm1d(6))
+    assert [s.name for s in found(model, IMG)[0]["1"].slices] == ["1.weight", "1.bias"]
+    up = nn.Sequential(nn.ConvTranspose2d(3, 8, 2, stride=2, groups=1), nn.BatchNorm2d(8))
+    g = found(up, IMG)[0]["0"]
+    assert (g.num_groups, g.dim, g.slices[0].channel_dims) == (8, 12, (1,))
+    grouped = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, groups=2), nn.BatchNorm2d(6))
+    g = found(grouped, torch.randn(8, 4, 5, 5))[0]["0"]
+    assert (g.num_groups, g.dim, g.slices[0].split, g.slices[0].channel_dims) == (6, 8, 2, (0, 2))
+
+
+def test_data_dependent_control_flow_uses_the_branch_that_ran():
+    groups, rejected = found(Branchy(), IMG)
+    assert list(groups) == ["a.0"] and "b.0" not in rejected  # b never ran
+
+
+def grad_cos_per_channel(layer_weight, grad):
+    x, g = layer_weight.detach().flatten(1), grad.flatten(1)
+    return ((x * g).sum(1) / (x.norm(dim=1) * g.norm(dim=1))).abs()
+
+
+def test_find_invariant_groups_verifies_and_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.BatchNorm2d(6), nn.Dropout(0.2), nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4)
+    ).eval()
+    model[4].weight.grad = torch.ones_like(model[4].weight)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    groups = find_invariant_groups(model, IMG)
+    assert [g.module_name for g in groups] == ["0", "4"] and groups.rejected == {}
+    assert all(0 <= g.cosine <= 1e-3 for g in groups)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(model[4].weight.grad, torch.ones_like(model[4].weight)) and model[0].weight.grad is None
+
+
+def test_a_candidate_that_fails_verification_is_dropped_with_its_cosine():
+    """BatchNorm with an eps far above the pre-norm variance is almost linear: structure passes, numbers do not."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e3), nn.Flatten(), nn.Linear(64, 3))
+    with pytest.warns(UserWarning, match=r"0: gradient not orthogonal .* max \|cos\(g, x\)\| = \d\.\de-0[12]"):
+        assert find_invariant_groups(model, IMG) == []
+
+
+def test_verification_waits_for_a_usable_gradient():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    finder = GroupFinder(model)
+    finder.start()
+    out = model(IMG)
+    finder.stop()
+    finder.analyze([out])
+    weight = model[0].weight
+    assert finder.verify({}) == [] and len(finder.pending) == 1  # no gradient yet
+    assert finder.verify({weight: torch.full_like(weight, float("nan"))}) == [] and len(finder.pending) == 1
+    (out * torch.randn_like(out)).sum().backward()
+    assert finder.verify({weight: weight.grad}) == [] and finder.done
+    assert finder.accepted[0].cosine == pytest.approx(grad_cos_per_channel(weight, weight.grad).max().item(), rel=1e-4)
+
+
+def test_tolerance_widens_for_16_bit_gradients():
+    assert cosine_tolerance(torch.float32) == cosine_tolerance(torch.float64) == 1e-3
+    assert cosine_tolerance(torch.float16) == pytest.approx(3.9e-3, rel=0.01)
+    assert cosine_tolerance(torch.bfloat16) == pytest.approx(3.1e-2, rel=0.01)
