@@ -60,7 +60,8 @@ class SphereMonitorLogic:
 
     Example::
 
-        trainer = Trainer(callbacks=[SphereMonitor()])
+        monitor = SphereMonitor()
+        trainer = Trainer(callbacks=[monitor])
         trainer.fit(model)
         monitor.metrics["sphere/effective_lr/all"]
     """
@@ -156,8 +157,8 @@ class SphereMonitorLogic:
             )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._finder is not None and not self._finder.analyzed and not self._recording:
-            self._finder.start()
+        if self._finder is not None and not self._finder.analyzed:
+            self._finder.start()  # record this batch's forward passes, until one reaches a backward
             self._recording = True
         if self._tracker is not None:
             self._arm(trainer)
@@ -175,7 +176,9 @@ class SphereMonitorLogic:
         grads = {p: p.grad for entry in finder.pending for p in entry.params if p.grad is not None}
         waiting = len(finder.pending)
         for entry in finder.verify(grads):
-            self._framework.warn(f"SphereMonitor: {entry.module_name} is not tracked: {finder.rejected[entry.module_name]}")
+            self._framework.warn(
+                f"SphereMonitor: {entry.module_name} is not tracked: {finder.rejected[entry.module_name]}"
+            )
         self._verification_steps += 1
         if finder.pending and self._verification_steps >= MAX_VERIFICATION_STEPS:
             finder.reject(finder.pending, f"no usable gradient to verify it in {MAX_VERIFICATION_STEPS} steps")
@@ -187,7 +190,7 @@ class SphereMonitorLogic:
         self._tracker.snapshot(optimizer)  # this step's pre-hook ran before the groups were known
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._recording and self._finder.analyzed:
+        if self._recording:
             self._finder.stop()
             self._recording = False
         if not self._summarized and self._finder is not None and self._finder.done:

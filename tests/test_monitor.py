@@ -51,7 +51,9 @@ def test_tensorboard_events_read_back(tmp_path):
     callbacks = [SphereMonitor(log_every_n_steps=1, histogram_every_n_steps=2)]
     adamw = Net(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
     fit(adamw, tmp_path, callbacks, max_steps=4, logger=[tb, memory])
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"tensors": 0, "scalars": 0, "histograms": 0}).Reload()
+    events = EventAccumulator(
+        str(tmp_path / "tb" / "version_0"), size_guidance={"tensors": 0, "scalars": 0, "histograms": 0}
+    ).Reload()
     records = memory.sphere()
     for step, scalars in records.items():
         for key, value in scalars.items():
@@ -69,6 +71,16 @@ def test_tensorboard_events_read_back(tmp_path):
     charts = {c.title: list(c.multiline.tag) for cat in config.category for c in cat.chart}
     assert charts["angular_update"] == [r"sphere/angular_update/.*", r"sphere/angular_update_equilibrium/.*"]
     assert charts["effective_lr"] == [r"sphere/effective_lr/.*"]
+
+
+def test_custom_scalars_layout_can_be_turned_off(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = TensorBoardLogger(tmp_path, name="tb", version=0)
+    fit(Net(), tmp_path, [SphereMonitor(custom_scalars=False)], max_steps=2, logger=tb)
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload()
+    assert "sphere/norm/all" in events.Tags()["scalars"]
+    assert "custom_scalars__config__" not in events.Tags()["tensors"]
 
 
 def test_without_a_logger_metrics_are_kept_and_one_warning_is_given(tmp_path):

@@ -25,14 +25,14 @@ def group_rows(model, name, tensor_of):
 
 
 def captured_step(model, optimizer, batch, tracker, check_step=True):
-    """One armed step; returns the measurement and, per module, the reference metrics of that step."""
+    """One armed step: the measurement and, per module, the reference metrics and the captured rows."""
     x, y = batch
     tracker.arm(histograms=True)
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
     before = {name: group_rows(model, name, lambda t: t) for name in LAYERS}
     optimizer.step()
-    captured = {}
+    captured, rows = {}, {}
     for name in LAYERS:
         layer = model[LAYERS[name]]
         group = next(g for g in optimizer.param_groups if any(p is layer.weight for p in g["params"]))
@@ -48,7 +48,8 @@ def captured_step(model, optimizer, batch, tracker, check_step=True):
             torch.testing.assert_close(x1, decayed - group["lr"] * kwargs["a"] / kwargs["b"], rtol=1e-12, atol=1e-14)
         measured = type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
         captured[name] = reference.group_metrics(before[name], x1, grad, group["lr"], measured=measured, **kwargs)
-    return tracker.collect(), captured
+        rows[name] = {"x0": before[name], "x1": x1, "grad": grad, **kwargs}
+    return tracker.collect(), captured, rows
 
 
 def adam_direction(model, name, optimizer, group):
@@ -102,9 +103,18 @@ def test_every_metric_matches_the_reference(name, batch):
         optimizer.zero_grad()
         F.cross_entropy(model(batch[0]), batch[1]).backward()
         optimizer.step()
-    measurement, captured = captured_step(model, optimizer, batch, tracker)
+    measurement, captured, rows = captured_step(model, optimizer, batch, tracker)
     assert_matches(measurement, captured)
     adaptive = name.startswith("adam")
+    if adaptive:  # §3, exactly: sin θ = η^e ‖c⊥‖ with c = r_k a ⊘ (b / rms(b)), from the captured state
+        step = rows["0"]
+        r0 = step["x0"].norm(dim=1, keepdim=True)
+        c = r0 * step["a"] / (step["b"] / (step["b"].norm(dim=1, keepdim=True) / step["b"].shape[1] ** 0.5))
+        c_perp = reference.perp(c, step["x0"] / r0).norm(dim=1)
+        sin_theta = measurement.histograms["sphere_hist/angular_update/0"].sin()
+        torch.testing.assert_close(
+            sin_theta, measurement.histograms["sphere_hist/effective_lr/0"] * c_perp, rtol=1e-10, atol=0
+        )
     assert ("sphere/deformation_cos/all" in measurement.scalars) == adaptive
     assert ("sphere/momentum_radial/all" in measurement.scalars) == adaptive
     assert measurement.scalars["sphere/skipped_groups/all"] == 0
@@ -204,7 +214,7 @@ def test_low_precision_weights_are_measured_in_float32(dtype, batch):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-2)
     x = batch[0].to(dtype)
     tracker = SphereTracker(find_invariant_groups(model, x), [optimizer])
-    measurement, captured = captured_step(model, optimizer, (x, batch[1]), tracker, check_step=False)
+    measurement, captured, _ = captured_step(model, optimizer, (x, batch[1]), tracker, check_step=False)
     assert_matches(measurement, captured, rtol=1e-4, atol=1e-6)
 
 
