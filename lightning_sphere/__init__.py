@@ -1,8 +1,14 @@
-"""lightning_sphere: the spherical dynamics of normalized networks, measured and controlled."""
+"""lightning_sphere: the spherical dynamics of normalized networks, measured and controlled.
 
-from lightning_sphere.detect import FoundGroups, GroupFinder, find_invariant_groups
+``SphereMonitor`` is the Lightning callback (for ``pytorch_lightning``; ``lightning_sphere.lightning``
+has the one for ``lightning.pytorch``). Everything else is plain PyTorch, and importing the package
+does not import Lightning.
+"""
+
+from typing import Any
+
+from lightning_sphere.detect import FoundGroups, GroupFinder, GroupsSpec, find_invariant_groups
 from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups, ParamSlice
-from lightning_sphere.pytorch_lightning import SphereMonitor
 from lightning_sphere.summary import summarize
 from lightning_sphere.tracker import Measurement, SphereTracker
 
@@ -12,6 +18,7 @@ __all__ = [
     "COSINE_TOLERANCE",
     "FoundGroups",
     "GroupFinder",
+    "GroupsSpec",
     "InvariantGroups",
     "Measurement",
     "ParamSlice",
@@ -20,3 +27,11 @@ __all__ = [
     "find_invariant_groups",
     "summarize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SphereMonitor":  # imported on first use, so that the plain-PyTorch core needs no Lightning
+        from lightning_sphere.pytorch_lightning import SphereMonitor
+
+        return SphereMonitor
+    raise AttributeError(f"module 'lightning_sphere' has no attribute {name!r}")

@@ -5,12 +5,17 @@ module, the autograd nodes of its input and output; :func:`find_candidates` then
 output forward through the graph. The output must reach a normalization in training mode through
 positively homogeneous operations only, and be used by nothing else (THEORY.md §1). Models with
 data-dependent control flow are fine: the graph is the one the real batch built.
+
+The normalization decides the groups (§1 table): one per output channel after BatchNorm, SyncBatchNorm
+or InstanceNorm; one per channel group after GroupNorm; the whole layer after a LayerNorm or RMSNorm
+over its output, or one per head when the norm covers one head's features (QK-norm).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +24,13 @@ from torch.autograd.graph import Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils import parametrize
 
 from lightning_sphere.groups import InvariantGroups, ParamSlice
 
 LAYERS = (_ConvNd, nn.Linear)
-NORMS = (_BatchNorm, _InstanceNorm)
+CHANNEL_NORMS = (_BatchNorm, _InstanceNorm)
+NORMS = (*CHANNEL_NORMS, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 #: Autograd nodes of operations that are positively homogeneous of degree 1 in their (single) input on
 #: the path, f(ρx) = ρ f(x) for ρ > 0, and that commute with adding a per-channel constant, so that the
@@ -157,38 +164,111 @@ class _Graph:
         self.nodes = seen
 
 
-def find_candidates(calls: Sequence[_Call], roots: Sequence[Tensor], model: nn.Module) -> Candidates:
+def find_candidates(
+    calls: Sequence[_Call], roots: Sequence[Tensor], model: nn.Module, exclude: Collection[nn.Module] = ()
+) -> Candidates:
     """Layers whose output reaches a normalization through homogeneous operations only (§1 table).
 
     Args:
         calls: what a :class:`DataflowRecorder` saw during the forward pass that built ``roots``.
         roots: the loss, or the model's outputs.
         model: the model, for parameter names.
+        exclude: layers found another way (weight normalization), to leave alone.
     """
     graph = _Graph([r.grad_fn for r in roots if r.grad_fn is not None])
     norm_calls = {c.input: c for c in calls if isinstance(c.module, NORMS) and c.input is not None}
     layer_calls: dict[nn.Module, list[_Call]] = defaultdict(list)
     found = Candidates()
     for call in calls:
-        if isinstance(call.module, LAYERS) and call.output in graph.nodes:
+        if not isinstance(call.module, LAYERS) or call.module in exclude:
+            continue
+        if parametrize.is_parametrized(call.module, "weight") or not isinstance(call.module.weight, nn.Parameter):
+            found.rejected[call.name] = "weight is computed by a parametrization other than weight_norm"
+        elif call.output in graph.nodes:
             layer_calls[call.module].append(call)
-        elif isinstance(call.module, LAYERS) and not call.module.weight.requires_grad:
+        elif not call.module.weight.requires_grad:
             found.rejected[call.name] = "weight is frozen"
     param_names = {p: n for n, p in model.named_parameters()}
     for module, module_calls in layer_calls.items():
         name = module_calls[0].name
-        paths = [_follow(call.output, graph, norm_calls) for call in module_calls]
-        reason = next((p.reason for p in paths if p.norm is None), None) or _check_params(
-            module, module_calls, graph, param_names, with_bias=not all(p.bias_cancelled for p in paths)
-        )
-        if reason is None and len({type(p.norm.module) for p in paths}) > 1:
-            reason = "its calls are normalized by different kinds of layers"
-        if reason is None:
-            bias = module.bias if not all(p.bias_cancelled for p in paths) else None
-            found.groups.append(_channel_groups(name, module, paths[0].norm, bias, param_names))
+        result = _layer_groups(name, module, module_calls, graph, norm_calls, param_names)
+        if isinstance(result, str):
+            found.rejected[name] = result
         else:
-            found.rejected[name] = reason
+            found.groups.append(result)
     return found
+
+
+def _layer_groups(
+    name: str,
+    layer: nn.Module,
+    calls: Sequence[_Call],
+    graph: _Graph,
+    norm_calls: dict[Node, _Call],
+    names: dict[Tensor, str],
+) -> InvariantGroups | str:
+    """The groups of one layer, or why it has none: every call must reach the same kind of grouping."""
+    paths = [_follow(call.output, graph, norm_calls) for call in calls]
+    broken = next((p.reason for p in paths if p.norm is None), None)
+    if broken:
+        return broken
+    channels = layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
+    groupings = {_grouping(p.norm, channels) for p in paths}
+    if len(groupings) > 1:
+        return "its calls are normalized into different groups"
+    grouping = groupings.pop()
+    if isinstance(grouping, str):
+        return grouping
+    num_groups, shift_cancelled = grouping
+    with_bias = getattr(layer, "bias", None) is not None and not (
+        shift_cancelled and all(p.bias_cancelled for p in paths)
+    )
+    reason = _check_params(layer, calls, graph, names, with_bias)
+    if reason:
+        return reason
+    weight = layer.weight
+    if isinstance(layer, _ConvTransposeNd):
+        # weight is (C_in, C_out / groups, *k): output channel (group, j) once dim 0 is split.
+        split = layer.groups
+        pieces = [ParamSlice(names[weight], weight, (0, 2) if split > 1 else (1,), split)]
+    else:
+        pieces = [ParamSlice(names[weight], weight)]
+    if with_bias:
+        pieces.append(ParamSlice(names[layer.bias], layer.bias))
+    norm = paths[0].norm
+    per_group = channels // num_groups
+    return InvariantGroups(
+        module_name=name,
+        slices=tuple(pieces),
+        num_groups=num_groups,
+        norm_name=norm.name,
+        norm_type=type(norm.module).__name__,
+        granularity="channel" if per_group == 1 else "layer" if num_groups == 1 else f"{per_group} channels",
+    )
+
+
+def _grouping(norm: _Call, channels: int) -> tuple[int, bool] | str:
+    """How many groups a normalization makes of a layer's ``channels`` output channels, and whether it
+    cancels a per-channel shift (the layer's bias), or why it makes none (§1 table).
+
+    BatchNorm and InstanceNorm normalize each channel: one group per channel, shifts cancelled. GroupNorm
+    normalizes each run of ``C/G`` channels together. LayerNorm and RMSNorm normalize the trailing
+    ``normalized_shape``: the whole output (one group), or one head of it when the layer's features are
+    viewed as heads of that size (QK-norm: one group per head). These keep the bias in the groups.
+    """
+    module = norm.module
+    if isinstance(module, CHANNEL_NORMS):
+        return channels, True
+    if isinstance(module, nn.GroupNorm):
+        if module.num_channels != channels:
+            return f"{norm.name} normalizes {module.num_channels} channels, not its {channels} output channels"
+        return module.num_groups, False
+    size = math.prod(module.normalized_shape)
+    if size < channels and channels % size == 0:
+        return channels // size, False
+    if size % channels == 0:
+        return 1, False
+    return f"{norm.name} normalizes groups of {size} features, which do not tile its {channels} output channels"
 
 
 @dataclass
@@ -245,30 +325,3 @@ def _check_params(
 def _normalizes(norm: nn.Module, training: bool) -> bool:
     """Whether the normalization uses the statistics of its input (training mode, or no running stats)."""
     return training or not getattr(norm, "track_running_stats", False)
-
-
-def _channel_groups(
-    name: str, layer: nn.Module, norm: _Call, bias: Tensor | None, names: dict[Tensor, str]
-) -> InvariantGroups:
-    """One group per output channel of ``layer`` (BatchNorm, InstanceNorm): a row of its weight.
-
-    The bias joins its channel's group only when an operation on the path (ReLU, dropout, …) keeps the
-    normalization from cancelling it; scaling weight row and bias entry together is invariant (§1).
-    """
-    weight = layer.weight
-    if isinstance(layer, _ConvTransposeNd):
-        # weight is (C_in, C_out / groups, *k): output channel (group, j) once dim 0 is split.
-        split = layer.groups
-        pieces = [ParamSlice(names[weight], weight, (0, 2) if split > 1 else (1,), split)]
-    else:
-        pieces = [ParamSlice(names[weight], weight)]
-    if bias is not None:
-        pieces.append(ParamSlice(names[bias], bias))
-    return InvariantGroups(
-        module_name=name,
-        slices=tuple(pieces),
-        num_groups=pieces[0].num_channels,
-        norm_name=norm.name,
-        norm_type=type(norm.module).__name__,
-        granularity="channel",
-    )

@@ -17,6 +17,11 @@ from torch import Tensor, nn
 
 from lightning_sphere.dataflow import DataflowRecorder, find_candidates
 from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups, tolerance_for, verify
+from lightning_sphere.layouts import mapped_groups, numeric_candidates, weight_norm_groups
+
+#: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
+#: or more dimensions, from its gradient alone) or a mapping from module or parameter names to a granularity.
+GroupsSpec = str | Mapping[str, str | int]
 
 
 class GroupFinder:
@@ -24,27 +29,52 @@ class GroupFinder:
 
     Args:
         model: the model whose groups to find.
+        groups: ``"auto"``: layers whose output only feeds a normalization, read off the autograd graph of a
+            recorded forward pass (:meth:`start`, :meth:`analyze`), and weight-normalized tensors;
+            ``"numeric"``: every trainable parameter of two or more dimensions, kept per output channel if
+            its gradient passes the test, else as a whole if that passes; or a mapping from module or
+            parameter names to ``"channel"``, ``"layer"`` or a number of channels per group.
         tolerance: largest ``max |cos(g, x)|`` a module may show and still be tracked (float32).
         compute_dtype: the dtype gradients are computed in under mixed precision, if 16-bit: the
             tolerance widens to a few of its ulps (:func:`~lightning_sphere.groups.cosine_tolerance`).
+
+    Raises:
+        ValueError: for a mapping that names what the model does not have, or a granularity it cannot take.
     """
 
     def __init__(
-        self, model: nn.Module, tolerance: float = COSINE_TOLERANCE, compute_dtype: torch.dtype | None = None
+        self,
+        model: nn.Module,
+        groups: GroupsSpec = "auto",
+        tolerance: float = COSINE_TOLERANCE,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.tolerance = tolerance
         self.compute_dtype = compute_dtype
-        self.pending: list[InvariantGroups] = []
         self.accepted: list[InvariantGroups] = []
         #: Modules left out, with the reason.
         self.rejected: dict[str, str] = {}
-        self.analyzed = False
         self._recorder: DataflowRecorder | None = None
+        #: Coarser candidates to try when a finer one fails its test (numeric: per channel, then whole).
+        self._fallback: dict[str, InvariantGroups] = {}
+        if groups == "auto":
+            self.pending = weight_norm_groups(model)
+            self.analyzed = False
+        elif groups == "numeric":
+            pairs = numeric_candidates(model)
+            self.pending = [per_channel for per_channel, _ in pairs]
+            self._fallback = {whole.module_name: whole for _, whole in pairs}
+            self.analyzed = True
+        elif isinstance(groups, Mapping):
+            self.pending = mapped_groups(model, groups)
+            self.analyzed = True
+        else:
+            raise ValueError(f'groups must be "auto", "numeric" or a mapping of names to granularities, got {groups!r}')
 
     @property
     def done(self) -> bool:
-        """Whether a graph was analyzed and every candidate decided."""
+        """Whether every candidate is decided (for ``"auto"``, once a graph was analyzed)."""
         return self.analyzed and not self.pending
 
     def start(self) -> None:
@@ -64,7 +94,9 @@ class GroupFinder:
         """
         if self._recorder is None:
             raise RuntimeError("GroupFinder.analyze() needs a recorded forward pass: call start() first")
-        found = find_candidates(self._recorder.calls, roots, self.model)
+        declared = {s.param for g in self.pending for s in g.slices}
+        weight_normed = [m for m in self.model.modules() if any(p in declared for p in m.parameters())]
+        found = find_candidates(self._recorder.calls, roots, self.model, exclude=weight_normed)
         self._recorder.calls.clear()  # drop the references to the graph
         decided = {g.module_name for g in self.accepted} | set(self.rejected)
         for name, reason in found.rejected.items():
@@ -78,9 +110,16 @@ class GroupFinder:
     def verify(self, grads: Mapping[nn.Parameter, Tensor]) -> list[InvariantGroups]:
         """Decide the pending candidates whose gradients are in ``grads``; return those rejected.
 
-        One device-to-host transfer. Candidates without a usable gradient stay pending.
+        One device-to-host transfer (two when coarser fallbacks are tried). Candidates without a usable
+        gradient stay pending.
         """
         accepted, rejected, self.pending = verify(self.pending, grads, self.tolerance, self.compute_dtype)
+        retry = [self._fallback.pop(entry.module_name) for entry in rejected if entry.module_name in self._fallback]
+        if retry:
+            accepted_again, rejected_again, _ = verify(retry, grads, self.tolerance, self.compute_dtype)
+            accepted += accepted_again
+            retried = {entry.module_name for entry in retry}
+            rejected = [e for e in rejected if e.module_name not in retried] + rejected_again
         self.accepted += accepted
         for entry in rejected:
             limit = tolerance_for(entry, self.tolerance, self.compute_dtype)
@@ -105,7 +144,9 @@ class FoundGroups(list):
         self.rejected = dict(rejected)
 
 
-def find_invariant_groups(model: nn.Module, example_input: Any, *, tolerance: float = COSINE_TOLERANCE) -> FoundGroups:
+def find_invariant_groups(
+    model: nn.Module, example_input: Any, *, groups: GroupsSpec = "auto", tolerance: float = COSINE_TOLERANCE
+) -> FoundGroups:
     """The verified radially invariant groups of ``model``, one entry per module. Plain PyTorch.
 
     Runs one forward pass in training mode on ``example_input`` (a tensor, a tuple of positional
@@ -119,23 +160,29 @@ def find_invariant_groups(model: nn.Module, example_input: Any, *, tolerance: fl
         print(summarize(groups, model, groups.rejected))
         tracker = SphereTracker(groups, [optimizer])
 
-    Candidates whose gradient is not orthogonal to their weights (max ``|cos(g, x)|`` above
-    ``tolerance``) are dropped with a warning.
+    ``groups`` chooses the candidates (see :class:`GroupFinder`). Candidates whose gradient is not
+    orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``) are dropped with a warning.
+
+    Raises:
+        ValueError: for a ``groups`` mapping that names what the model does not have.
     """
-    finder = GroupFinder(model, tolerance)
+    finder = GroupFinder(model, groups, tolerance)
     modes = {module: module.training for module in model.modules()}
     buffers = {buffer: buffer.clone() for buffer in model.buffers()}
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             model.train()
-            finder.start()
+            recording = not finder.analyzed
+            if recording:
+                finder.start()
             try:
                 outputs = _call(model, example_input)
             finally:
                 finder.stop()
             roots = [t for t in _tensors(outputs) if t.requires_grad and t.is_floating_point()]
-            finder.analyze(roots)
+            if recording:
+                finder.analyze(roots)
             params = [p for entry in finder.pending for p in entry.params]
             if params:
                 torch.manual_seed(0)

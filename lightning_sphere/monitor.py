@@ -9,7 +9,7 @@ and logs at Lightning's own step and cadence.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,11 @@ class SphereMonitorLogic:
     §2–§5, §7). Keys are ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all``.
 
     Args:
+        groups: which groups to track. ``"auto"``: every layer whose output only feeds a normalization
+            (read off the first step's autograd graph) and every weight-normalized tensor; ``"numeric"``:
+            every parameter of two or more dimensions whose gradient passes the orthogonality test, per
+            output channel or else whole; or a mapping from module or parameter names to ``"channel"``,
+            ``"layer"`` or a number of channels per group.
         log_every_n_steps: measure and log every this many optimizer steps; ``None`` follows
             ``Trainer(log_every_n_steps=...)``.
         histogram_every_n_steps: also log per-group histograms (TensorBoard only) every this many steps, a
@@ -70,6 +75,7 @@ class SphereMonitorLogic:
 
     def __init__(
         self,
+        groups: str | dict[str, str | int] = "auto",
         log_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
         custom_scalars: bool = True,
@@ -87,6 +93,12 @@ class SphereMonitorLogic:
             )
         if not 0 < tolerance < 1:
             raise error(f"`tolerance` must be in (0, 1), got {tolerance!r}")
+        if not (groups in ("auto", "numeric") or isinstance(groups, Mapping)):
+            raise error(
+                f'`groups` must be "auto", "numeric" or a dict of module or parameter names to granularities, '
+                f"got {groups!r}"
+            )
+        self.groups_spec = groups
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.tolerance = tolerance
@@ -139,6 +151,10 @@ class SphereMonitorLogic:
                 f"`histogram_every_n_steps={hist}` must be a multiple of the logging cadence ({every} steps), "
                 "since histograms are taken on logging steps; or 0 to turn them off."
             )
+        try:
+            self._finder = GroupFinder(pl_module, self.groups_spec, self.tolerance, _compute_dtype(trainer))
+        except ValueError as err:
+            raise error(f"SphereMonitor(groups=...): {err}") from err
         if not every:
             self._framework.warn(
                 "SphereMonitor: `log_every_n_steps=0` on the Trainer turns logging off; nothing is measured."
@@ -146,7 +162,6 @@ class SphereMonitorLogic:
         self._cadence = (every, hist)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._finder = GroupFinder(pl_module, self.tolerance)
         self._verification_steps = 0
         self._close_tracker()
         self._summarized = False
@@ -231,3 +246,9 @@ class SphereMonitorLogic:
                 "SphereMonitor found no radially invariant group (a Conv/Linear layer whose output only feeds "
                 "a normalization in training mode); training continues unmonitored.\n" + self.summary()
             )
+
+
+def _compute_dtype(trainer: Any) -> torch.dtype | None:
+    """The 16-bit dtype gradients are computed in under the Trainer's precision, if any."""
+    precision = str(trainer.precision)
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None

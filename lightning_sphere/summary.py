@@ -26,7 +26,7 @@ def summarize(groups: Sequence[InvariantGroups], model: nn.Module, untracked: Ma
             g.granularity,
             f"{g.num_groups:,}",
             f"{g.dim:,}",
-            f"{g.norm_name} ({g.norm_type})",
+            f"{g.norm_name} ({g.norm_type})" if g.norm_name else g.norm_type,
             "-" if g.cosine is None else f"{g.cosine:.1e}",
         )
         for g in groups

@@ -102,6 +102,27 @@ def test_broken_invariance_is_rejected_with_a_reason(model, reason):
     assert reason in rejected[name]
 
 
+class SequenceBN(nn.Module):
+    """Linear on (N, T, C) tokens, permuted to (N, C, T) for BatchNorm1d: one group per output feature."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 5, bias=False)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.proj(x).permute(0, 2, 1))
+
+
+def test_views_between_keep_the_channel_groups():
+    flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.BatchNorm1d(64))
+    assert found(flat, IMG)[0]["0"].num_groups == 4
+    groups = find_invariant_groups(flat, IMG)  # BatchNorm1d per (channel, position) feature: still invariant
+    assert [g.module_name for g in groups] == ["0"]
+    sequence = find_invariant_groups(SequenceBN(), torch.randn(8, 7, 6))
+    assert [(g.module_name, g.num_groups, g.dim) for g in sequence] == [("proj", 5, 6)]
+
+
 def test_frozen_weights_are_not_candidates():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     model[0].weight.requires_grad_(False)

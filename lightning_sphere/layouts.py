@@ -1,0 +1,149 @@
+"""Candidate groups that follow from parameters alone, with no forward pass.
+
+- weight normalization: each row of the direction tensor is invariant whatever follows (§1 table);
+- the numeric test: every parameter of two or more dimensions, per output channel, else whole;
+- a user's mapping from module or parameter names to a granularity.
+
+All are verified by gradient orthogonality like the candidates read off the graph.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+
+from torch import nn
+from torch.nn.modules.conv import _ConvTransposeNd
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm
+
+from lightning_sphere.groups import InvariantGroups, ParamSlice
+
+#: Granularities a mapping may ask for, besides a number of channels per group.
+GRANULARITIES = ("channel", "layer")
+
+
+def weight_norm_groups(model: nn.Module) -> list[InvariantGroups]:
+    """One group per row of each weight-normalized direction tensor (whole tensor for ``dim=None``).
+
+    Covers ``torch.nn.utils.parametrizations.weight_norm`` and the older ``torch.nn.utils.weight_norm``.
+    """
+    names = {p: n for n, p in model.named_parameters()}
+    found = []
+    for module_name, module in model.named_modules():
+        directions = []
+        if parametrize.is_parametrized(module):
+            for tensor_name, chain in module.parametrizations.items():
+                if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
+                    directions.append((tensor_name, chain.original1, chain[0].dim))
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                directions.append((hook.name, getattr(module, f"{hook.name}_v"), hook.dim))
+        for tensor_name, direction, dim in directions:
+            if not direction.requires_grad:
+                continue
+            whole = dim is None or dim == -1
+            piece = ParamSlice(names[direction], direction, () if whole else (dim % direction.dim(),))
+            found.append(
+                InvariantGroups(
+                    module_name=module_name if tensor_name == "weight" else f"{module_name}.{tensor_name}",
+                    slices=(piece,),
+                    num_groups=piece.num_channels,
+                    norm_name="",
+                    norm_type="weight_norm",
+                    granularity="layer" if whole else "channel",
+                )
+            )
+    return found
+
+
+def numeric_candidates(model: nn.Module) -> list[tuple[InvariantGroups, InvariantGroups]]:
+    """For every trainable parameter of two or more dimensions: (one group per row of dim 0, one whole group)."""
+    pairs = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dim() >= 2:
+            entry = name.removesuffix(".weight")
+            per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", "gradient test", "channel")
+            whole = InvariantGroups(entry, (ParamSlice(name, p, ()),), 1, "", "gradient test", "layer")
+            pairs.append((per_row, whole))
+    return pairs
+
+
+def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[InvariantGroups]:
+    """Groups a user named: module or parameter name → ``"channel"``, ``"layer"`` or channels per group.
+
+    A module contributes its own trainable parameters (weight and bias), split along its output channels
+    (dim 0; dim 1 of a ConvTranspose weight); a parameter name contributes that tensor alone, along dim 0.
+
+    Raises:
+        ValueError: for an unknown name (listing the valid ones) or a granularity the tensor cannot take.
+    """
+    modules = {name: m for name, m in model.named_modules() if name}
+    params = dict(model.named_parameters())
+    groups = []
+    for key, granularity in mapping.items():
+        if key in params:
+            slices: tuple[ParamSlice, ...] = (ParamSlice(key, params[key]),)
+        elif key in modules:
+            slices = _module_slices(key, modules[key])
+        else:
+            raise ValueError(
+                f"{key!r} is neither a module nor a parameter of the model; {_valid_names(key, modules, params)}"
+            )
+        channels = slices[0].num_channels
+        groups.append(
+            InvariantGroups(key, slices, _num_groups(key, granularity, channels), "", "explicit", _label(granularity))
+        )
+        if groups[-1].dim < 2:
+            raise ValueError(
+                f"{key!r}: groups of {groups[-1].dim} entry cannot be invariant; choose a coarser granularity"
+            )
+    return groups
+
+
+def _module_slices(name: str, module: nn.Module) -> tuple[ParamSlice, ...]:
+    own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if not own:
+        raise ValueError(f"module {name!r} has no trainable parameters of its own; name a parameter instead")
+    slices = []
+    for param_name, p in own:
+        qualified = f"{name}.{param_name}"
+        if isinstance(module, _ConvTransposeNd) and param_name == "weight":
+            split = module.groups
+            slices.append(ParamSlice(qualified, p, (0, 2) if split > 1 else (1,), split))
+        else:
+            slices.append(ParamSlice(qualified, p))
+    channels = {s.num_channels for s in slices}
+    if len(channels) > 1:
+        raise ValueError(f"the parameters of {name!r} have different numbers of output channels {sorted(channels)}")
+    return tuple(slices)
+
+
+def _num_groups(key: str, granularity: str | int, channels: int) -> int:
+    if granularity == "channel":
+        return channels
+    if granularity == "layer":
+        return 1
+    if isinstance(granularity, int) and not isinstance(granularity, bool) and granularity > 0:
+        if channels % granularity == 0:
+            return channels // granularity
+        divisors = [k for k in range(1, channels + 1) if channels % k == 0]
+        raise ValueError(
+            f"{key!r} has {channels} output channels: groups of {granularity} do not tile them; use one of {divisors}"
+        )
+    raise ValueError(
+        f"{key!r}: granularity must be one of {GRANULARITIES} or a number of channels per group, got {granularity!r}"
+    )
+
+
+def _label(granularity: str | int) -> str:
+    return granularity if isinstance(granularity, str) else "channel" if granularity == 1 else f"{granularity} channels"
+
+
+def _valid_names(key: str, modules: Mapping[str, nn.Module], params: Mapping[str, nn.Parameter]) -> str:
+    names = [*modules, *params]
+    close = difflib.get_close_matches(key, names, n=5)
+    listing = ", ".join(names) if len(names) <= 40 else ", ".join(names[:40]) + f", … ({len(names)} in all)"
+    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    return f"{hint}valid names: {listing}"
