@@ -1,9 +1,11 @@
-"""SphereMonitor on a small BatchNorm conv net: SGD with momentum against Adam, side by side in TensorBoard.
+"""SphereMonitor on a small BatchNorm conv net: SGD with momentum, Adam and AdamSRT side by side in TensorBoard.
 
-The net learns scikit-learn's bundled 8×8 handwritten digits (no download) twice, once with SGD-M and
-once with Adam. ``SphereMonitor`` finds the radially invariant filters on the first step (every conv
-output channel feeds a BatchNorm), prints them, and logs their effective learning rate, angular update
-and the rest of the spherical metrics next to the loss and accuracy. About 10–15 seconds on two CPU cores::
+The net learns scikit-learn's bundled 8×8 handwritten digits (no download) three times: with SGD-M, with
+Adam, and with Adam rewritten into AdamSRT by ``SphereMonitor(spherical_correction=True)``. The monitor
+finds the radially invariant filters on the first step (every conv output channel feeds a BatchNorm),
+prints them, and logs their effective learning rate, angular update and the rest of the spherical metrics
+next to the loss and accuracy; the corrected run shows what S, R and T remove (``deformation_cos`` at 1).
+About 10–15 seconds on two CPU cores::
 
     pip install lightning-sphere[examples]
     python examples/digits.py
@@ -28,13 +30,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_sphere import SphereMonitor
 
-#: The two runs, and the TensorBoard version each one logs to.
-OPTIMIZERS = ("sgdm", "adam")
+#: The runs, and the TensorBoard version each one logs to: "adamsrt" is Adam with the spherical correction.
+OPTIMIZERS = ("sgdm", "adam", "adamsrt")
 #: The monitor's numbers printed at the end, with their column titles.
 HEADLINES = {
     "sphere/effective_lr/all": "effective lr",
     "sphere/angular_update/all": "angular update",
     "sphere/angular_update_equilibrium/all": "equilibrium",
+    "sphere/deformation_cos/all": "deformation cos",
 }
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the data set is tiny and in memory
@@ -55,7 +58,8 @@ class DigitsClassifier(pl.LightningModule):
     """Three BatchNorm conv blocks and a linear classifier, for 8×8 digits.
 
     Args:
-        optimizer: ``"sgdm"`` (lr 0.1, momentum 0.9) or ``"adam"`` (lr 1e-3), both with weight decay 5e-4.
+        optimizer: ``"sgdm"`` (lr 0.1, momentum 0.9) or ``"adam"``/``"adamsrt"`` (lr 1e-3), all with weight
+            decay 5e-4; ``"adamsrt"`` is Adam, which ``SphereMonitor`` then corrects.
     """
 
     def __init__(self, optimizer: str = "sgdm") -> None:
@@ -112,7 +116,7 @@ def train(optimizer: str, max_epochs: int, root: str | Path) -> dict[str, float]
     """
     pl.seed_everything(0)  # the same initial weights and batches for both optimizers
     train_loader, val_loader = digits_loaders()
-    monitor = SphereMonitor()
+    monitor = SphereMonitor(spherical_correction=optimizer == "adamsrt")
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",

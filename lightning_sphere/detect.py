@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -127,6 +128,17 @@ class GroupFinder:
                 f"gradient not orthogonal to the weights: max |cos(g, x)| = {entry.cosine:.1e} > {limit:.1e}"
             )
         return rejected
+
+    def restore(self, accepted: Mapping[str, float], rejected: Mapping[str, str]) -> None:
+        """Decide pending candidates as an earlier run did (module name → cosine, or → reason), so that a
+        resumed run tracks the same groups without testing them again."""
+        for entry in self.pending:
+            if entry.module_name in accepted:
+                self.accepted.append(replace(entry, cosine=accepted[entry.module_name]))
+            elif entry.module_name in rejected:
+                self.rejected[entry.module_name] = rejected[entry.module_name]
+        decided = set(accepted) | set(rejected)
+        self.pending = [entry for entry in self.pending if entry.module_name not in decided]
 
     def reject(self, entries: Sequence[InvariantGroups], why: str) -> None:
         """Reject pending candidates without a verdict from their gradient, with the reason ``why``."""

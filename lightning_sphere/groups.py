@@ -59,6 +59,12 @@ class ParamSlice:
         shape = self._shaped(self.param).shape
         return math.prod(shape[d] for d in self.channel_dims)
 
+    def expand(self, per_channel: Tensor) -> Tensor:
+        """A per-channel vector ``(C,)`` as a tensor that broadcasts against the parameter."""
+        shape = self._shaped(self.param).shape
+        view = per_channel.view([shape[d] if d in self.channel_dims else 1 for d in range(len(shape))])
+        return view.expand(shape).flatten(0, 1) if self.split > 1 else view
+
     def channel_sums(self, t: Tensor) -> Tensor:
         """Sum ``t`` (shaped like the parameter) over everything but the output channels: ``(C,)``."""
         t = self._shaped(t)
@@ -108,6 +114,17 @@ class InvariantGroups:
                     f"{s.name} has {s.num_channels} output channels, which do not split into "
                     f"{self.num_groups} groups of {self.module_name}"
                 )
+
+    def expand(self, per_group: Tensor) -> list[Tensor]:
+        """A per-group vector ``(G,)`` as one tensor per slice that broadcasts against its parameter."""
+        return [
+            s.expand(
+                per_group.repeat_interleave(s.num_channels // self.num_groups)
+                if s.num_channels > self.num_groups
+                else per_group
+            )
+            for s in self.slices
+        ]
 
     def group_sums(self, products: Sequence[Tensor]) -> Tensor:
         """Per-group sums of tensors shaped like each slice's parameter: ``(num_groups,)``."""

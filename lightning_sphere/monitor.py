@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sphere.correction import correction_mode, unsupported
 from lightning_sphere.detect import GroupFinder
 from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups
 from lightning_sphere.sinks import LoggerSink
@@ -58,10 +59,15 @@ class SphereMonitorLogic:
         custom_scalars: write a TensorBoard custom-scalars layout with one multi-line chart per metric.
         tolerance: largest ``max |cos(g, x)|`` a candidate module may show on its first step to be
             tracked (see :data:`~lightning_sphere.COSINE_TOLERANCE`).
+        spherical_correction: rewrite every step of the tracked groups into its spherical form (THEORY.md
+            §4, §6): ``True`` or ``"srt"`` (AdamSRT for Adam/AdamW, SGDMRT for SGD with momentum, the exact
+            AdamG rewrite for SGD without), ``"s"`` (AdamS), ``"rt"`` (rescaling and transport only).
+            Measurements then describe the corrected update. ``False`` (default) only measures.
 
     Raises:
-        MisconfigurationException: for invalid arguments, and at setup for strategies that shard
-            parameters into flat buffers (FSDP1, DeepSpeed) or into DTensors (ModelParallelStrategy).
+        MisconfigurationException: for invalid arguments; at setup for strategies that shard parameters
+            into flat buffers (FSDP1, DeepSpeed) or into DTensors (ModelParallelStrategy); at fit start
+            for an optimizer or option the spherical correction cannot honour.
 
     Example::
 
@@ -80,6 +86,7 @@ class SphereMonitorLogic:
         histogram_every_n_steps: int | None = None,
         custom_scalars: bool = True,
         tolerance: float = COSINE_TOLERANCE,
+        spherical_correction: bool | str = False,
     ) -> None:
         error = self._framework.misconfiguration
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
@@ -99,6 +106,10 @@ class SphereMonitorLogic:
                 f"got {groups!r}"
             )
         self.groups_spec = groups
+        try:
+            self.correction = correction_mode(spherical_correction)
+        except ValueError as err:
+            raise error(str(err)) from err
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.tolerance = tolerance
@@ -110,6 +121,10 @@ class SphereMonitorLogic:
         self._summarized = False
         self._verification_steps = 0
         self._cadence = (0, 0)
+        # Restored from a checkpoint: the verification verdicts (so that a resumed run tracks the same
+        # groups) and the AdamG rewrite's virtual radii.
+        self._verdicts: tuple[dict[str, float], dict[str, str]] = ({}, {})
+        self._radii: dict[str, Tensor] = {}
 
     @property
     def groups(self) -> list[InvariantGroups]:
@@ -127,9 +142,11 @@ class SphereMonitorLogic:
             return "lightning_sphere: no training step seen yet"
         untracked = dict(self._finder.rejected)
         untracked |= {g.module_name: "waiting for a gradient to verify it" for g in self._finder.pending}
+        corrections = {}
         if self._tracker is not None:
             untracked |= self._tracker.untracked
-        return summarize(self.groups, self._finder.model, untracked)
+            corrections = {name: c.label for name, c in self._tracker.corrections.items()}
+        return summarize(self.groups, self._finder.model, untracked, corrections)
 
     # ------------------------------------------------------------------ hooks
 
@@ -162,6 +179,11 @@ class SphereMonitorLogic:
         self._cadence = (every, hist)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.correction is not None:
+            for optimizer in trainer.optimizers:
+                reason = unsupported(optimizer, self.correction)
+                if reason:
+                    raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {reason}")
         self._verification_steps = 0
         self._close_tracker()
         self._summarized = False
@@ -186,6 +208,7 @@ class SphereMonitorLogic:
         finder = self._finder
         if finder is None or not finder.pending:
             return
+        finder.restore(*self._verdicts)
         stepped = {p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         finder.reject([e for e in finder.pending if not all(p in stepped for p in e.params)], UNOPTIMIZED)
         grads = {p: p.grad for entry in finder.pending for p in entry.params if p.grad is not None}
@@ -199,8 +222,14 @@ class SphereMonitorLogic:
             finder.reject(finder.pending, f"no usable gradient to verify it in {MAX_VERIFICATION_STEPS} steps")
         if len(finder.pending) == waiting and self._tracker is not None:
             return  # nothing decided on this step
+        radii = self._radii | self.state_dict()["radii"]
         self._close_tracker()
-        self._tracker = SphereTracker(finder.accepted, trainer.optimizers)
+        accepted = _agree_across_ranks(trainer, finder.accepted) if self.correction else finder.accepted
+        try:
+            self._tracker = SphereTracker(accepted, trainer.optimizers, self.correction)
+        except ValueError as err:
+            raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {err}") from err
+        self._tracker.load_state_dict(radii)
         self._arm(trainer)
         self._tracker.snapshot(optimizer)  # this step's pre-hook ran before the groups were known
 
@@ -222,6 +251,20 @@ class SphereMonitorLogic:
         self._recording = False
         if self._tracker is not None:
             self._tracker.close()  # the groups stay inspectable after fit
+
+    def state_dict(self) -> dict[str, Any]:
+        """Which modules were tracked or left out, and the AdamG rewrite's virtual radii (the optimizer's
+        own checkpoint carries the moments the correction rescales and transports)."""
+        accepted, rejected = self._verdicts
+        if self._finder is not None:
+            accepted = accepted | {g.module_name: g.cosine for g in self._finder.accepted}
+            rejected = rejected | self._finder.rejected
+        radii = self._radii | (self._tracker.state_dict() if self._tracker is not None else {})
+        return {"accepted": accepted, "rejected": rejected, "radii": radii}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._verdicts = (dict(state_dict.get("accepted", {})), dict(state_dict.get("rejected", {})))
+        self._radii = dict(state_dict.get("radii", {}))
 
     # ------------------------------------------------------------------ helpers
 
@@ -246,6 +289,21 @@ class SphereMonitorLogic:
                 "SphereMonitor found no radially invariant group (a Conv/Linear layer whose output only feeds "
                 "a normalization in training mode); training continues unmonitored.\n" + self.summary()
             )
+
+
+def _agree_across_ranks(trainer: Any, accepted: list[InvariantGroups]) -> list[InvariantGroups]:
+    """Rank zero's groups, on every rank: a correction must rewrite the same weights everywhere."""
+    if trainer.world_size == 1:
+        return accepted
+    names = trainer.strategy.broadcast([g.module_name for g in accepted])
+    mine = {g.module_name: g for g in accepted}
+    missing = [n for n in names if n not in mine]
+    if missing:
+        raise RuntimeError(
+            f"rank {trainer.global_rank} did not find the groups {missing} that rank 0 tracks; pass "
+            "SphereMonitor(groups={...}) to name them explicitly"
+        )
+    return [mine[n] for n in names]
 
 
 def _compute_dtype(trainer: Any) -> torch.dtype | None:

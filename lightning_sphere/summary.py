@@ -9,9 +9,15 @@ from torch import nn
 from lightning_sphere.groups import InvariantGroups
 
 
-def summarize(groups: Sequence[InvariantGroups], model: nn.Module, untracked: Mapping[str, str] | None = None) -> str:
+def summarize(
+    groups: Sequence[InvariantGroups],
+    model: nn.Module,
+    untracked: Mapping[str, str] | None = None,
+    corrections: Mapping[str, str] | None = None,
+) -> str:
     """A text table: one row per tracked module, the tracked share of the trainable parameters, and
-    every module left out with the reason."""
+    every module left out with the reason. ``corrections`` (module name → the algorithm its spherical
+    correction makes it follow) adds a column."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracked = sum(g.numel for g in groups)
     share = f"{100 * tracked / total:.1f}%" if total else "-"
@@ -31,12 +37,15 @@ def summarize(groups: Sequence[InvariantGroups], model: nn.Module, untracked: Ma
         )
         for g in groups
     ]
+    if corrections:
+        header += ("correction",)
+        rows = [(*row, corrections.get(g.module_name, "-")) for row, g in zip(rows, groups, strict=True)]
     if rows:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append(
                 "  ".join(
-                    cell.ljust(w) if i in (0, 1, 4) else cell.rjust(w)
+                    cell.ljust(w) if i in (0, 1, 4, 6) else cell.rjust(w)
                     for i, (cell, w) in enumerate(zip(row, widths, strict=True))
                 ).rstrip()
             )

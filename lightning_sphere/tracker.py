@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sphere.correction import ModuleCorrection, StepView, correction_mode, unsupported
 from lightning_sphere.geometry import METRICS, GroupStats, sphere_metrics, valid_groups
 from lightning_sphere.groups import InvariantGroups, ParamSlice
 from lightning_sphere.reduce import segment_reduce
@@ -82,6 +83,7 @@ class _Slot:
     entry: InvariantGroups
     offset: int  # index of its first group among all tracked groups
     param_groups: tuple[dict[str, Any], ...]  # the optimizer param group of each slice
+    correction: ModuleCorrection | None = None
 
     @property
     def rows(self) -> slice:
@@ -103,19 +105,31 @@ class _Probe:
 
 
 class SphereTracker:
-    """Measures the steps of ``optimizers`` on the invariant ``groups`` (THEORY.md §2–§5, §7).
+    """Measures the steps of ``optimizers`` on the invariant ``groups`` (THEORY.md §2–§5, §7), and
+    optionally rewrites them into their spherical form (§4, §6; :mod:`lightning_sphere.correction`).
 
     Args:
         groups: the groups to track, e.g. from :func:`~lightning_sphere.find_invariant_groups`.
         optimizers: the optimizers that step them. A module whose parameters are not all in one
             optimizer is left out; the reason is in :attr:`untracked`.
+        correction: ``None``, or the spherical correction to apply after every real step of the tracked
+            groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.correction.unsupported`).
+            Measurements then describe the corrected update.
 
     Attributes:
         groups: the tracked modules, in the order of the per-group tensors.
         untracked: module name → why it is not tracked.
+
+    Raises:
+        ValueError: if ``correction`` cannot rewrite one of the optimizers or modules.
     """
 
-    def __init__(self, groups: Sequence[InvariantGroups], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    def __init__(
+        self,
+        groups: Sequence[InvariantGroups],
+        optimizers: Sequence[torch.optim.Optimizer],
+        correction: str | None = None,
+    ) -> None:
         owner: dict[Tensor, tuple[int, dict[str, Any]]] = {}
         for index, optimizer in enumerate(optimizers):
             for param_group in optimizer.param_groups:
@@ -143,6 +157,8 @@ class SphereTracker:
         sizes = torch.tensor([g.num_groups for g in self.groups], dtype=torch.long)
         self._segment = torch.repeat_interleave(torch.arange(len(self.groups)), sizes).to(self.device)
         self._probes = [_Probe(optimizers[i], s) for i, s in slots.items()]
+        if correction is not None:
+            self._attach_corrections(correction_mode(correction))
         self._handles = []
         for probe in self._probes:
             self._handles.append(probe.optimizer.register_step_pre_hook(lambda *_, p=probe: self._before_step(p)))
@@ -153,6 +169,35 @@ class SphereTracker:
     @property
     def num_groups(self) -> int:
         return self._stats.shape[0]
+
+    @property
+    def corrections(self) -> dict[str, ModuleCorrection]:
+        """Module name → its spherical correction, when correcting."""
+        return {slot.entry.module_name: slot.correction for slot in self._slots() if slot.correction is not None}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The correction's own state, module name → virtual radii (AdamG rewrite); the optimizer's state
+        holds the rest. Save it with your checkpoint when correcting SGD without momentum."""
+        return {name: c.radius for name, c in self.corrections.items() if c.radius is not None}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name, correction in self.corrections.items():
+            if name in state:
+                correction.radius = state[name].to(self.device)
+
+    def _slots(self) -> list[_Slot]:
+        return [slot for probe in self._probes for slot in probe.slots]
+
+    def _attach_corrections(self, mode: str) -> None:
+        for probe in self._probes:
+            reason = unsupported(probe.optimizer, mode)
+            if reason:
+                raise ValueError(reason)
+            for slot in probe.slots:
+                slot.correction = ModuleCorrection(slot.entry, probe.optimizer, slot.param_groups, mode)
+                reason = slot.correction.check()
+                if reason:
+                    raise ValueError(reason)
 
     def arm(self, histograms: bool = False) -> None:
         """Measure the next step of each optimizer (and keep the per-group values if ``histograms``).
@@ -191,14 +236,19 @@ class SphereTracker:
 
     def _after_step(self, probe: _Probe) -> None:
         snapshot, probe.snapshot = probe.snapshot, None
-        if snapshot is None:
-            return
-        probe.armed = False
+        if snapshot is not None:
+            probe.armed = False
+            self._recorded = True
         with torch.no_grad():
             for slot in probe.slots:
-                self._stats[slot.rows] = _module_stats(probe.optimizer, slot, snapshot)
-                self._measured[slot.rows] = True
-        self._recorded = True
+                if slot.correction is not None:
+                    slot.correction.rewrite()
+                if snapshot is not None:
+                    view = slot.correction.view if slot.correction is not None else StepView()
+                    self._stats[slot.rows] = _module_stats(probe.optimizer, slot, snapshot, view)
+                    self._measured[slot.rows] = True
+                if slot.correction is not None:
+                    slot.correction.transport()
 
     def collect(self) -> Measurement | None:
         """Summaries of the steps measured since the last call; ``None`` if no step was measured.
@@ -242,12 +292,17 @@ class SphereTracker:
         return Measurement(scalars, histograms)
 
 
-def _module_stats(optimizer: torch.optim.Optimizer, slot: _Slot, snapshot: dict[Tensor, Tensor]) -> Tensor:
+def _module_stats(
+    optimizer: torch.optim.Optimizer, slot: _Slot, snapshot: dict[Tensor, Tensor], view: StepView
+) -> Tensor:
     """The :class:`GroupStats` rows of one module's groups for the step just taken: ``(G, fields)``."""
     entry = slot.entry
+    n = len(entry.slices)
+    b = entry.expand(view.b) if view.b is not None else [None] * n
+    scale0, scale1 = (entry.expand(s) for s in view.scale) if view.scale is not None else ([None] * n, [None] * n)
     block = sum(
-        _slice_stats(s, snapshot[s.param], optimizer.state[s.param], param_group, entry.num_groups, optimizer)
-        for s, param_group in zip(entry.slices, slot.param_groups, strict=True)
+        _slice_stats(s, snapshot[s.param], optimizer, param_group, entry.num_groups, *override)
+        for s, param_group, *override in zip(entry.slices, slot.param_groups, b, scale0, scale1, strict=True)
     )
     scheme = scheme_of(optimizer, slot.param_groups[0])
     block[:, _COLUMN["dim"]] = entry.dim
@@ -260,16 +315,25 @@ def _module_stats(optimizer: torch.optim.Optimizer, slot: _Slot, snapshot: dict[
 def _slice_stats(
     s: ParamSlice,
     x0: Tensor,
-    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
     param_group: dict[str, Any],
     num_groups: int,
-    optimizer: torch.optim.Optimizer,
+    b_override: Tensor | None = None,
+    scale0: Tensor | None = None,
+    scale1: Tensor | None = None,
 ) -> Tensor:
-    """One parameter's contribution to its groups' inner products (geometry module notation)."""
+    """One parameter's contribution to its groups' inner products (geometry module notation).
+
+    ``b_override`` replaces Adam's element-wise b (AdamS's per-group one); ``scale0``, ``scale1`` map the
+    stored weights before and after the step to virtual ones (x̃ = σx, so g̃ = g/σ_k by invariance).
+    """
     dtype = torch.float64 if s.param.dtype == torch.float64 else torch.float32
     x = x0.to(dtype)
-    delta = s.param.detach().to(dtype) - x
+    x1 = s.param.detach().to(dtype)
     grad = torch.zeros_like(x) if s.param.grad is None else s.param.grad.detach().to(dtype)
+    if scale0 is not None:
+        x, x1, grad = x * scale0, x1 * scale1, grad / scale0
+    delta = x1 - x
 
     def sums(t: Tensor) -> Tensor:
         return s.channel_sums(t).view(num_groups, -1).sum(1)
@@ -284,9 +348,11 @@ def _slice_stats(
         "dg": sums(delta * grad),
     }
     scheme: Scheme = scheme_of(optimizer, param_group)
-    terms = adam_terms(state, param_group) if scheme.adaptive else None
+    terms = adam_terms(optimizer.state[s.param], param_group) if scheme.adaptive else None
     if terms is not None:
-        a, b = (t.to(dtype) for t in terms)
+        a, b = terms
+        a = a.to(dtype)
+        b = (b if b_override is None else b_override.expand_as(b)).to(dtype)
         q = a / b  # s = η q, P = b / η
         columns |= {
             "pp": sums(b * b) / lr**2,

@@ -25,12 +25,16 @@ def dataset(n: int = 64, dtype: torch.dtype = torch.float64) -> TensorDataset:
     return TensorDataset(torch.randn(n, 1, 8, 8, generator=gen, dtype=dtype), torch.randint(0, 10, (n,), generator=gen))
 
 
+def sgd_momentum(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2)
+
+
 class Net(pl.LightningModule):
     """``bn_net`` trained on random 8×8 images; the optimizer comes from a factory."""
 
     def __init__(
         self,
-        optimizer: Callable[[Any], Any] = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        optimizer: Callable[[Any], Any] = sgd_momentum,
         dtype: torch.dtype = torch.float64,
         eps: float = 1e-5,
         batch_size: int = 16,
@@ -43,7 +47,7 @@ class Net(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.net(x).float(), y)
+        loss = F.cross_entropy(self.net(x), y)
         self.log("loss", loss)
         return loss
 

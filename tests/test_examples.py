@@ -26,10 +26,12 @@ def test_plain_torch_loop(tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_digits_demo(tmp_path, capsys):
     results = load("digits").main(max_epochs=1, root=tmp_path)
-    assert set(results) == {"sgdm", "adam"}
+    assert set(results) == {"sgdm", "adam", "adamsrt"}
     for name, result in results.items():
         assert 0 <= result["val/acc"] <= 1
         assert result["sphere/effective_lr/block2.conv"] > 0
         assert list((tmp_path / "digits" / name).glob("events.out.tfevents.*"))
     assert "deformation_cos" in str(results["adam"]) and "deformation_cos" not in str(results["sgdm"])
+    assert results["adamsrt"]["sphere/deformation_cos/all"] == pytest.approx(1, abs=1e-6)  # S removes deformation
+    assert results["adam"]["sphere/deformation_cos/all"] < 0.999
     assert f"tensorboard --logdir {tmp_path}" in capsys.readouterr().out

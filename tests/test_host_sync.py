@@ -45,26 +45,29 @@ class Window(pl.Callback):
             self.counter.active = False
 
 
+@pytest.mark.parametrize("correction", [False, True])
 @pytest.mark.parametrize(
     "optimizer",
     [
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-2),
         lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
     ],
 )
-def test_non_logging_steps_add_no_host_sync(tmp_path, monkeypatch, optimizer):
+def test_non_logging_steps_add_no_host_sync(tmp_path, monkeypatch, optimizer, correction):
+    """Also while the spherical correction rewrites every step."""
     counts = []
     for with_monitor in (False, True):
         counter = SyncCounter(monkeypatch)
-        monitors = [SphereMonitor(log_every_n_steps=1000)] if with_monitor else []
+        monitors = [SphereMonitor(log_every_n_steps=1000, spherical_correction=correction)] if with_monitor else []
         callbacks = [Window(counter, opens=True), *monitors, Window(counter, opens=False)]
         fit(Net(optimizer=optimizer), tmp_path, callbacks, max_steps=6, log_every_n_steps=1000)
         counts.append(counter.calls)
         monkeypatch.undo()
     without, with_ = counts
     assert with_ == without
-    if with_monitor:
-        assert monitors[0].groups  # the monitor was really tracking groups during those steps
+    assert monitors[0].groups  # the monitor was really tracking groups during those steps
+    assert ("correction" in monitors[0].summary()) == correction  # and correcting them, when asked
 
 
 def test_the_counter_sees_syncs(monkeypatch):
