@@ -13,7 +13,8 @@ Applied right after a real optimizer step (its post-hook), on the tracked groups
 
 The step already taken is undone from the optimizer's own quantities (x_k = x_{k+1} + η·step), so no
 copy of the weights is kept; moment rescaling and transport act on the optimizer's state tensors in
-place, so that its checkpoint carries them. Everything runs on the device with no host sync.
+place, so that its checkpoint carries them. Everything runs on the device with no host sync, in the fused
+per-row kernels of :mod:`lightning_sphere.kernels`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sphere.groups import InvariantGroups
+from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.kernels import Kernels
+from lightning_sphere.schemes import adam_state
 
 #: Correction modes; ``True`` means ``"srt"``.
 MODES = ("srt", "s", "rt")
@@ -96,12 +99,14 @@ class ModuleCorrection:
         optimizer: torch.optim.Optimizer,
         param_groups: tuple[dict[str, Any], ...],
         mode: str,
+        kernels: Kernels,
     ) -> None:
         self.entry, self.optimizer, self.param_groups, self.mode = entry, optimizer, param_groups, mode
+        self.kernels = kernels
         self.view = StepView()
         #: AdamG rewrite only: the virtual radius of each group, ``None`` before the first step.
         self.radius: Tensor | None = None
-        self._previous: list[Tensor] = []  # x_k, rebuilt by rewrite() for transport()
+        self._sums: Tensor | None = None  # per-group sums of this step, from rewrite() for transport()
 
     @property
     def kind(self) -> str:
@@ -129,96 +134,118 @@ class ModuleCorrection:
     # ------------------------------------------------------------------ the step
 
     def rewrite(self) -> None:
-        """Turn the step just taken into the corrected one (S, AdamG); note x_k for :meth:`transport`."""
+        """Turn the step just taken into the corrected one (S, AdamG), and take the per-group sums that
+        :meth:`transport` needs."""
         with torch.no_grad():
             if self.kind == "adam":
                 self._rewrite_adam()
             elif self.kind == "sgdm":
-                self._previous = [
-                    s.param + g["lr"] * self.optimizer.state[s.param]["momentum_buffer"]
-                    for s, g in zip(self.entry.slices, self.param_groups, strict=True)
-                ]
+                self._sums = self.entry.row_sums(
+                    [self.kernels.momentum_products(*self._rows(s, "momentum_buffer"), _scalar(g["lr"]))
+                     for s, g in zip(self.entry.slices, self.param_groups, strict=True)]
+                )  # fmt: skip
             else:
                 self._rewrite_adamg()
 
     def transport(self) -> None:
-        """R and T on the optimizer's moments, in place: the momentum follows the weights to u_{k+1}."""
+        """R and T on the optimizer's moments, in place: the momentum follows the weights to u_{k+1}.
+
+        (⟨x_k, x_{k+1}⟩ m − ⟨m, x_{k+1}⟩ x_k) / ‖x_{k+1}‖² = (r_k/r_{k+1}) Γ(m), Γ the transport to u_{k+1};
+        Adam's second moment is rescaled by (r_k/r_{k+1})² (§6).
+        """
         if self.kind == "adamg" or self.mode == "s":
             return
         with torch.no_grad():
-            entry, state = self.entry, self.optimizer.state
-            x0, x1 = self._previous, [s.param for s in entry.slices]
-            momentum = [state[p]["exp_avg" if self.kind == "adam" else "momentum_buffer"] for p in x1]
-            n1 = entry.group_sums([p * p for p in x1])
+            sums = self._sums
+            n1 = sums[:, 0]
             alive = n1 > 0  # a zero x_{k+1} has no tangent space: leave its moments alone
             inv = torch.where(alive, 1 / n1, 0)
-            keep = entry.expand(
-                torch.where(alive, entry.group_sums([a * b for a, b in zip(x0, x1, strict=True)]) * inv, 1)
+            cross, along = (sums[:, 2], sums[:, 3]) if self.kind == "adam" else (sums[:, 1], sums[:, 2])
+            keep = self.entry.row_columns(torch.where(alive, cross * inv, 1))
+            along = self.entry.row_columns(along * inv)
+            if self.kind == "sgdm":
+                for s, group, k, a in zip(self.entry.slices, self.param_groups, keep, along, strict=True):
+                    x1, buf = self._rows(s, "momentum_buffer")
+                    self.kernels.momentum_transport(x1, buf, _scalar(group["lr"]), k, a)
+                    s.write_rows(self.optimizer.state[s.param]["momentum_buffer"], buf)
+                return
+            ratio = self.entry.row_columns(torch.where(alive, sums[:, 1] * inv, 1))
+            for args, s, k, a, r in zip(self._adam_args(), self.entry.slices, keep, along, ratio, strict=True):
+                self.kernels.adam_transport(*args, k, a, r)
+                state = self.optimizer.state[s.param]
+                s.write_rows(state["exp_avg"], args[1])
+                s.write_rows(state["exp_avg_sq"], args[2])
+
+    def _rows(self, s: ParamSlice, *state: str) -> list[Tensor]:
+        """Row views of the parameter and of the named state tensors."""
+        return [s.rows(s.param.detach()), *(s.rows(self.optimizer.state[s.param][name]) for name in state)]
+
+    def _adam_args(self) -> list[tuple[Any, ...]]:
+        """Per slice: x_{k+1}, m, v rows, AdamS's b (per row) and the scalars of the step torch took."""
+        out = []
+        b_rows = self.entry.row_columns(self.view.b) if self.view.b is not None else [None] * len(self.entry.slices)
+        for s, group, b in zip(self.entry.slices, self.param_groups, b_rows, strict=True):
+            x1, m, v = self._rows(s, "exp_avg", "exp_avg_sq")
+            _, _, inv_bc1, inv_sqrt_bc2 = adam_state(self.optimizer.state[s.param], group)
+            decay = 1 - group["lr"] * group["weight_decay"] if _decoupled(self.optimizer, group) else 1.0
+            out.append(
+                (x1, m, v, b, _scalar(group["lr"]), inv_bc1, inv_sqrt_bc2, _scalar(group["eps"]), _scalar(decay))
             )
-            along = entry.expand(entry.group_sums([m * p for m, p in zip(momentum, x1, strict=True)]) * inv)
-            # (⟨p, p'⟩ m − ⟨m, p'⟩ p) / ‖p'‖² = (r_k/r_{k+1}) Γ(m), Γ the transport to u_{k+1} (§6)
-            for m, c, a, p in zip(momentum, keep, along, x0, strict=True):
-                m.mul_(c).sub_(a * p)
-            if self.kind == "adam":
-                n0 = entry.group_sums([p * p for p in x0])
-                ratio = entry.expand(torch.where(alive, n0 * inv, 1))
-                for p, r in zip(x1, ratio, strict=True):
-                    state[p]["exp_avg_sq"].mul_(r)  # (r_k / r_{k+1})²
-        self._previous = []
+        return out
 
     def _rewrite_adam(self) -> None:
-        entry, state = self.entry, self.optimizer.state
-        beta1, beta2 = self.param_groups[0]["betas"]
-        eps = self.param_groups[0]["eps"]
-        previous, v_hat = [], []
-        for s in entry.slices:
-            st = state[s.param]
-            t = torch.as_tensor(st["step"], dtype=torch.float64)
-            v_hat.append(st["exp_avg_sq"] / (1 - beta2**t).to(st["exp_avg_sq"].dtype))
-        if "s" in self.mode:
-            mean_v = entry.group_sums(v_hat) / entry.dim  # AdamS: v_G, the group mean of v (§6)
-            self.view.b = mean_v.sqrt() + eps
-            b_group = entry.expand(self.view.b)
-        for i, (s, group) in enumerate(zip(entry.slices, self.param_groups, strict=True)):
-            st = state[s.param]
-            t = torch.as_tensor(st["step"], dtype=torch.float64)
-            m_hat = st["exp_avg"] / (1 - beta1**t).to(st["exp_avg"].dtype)
-            taken = group["lr"] * m_hat / (v_hat[i].sqrt() + eps)  # the step torch took, less decoupled decay
-            step = taken
-            if "s" in self.mode:
-                step = group["lr"] * m_hat / b_group[i]
-                s.param.add_(taken - step)
-            decay = 1 - group["lr"] * group["weight_decay"] if _decoupled(self.optimizer, group) else 1.0
-            previous.append((s.param + step) / decay)
-        self._previous = previous
+        entry = self.entry
+        if "s" in self.mode:  # AdamS: one denominator per group, from v_G, the group mean of v (§6)
+            mean_v = entry.row_sums(
+                [s.rows(self.optimizer.state[s.param]["exp_avg_sq"]).sum(1, keepdim=True)
+                 * adam_state(self.optimizer.state[s.param], g)[3] ** 2
+                 for s, g in zip(entry.slices, self.param_groups, strict=True)]
+            )[:, 0] / entry.dim  # fmt: skip
+            self.view.b = mean_v.sqrt() + self.param_groups[0]["eps"]
+        args = self._adam_args()
+        self._sums = entry.row_sums([self.kernels.adam_rewrite(*a) for a in args])
+        for s, a in zip(entry.slices, args, strict=True):
+            s.write_rows(s.param.detach(), a[0])
 
     def _rewrite_adamg(self) -> None:
         """§4: u_{k+1} = normalize((1−ηλ)u_k + Δ'⊥/r̂_k²), r̂²_{k+1} = (1−ηλ)² r̂_k² + ‖Δ'⊥‖²/r̂_k²."""
         entry, group = self.entry, self.param_groups[0]
-        lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
-        x1 = [s.param for s in entry.slices]
+        lr, decay = _scalar(group["lr"]), _scalar(1 - group["lr"] * group["weight_decay"])
+        x1 = [s.rows(s.param.detach()) for s in entry.slices]
         if self.radius is None:  # the first step was plain SGD from x_0: from here on, unit norm
-            radius = entry.group_sums([p * p for p in x1]).sqrt()
-            for p, r in zip(x1, entry.expand(torch.where(radius > 0, radius, 1)), strict=True):
-                p.div_(r)
+            radius = entry.row_sums([(r * r).sum(1, keepdim=True) for r in x1])[:, 0].sqrt()
+            for s, r, c in zip(entry.slices, x1, entry.row_columns(torch.where(radius > 0, radius, 1)), strict=True):
+                r.div_(c)
+                s.write_rows(s.param.detach(), r)
             self.view.scale = (torch.ones_like(radius), radius)
             self.radius = radius
             return
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in x1]
-        u0 = [(p + lr * g) / decay for p, g in zip(x1, grads, strict=True)]
-        delta = [p - u for p, u in zip(x1, u0, strict=True)]
-        uu = entry.group_sums([u * u for u in u0])
-        radial = entry.expand(entry.group_sums([d * u for d, u in zip(delta, u0, strict=True)]) / uu)
-        tangent = [d - c * u for d, c, u in zip(delta, radial, u0, strict=True)]
+        grads = [
+            torch.zeros_like(r) if s.param.grad is None else s.rows(s.param.grad)
+            for s, r in zip(entry.slices, x1, strict=True)
+        ]
+        uu, du = entry.row_sums(
+            [self.kernels.adamg_products(r, g, lr, decay) for r, g in zip(x1, grads, strict=True)]
+        ).unbind(1)
         r0 = self.radius
-        scale = entry.expand(1 / r0.square())
-        y = [decay * u + t * c for u, t, c in zip(u0, tangent, scale, strict=True)]
-        norm = entry.expand(entry.group_sums([v * v for v in y]).sqrt())
-        for p, v, n in zip(x1, y, norm, strict=True):
-            p.copy_(v / n)
-        r1 = (decay**2 * r0.square() + entry.group_sums([t * t for t in tangent]) / r0.square()).sqrt()
+        radial, inv_r0_sq = entry.row_columns(du / uu), entry.row_columns(1 / r0.square())
+        yy, tt = entry.row_sums(
+            [self.kernels.adamg_direction(r, g, lr, decay, c, i, None)
+             for r, g, c, i in zip(x1, grads, radial, inv_r0_sq, strict=True)]
+        ).unbind(1)  # fmt: skip
+        norm = entry.row_columns(yy.sqrt())
+        for s, r, g, c, i, n in zip(entry.slices, x1, grads, radial, inv_r0_sq, norm, strict=True):
+            self.kernels.adamg_direction(r, g, lr, decay, c, i, n)
+            s.write_rows(s.param.detach(), r)
+        r1 = ((1 - group["lr"] * group["weight_decay"]) ** 2 * r0.square() + tt / r0.square()).sqrt()
         self.view.scale = (r0, r1)
         self.radius = r1
+
+
+def _scalar(value: Any) -> Tensor:
+    """A hyper-parameter as a 0-dim float64 tensor (where it already is, if a tensor): one compiled graph
+    serves every value, and no host sync is needed to use it."""
+    return torch.as_tensor(value, dtype=torch.float64)
 
 
 def _decoupled(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:

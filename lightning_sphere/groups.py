@@ -65,6 +65,26 @@ class ParamSlice:
         view = per_channel.view([shape[d] if d in self.channel_dims else 1 for d in range(len(shape))])
         return view.expand(shape).flatten(0, 1) if self.split > 1 else view
 
+    def rows(self, t: Tensor) -> Tensor:
+        """``t`` (shaped like the parameter) as one row per output channel, ``(C, n)``.
+
+        A view whenever the layout allows (contiguous and channels_last weights): the entries of a row
+        come in the parameter's memory order, the same for every tensor, so per-row sums are unchanged.
+        Otherwise a copy; :meth:`write_rows` then puts updated rows back.
+        """
+        return self._shaped(t).permute(self._row_order()).reshape(self.num_channels, -1)
+
+    def write_rows(self, t: Tensor, rows: Tensor) -> None:
+        """Copy ``rows`` (from :meth:`rows`) into ``t``, unless they are a view of it already."""
+        if rows._base is None:
+            target = self._shaped(t).permute(self._row_order())
+            target.copy_(rows.view(target.shape))
+
+    def _row_order(self) -> list[int]:
+        shaped = self._shaped(self.param)
+        others = sorted((d for d in range(shaped.dim()) if d not in self.channel_dims), key=lambda d: -shaped.stride(d))
+        return [*self.channel_dims, *others]
+
     def channel_sums(self, t: Tensor) -> Tensor:
         """Sum ``t`` (shaped like the parameter) over everything but the output channels: ``(C,)``."""
         t = self._shaped(t)
@@ -117,12 +137,21 @@ class InvariantGroups:
 
     def expand(self, per_group: Tensor) -> list[Tensor]:
         """A per-group vector ``(G,)`` as one tensor per slice that broadcasts against its parameter."""
+        return [s.expand(channels) for s, channels in zip(self.slices, self._per_channel(per_group), strict=True)]
+
+    def row_columns(self, per_group: Tensor) -> list[Tensor]:
+        """A per-group vector ``(G,)`` as one column ``(C, 1)`` per slice, against its :meth:`ParamSlice.rows`."""
+        return [channels[:, None] for channels in self._per_channel(per_group)]
+
+    def row_sums(self, per_row: Sequence[Tensor]) -> Tensor:
+        """Per-group sums ``(G, k)`` of per-row sums ``(C, k)``, one per slice."""
+        return sum(r.view(self.num_groups, -1, r.shape[-1]).sum(1) for r in per_row)
+
+    def _per_channel(self, per_group: Tensor) -> list[Tensor]:
         return [
-            s.expand(
-                per_group.repeat_interleave(s.num_channels // self.num_groups)
-                if s.num_channels > self.num_groups
-                else per_group
-            )
+            per_group.repeat_interleave(s.num_channels // self.num_groups)
+            if s.num_channels > self.num_groups
+            else per_group
             for s in self.slices
         ]
 

@@ -51,22 +51,22 @@ def scheme_of(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Scheme
     return Scheme("other", formula=False, adaptive=False, equilibrium=None)
 
 
-def adam_terms(state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
-    """Adam's ``a = m̂_k`` and ``b = sqrt(v̂_k) + ε`` after the step (§2), as torch computed them.
+def adam_state(state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Adam's moments after the step and its bias corrections: ``(m, v, 1/(1 − β1^t), 1/√(1 − β2^t))``.
 
-    ``None`` when the parameter has no Adam state yet (it was never stepped).
+    Then a = m̂_k = m/(1 − β1^t) and b = √v̂_k + ε = √v/√(1 − β2^t) + ε (§2), as torch computes them; ``v``
+    is the running max with amsgrad. The corrections are 0-dim float64 tensors, computed like torch's from
+    the step count (1 − β2^t is small early on). ``None`` when the parameter was never stepped.
     """
     if "exp_avg" not in state:
         return None
     beta1, beta2 = group["betas"]
-    # float64 bias corrections, as torch computes them from a Python step count: 1 − β2^t is small early on.
-    step = torch.as_tensor(
-        state["step"], dtype=torch.float32 if state["exp_avg"].device.type == "mps" else torch.float64
-    )
+    step = state["step"]  # a CPU tensor, or one on the device (capturable, fused): stay there, no sync
+    if not isinstance(step, Tensor):
+        step = torch.tensor(float(step))
+    step = step.to(torch.float32 if step.device.type == "mps" else torch.float64)
     second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-    a = state["exp_avg"] / (1 - beta1**step)
-    b = second.sqrt() / (1 - beta2**step).sqrt() + group["eps"]
-    return a, b
+    return state["exp_avg"], second, 1 / (1 - beta1**step), (1 - beta2**step).rsqrt()
 
 
 def _host_float(value: Any) -> float | None:

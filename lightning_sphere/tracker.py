@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from lightning_sphere.correction import ModuleCorrection, StepView, correction_mode, unsupported
 from lightning_sphere.geometry import METRICS, GroupStats, sphere_metrics, valid_groups
 from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.kernels import Kernels, should_compile
 from lightning_sphere.reduce import segment_reduce
-from lightning_sphere.schemes import Scheme, adam_terms, scheme_of
+from lightning_sphere.schemes import Scheme, adam_state, scheme_of
 
 #: How each metric is summarized over the groups of a layer (and over all groups).
 REDUCTION = {
@@ -115,6 +116,8 @@ class SphereTracker:
         correction: ``None``, or the spherical correction to apply after every real step of the tracked
             groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.correction.unsupported`).
             Measurements then describe the corrected update.
+        compile: run the per-row kernels compiled with ``torch.compile``; ``None`` decides by size and
+            device (:func:`~lightning_sphere.kernels.should_compile`).
 
     Attributes:
         groups: the tracked modules, in the order of the per-group tensors.
@@ -129,6 +132,7 @@ class SphereTracker:
         groups: Sequence[InvariantGroups],
         optimizers: Sequence[torch.optim.Optimizer],
         correction: str | None = None,
+        compile: bool | None = None,
     ) -> None:
         owner: dict[Tensor, tuple[int, dict[str, Any]]] = {}
         for index, optimizer in enumerate(optimizers):
@@ -157,6 +161,8 @@ class SphereTracker:
         sizes = torch.tensor([g.num_groups for g in self.groups], dtype=torch.long)
         self._segment = torch.repeat_interleave(torch.arange(len(self.groups)), sizes).to(self.device)
         self._probes = [_Probe(optimizers[i], s) for i, s in slots.items()]
+        numel = sum(g.numel for g in self.groups)
+        self.kernels = Kernels(should_compile(numel, self.device) if compile is None else compile)
         if correction is not None:
             self._attach_corrections(correction_mode(correction))
         self._handles = []
@@ -194,7 +200,7 @@ class SphereTracker:
             if reason:
                 raise ValueError(reason)
             for slot in probe.slots:
-                slot.correction = ModuleCorrection(slot.entry, probe.optimizer, slot.param_groups, mode)
+                slot.correction = ModuleCorrection(slot.entry, probe.optimizer, slot.param_groups, mode, self.kernels)
                 reason = slot.correction.check()
                 if reason:
                     raise ValueError(reason)
@@ -245,7 +251,7 @@ class SphereTracker:
                     slot.correction.rewrite()
                 if snapshot is not None:
                     view = slot.correction.view if slot.correction is not None else StepView()
-                    self._stats[slot.rows] = _module_stats(probe.optimizer, slot, snapshot, view)
+                    self._stats[slot.rows] = _module_stats(self.kernels, probe.optimizer, slot, snapshot, view)
                     self._measured[slot.rows] = True
                 if slot.correction is not None:
                     slot.correction.transport()
@@ -293,16 +299,17 @@ class SphereTracker:
 
 
 def _module_stats(
-    optimizer: torch.optim.Optimizer, slot: _Slot, snapshot: dict[Tensor, Tensor], view: StepView
+    kernels: Kernels, optimizer: torch.optim.Optimizer, slot: _Slot, snapshot: dict[Tensor, Tensor], view: StepView
 ) -> Tensor:
     """The :class:`GroupStats` rows of one module's groups for the step just taken: ``(G, fields)``."""
     entry = slot.entry
-    n = len(entry.slices)
-    b = entry.expand(view.b) if view.b is not None else [None] * n
-    scale0, scale1 = (entry.expand(s) for s in view.scale) if view.scale is not None else ([None] * n, [None] * n)
-    block = sum(
-        _slice_stats(s, snapshot[s.param], optimizer, param_group, entry.num_groups, *override)
-        for s, param_group, *override in zip(entry.slices, slot.param_groups, b, scale0, scale1, strict=True)
+    scales = view.scale if view.scale is not None else (None, None)
+    columns = [entry.row_columns(v) if v is not None else [None] * len(entry.slices) for v in (view.b, *scales)]
+    block = entry.row_sums(
+        [
+            _row_stats(kernels, s, snapshot[s.param], optimizer, param_group, *per_row)
+            for s, param_group, *per_row in zip(entry.slices, slot.param_groups, *columns, strict=True)
+        ]
     )
     scheme = scheme_of(optimizer, slot.param_groups[0])
     block[:, _COLUMN["dim"]] = entry.dim
@@ -312,60 +319,40 @@ def _module_stats(
     return block
 
 
-def _slice_stats(
+def _row_stats(
+    kernels: Kernels,
     s: ParamSlice,
     x0: Tensor,
     optimizer: torch.optim.Optimizer,
     param_group: dict[str, Any],
-    num_groups: int,
-    b_override: Tensor | None = None,
-    scale0: Tensor | None = None,
-    scale1: Tensor | None = None,
+    b: Tensor | None,
+    scale0: Tensor | None,
+    scale1: Tensor | None,
 ) -> Tensor:
-    """One parameter's contribution to its groups' inner products (geometry module notation).
+    """One parameter's contribution to its groups' inner products, per output channel: ``(C, fields)``.
 
-    ``b_override`` replaces Adam's element-wise b (AdamS's per-group one); ``scale0``, ``scale1`` map the
+    ``b`` replaces Adam's element-wise denominator (AdamS's, one per row); ``scale0``, ``scale1`` map the
     stored weights before and after the step to virtual ones (x̃ = σx, so g̃ = g/σ_k by invariance).
     """
     dtype = torch.float64 if s.param.dtype == torch.float64 else torch.float32
-    x = x0.to(dtype)
-    x1 = s.param.detach().to(dtype)
-    grad = torch.zeros_like(x) if s.param.grad is None else s.param.grad.detach().to(dtype)
-    if scale0 is not None:
-        x, x1, grad = x * scale0, x1 * scale1, grad / scale0
-    delta = x1 - x
-
-    def sums(t: Tensor) -> Tensor:
-        return s.channel_sums(t).view(num_groups, -1).sum(1)
-
+    x, x1 = s.rows(x0).to(dtype), s.rows(s.param.detach()).to(dtype)
+    g = torch.zeros_like(x) if s.param.grad is None else s.rows(s.param.grad.detach()).to(dtype)
+    one = x.new_ones(())
+    s0, s1 = (one if c is None else c.to(dtype) for c in (scale0, scale1))
     lr = param_group["lr"]
-    columns = {
-        "xx": sums(x * x),
-        "xd": sums(x * delta),
-        "dd": sums(delta * delta),
-        "xg": sums(x * grad),
-        "gg": sums(grad * grad),
-        "dg": sums(delta * grad),
-    }
     scheme: Scheme = scheme_of(optimizer, param_group)
-    terms = adam_terms(optimizer.state[s.param], param_group) if scheme.adaptive else None
+    terms = adam_state(optimizer.state[s.param], param_group) if scheme.adaptive else None
     if terms is not None:
-        a, b = terms
-        a = a.to(dtype)
-        b = (b if b_override is None else b_override.expand_as(b)).to(dtype)
-        q = a / b  # s = η q, P = b / η
-        columns |= {
-            "pp": sums(b * b) / lr**2,
-            "xa": sums(x * a),
-            "aa": sums(a * a),
-            "xs": sums(x * q) * lr,
-            "ss": sums(q * q) * lr**2,
-            "sa": sums(q * a) * lr,
-        }
-    elif scheme.adaptive:  # never stepped: Adam's quantities are undefined
-        nan = x.new_full((num_groups,), float("nan"))
-        columns |= dict.fromkeys(("pp", "xa", "aa", "xs", "ss", "sa"), nan)
-    else:  # b ≡ 1: P = 1/η on every entry
-        columns["pp"] = x.new_full((num_groups,), s.param.numel() / num_groups) / lr**2
-    zero = x.new_zeros(num_groups)
-    return torch.stack([columns.get(name, zero) for name in _FIELDS], 1)
+        m, v, inv_bc1, inv_sqrt_bc2 = terms
+        eps = torch.tensor(param_group["eps"], dtype=torch.float64)
+        b = None if b is None else b.to(dtype)
+        rows = kernels.adam_products(
+            x, x1, g, s0, s1, s.rows(m).to(dtype), s.rows(v).to(dtype), b, inv_bc1, inv_sqrt_bc2, eps
+        )
+        return torch.cat([rows[:, :6], rows[:, 6:7] / lr**2, rows[:, 7:9], rows[:, 9:10] * lr, rows[:, 10:11] * lr**2,
+                          rows[:, 11:12] * lr, rows.new_zeros(len(rows), 4)], 1)  # fmt: skip
+    rows = kernels.step_products(x, x1, g, s0, s1)
+    if scheme.adaptive:  # never stepped: Adam's quantities are undefined
+        return torch.cat([rows, rows.new_full((len(rows), 6), float("nan")), rows.new_zeros(len(rows), 4)], 1)
+    pp = rows.new_full((len(rows), 1), x.shape[1]) / lr**2  # b ≡ 1: P = 1/η on every entry
+    return torch.cat([rows, pp, rows.new_zeros(len(rows), 9)], 1)

@@ -240,3 +240,21 @@ def test_metrics_describe_the_corrected_update(tmp_path):
         assert scalars["sphere/deformation_cos/net.0"] == pytest.approx(1, abs=1e-12)
         elr = 1e-2 / (x0.norm(dim=1) * x1.norm(dim=1) * rows["b"])
         assert scalars["sphere/effective_lr/net.0"] == pytest.approx(reference.summarize(elr, "median"), rel=1e-9)
+
+
+def test_compiled_kernels_match_the_references(tmp_path):
+    """The torch.compile'd kernels (chosen by default for large models and on GPUs) give the same runs
+    and the same measurements (the SGD rewrite's included)."""
+    for algorithm, mode, optimizer in (("AdamSRT", "srt", ADAM["adamw-decay"]), ("SGDMRT", "rt", SGDM["sgdm-decay"])):
+        monitor = SphereMonitor(spherical_correction=mode, log_every_n_steps=3, compile=True)
+        trainer = fit(Net(optimizer=optimizer), tmp_path, [monitor], max_steps=12)
+        assert monitor._tracker.kernels.compiled  # no fallback to eager happened
+        assert_same_weights(trainer.lightning_module.net, reference_run(algorithm, optimizer, steps=12), rel=1e-8)
+    logs = {}
+    for compiled in (False, True):
+        logs[compiled] = MemoryLogger()
+        monitor = SphereMonitor(spherical_correction=True, log_every_n_steps=3, compile=compiled)
+        fit(Net(optimizer=SGD["sgd-decay"], eps=1e-14), tmp_path, [monitor], max_steps=12, logger=logs[compiled])
+    for step, scalars in logs[False].sphere().items():
+        for key, value in scalars.items():
+            assert logs[True].sphere()[step][key] == pytest.approx(value, rel=1e-9, abs=1e-14), key

@@ -57,12 +57,12 @@ def adam_direction(model, name, optimizer, group):
 
     def a_of(p):
         st = optimizer.state[p]
-        return st["exp_avg"] / (1 - beta1 ** st["step"].item())
+        return st["exp_avg"].double() / (1 - beta1 ** st["step"].item())
 
     def b_of(p):
         st = optimizer.state[p]
         v = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
-        return v.sqrt() / math.sqrt(1 - beta2 ** st["step"].item()) + group["eps"]
+        return v.double().sqrt() / math.sqrt(1 - beta2 ** st["step"].item()) + group["eps"]
 
     return {"a": group_rows(model, name, a_of), "b": group_rows(model, name, b_of)}
 
