@@ -19,7 +19,7 @@ per-row kernels of :mod:`lightning_sphere.kernels`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -86,50 +86,88 @@ class StepView:
     scale: tuple[Tensor, Tensor] | None = None
 
 
-class ModuleCorrection:
-    """The correction of one tracked module, stepped by one optimizer.
+@dataclass(eq=False)
+class Member:
+    """A tracked module inside a :class:`Rewrite`; its groups are ``groups`` among the rewrite's."""
 
-    Call :meth:`rewrite` after the optimizer step, then (optionally) measure the step through
-    :attr:`view`, then :meth:`transport`.
+    entry: InvariantGroups
+    param_groups: tuple[dict[str, Any], ...]
+    groups: slice
+    view: StepView = field(default_factory=StepView)
+
+
+class Rewrite:
+    """One kind of correction, applied after each step of one optimizer to all the modules it fits.
+
+    ``kind`` is ``"adam"`` (S, R, T on Adam/AdamW), ``"sgdm"`` (R, T on SGD's momentum buffer) or
+    ``"adamg"`` (SGD without momentum as AdamG). The per-row kernels run once per parameter; everything per
+    group (means, inner products, coefficients) runs once for all the groups together, so a step costs a
+    few kernels per parameter and a handful overall, whatever the number of modules.
+
+    Call :meth:`rewrite` after the optimizer step, then measure the step if wanted (each member's
+    :attr:`Member.view` says how), then :meth:`transport`.
     """
 
     def __init__(
         self,
-        entry: InvariantGroups,
+        kind: str,
+        modules: list[tuple[InvariantGroups, tuple[dict[str, Any], ...]]],
         optimizer: torch.optim.Optimizer,
-        param_groups: tuple[dict[str, Any], ...],
         mode: str,
         kernels: Kernels,
+        device: torch.device,
     ) -> None:
-        self.entry, self.optimizer, self.param_groups, self.mode = entry, optimizer, param_groups, mode
-        self.kernels = kernels
-        self.view = StepView()
-        #: AdamG rewrite only: the virtual radius of each group, ``None`` before the first step.
-        self.radius: Tensor | None = None
-        self._sums: Tensor | None = None  # per-group sums of this step, from rewrite() for transport()
-
-    @property
-    def kind(self) -> str:
-        if type(self.optimizer) is torch.optim.SGD:
-            return "sgdm" if self.param_groups[0]["momentum"] else "adamg"
-        return "adam"
+        self.kind, self.optimizer, self.mode, self.kernels = kind, optimizer, mode, kernels
+        self.members, offset = [], 0
+        for entry, param_groups in modules:
+            self.members.append(Member(entry, param_groups, slice(offset, offset + entry.num_groups)))
+            offset += entry.num_groups
+        self.slices = [
+            (s, group) for m in self.members for s, group in zip(m.entry.slices, m.param_groups, strict=True)
+        ]
+        row_group = [
+            (torch.arange(m.entry.num_groups) + m.groups.start).repeat_interleave(s.num_channels // m.entry.num_groups)
+            for m in self.members
+            for s in m.entry.slices
+        ]
+        self._row_group = torch.cat(row_group).to(device)  # the group of every row of every slice
+        self._sizes = [s.num_channels for s, _ in self.slices]
+        self._dim = torch.cat([torch.full((m.entry.num_groups,), float(m.entry.dim)) for m in self.members]).to(device)
+        self.num_groups = offset
+        #: AdamG rewrite: each group's virtual radius; NaN where not known yet (set on the first step).
+        self.radius = torch.full((offset,), float("nan"), dtype=torch.float64, device=device)
+        self._fresh = True  # a step with unknown radii must still set them
+        self._sums: Tensor | None = None
 
     @property
     def label(self) -> str:
-        """The algorithm the module now follows, for the summary."""
+        """The algorithm the modules now follow, for the summary."""
         if self.kind == "adam":
             return {"srt": "AdamSRT", "s": "AdamS", "rt": "Adam+RT"}[self.mode]
         return {"sgdm": "SGDMRT", "adamg": "AdamG (SGD rewrite)"}[self.kind]
 
-    def check(self) -> str | None:
-        """Why this module cannot be corrected, if its groups mix hyper-parameters the rewrite needs equal."""
-        keys = ("betas", "eps") if self.kind == "adam" else ("momentum", "dampening")
-        if self.kind == "adamg":
-            keys = ("lr", "weight_decay")
-        values = {tuple(repr(g.get(k)) for k in keys) for g in self.param_groups}
-        if len(values) > 1:
-            return f"{self.entry.module_name}: its parameters sit in param groups with different {', '.join(keys)}"
+    @staticmethod
+    def check(kind: str, entry: InvariantGroups, param_groups: tuple[dict[str, Any], ...]) -> str | None:
+        """Why a module cannot be corrected, if its groups mix hyper-parameters the rewrite needs equal."""
+        keys = {"adam": ("betas", "eps"), "sgdm": ("momentum", "dampening"), "adamg": ("lr", "weight_decay")}[kind]
+        if len({tuple(repr(g.get(k)) for k in keys) for g in param_groups}) > 1:
+            return f"{entry.module_name}: its parameters sit in param groups with different {', '.join(keys)}"
         return None
+
+    # ------------------------------------------------------------------ per-group arithmetic, batched
+
+    def _group_sums(self, per_row: list[Tensor]) -> Tensor:
+        """Per-group sums ``(M, k)`` of the per-row sums ``(C, k)`` of every slice."""
+        rows = torch.cat(per_row)
+        return rows.new_zeros(self.num_groups, rows.shape[1]).index_add_(0, self._row_group, rows)
+
+    def _per_row(self, per_group: Tensor) -> list[Tensor]:
+        """A per-group vector ``(M,)`` as one column ``(C, 1)`` per slice."""
+        return list(per_group[self._row_group][:, None].split(self._sizes))
+
+    def _rows(self, s: ParamSlice, *state: str) -> list[Tensor]:
+        """Row views of a parameter and of its named state tensors."""
+        return [s.rows(s.param.detach()), *(s.rows(self.optimizer.state[s.param][name]) for name in state)]
 
     # ------------------------------------------------------------------ the step
 
@@ -140,9 +178,9 @@ class ModuleCorrection:
             if self.kind == "adam":
                 self._rewrite_adam()
             elif self.kind == "sgdm":
-                self._sums = self.entry.row_sums(
+                self._sums = self._group_sums(
                     [self.kernels.momentum_products(*self._rows(s, "momentum_buffer"), _scalar(g["lr"]))
-                     for s, g in zip(self.entry.slices, self.param_groups, strict=True)]
+                     for s, g in self.slices]
                 )  # fmt: skip
             else:
                 self._rewrite_adamg()
@@ -161,30 +199,25 @@ class ModuleCorrection:
             alive = n1 > 0  # a zero x_{k+1} has no tangent space: leave its moments alone
             inv = torch.where(alive, 1 / n1, 0)
             cross, along = (sums[:, 2], sums[:, 3]) if self.kind == "adam" else (sums[:, 1], sums[:, 2])
-            keep = self.entry.row_columns(torch.where(alive, cross * inv, 1))
-            along = self.entry.row_columns(along * inv)
+            keep, along = self._per_row(torch.where(alive, cross * inv, 1)), self._per_row(along * inv)
             if self.kind == "sgdm":
-                for s, group, k, a in zip(self.entry.slices, self.param_groups, keep, along, strict=True):
+                for (s, group), k, a in zip(self.slices, keep, along, strict=True):
                     x1, buf = self._rows(s, "momentum_buffer")
                     self.kernels.momentum_transport(x1, buf, _scalar(group["lr"]), k, a)
                     s.write_rows(self.optimizer.state[s.param]["momentum_buffer"], buf)
                 return
-            ratio = self.entry.row_columns(torch.where(alive, sums[:, 1] * inv, 1))
-            for args, s, k, a, r in zip(self._adam_args(), self.entry.slices, keep, along, ratio, strict=True):
+            ratio = self._per_row(torch.where(alive, sums[:, 1] * inv, 1))
+            for args, (s, _), k, a, r in zip(self._adam_args(), self.slices, keep, along, ratio, strict=True):
                 self.kernels.adam_transport(*args, k, a, r)
                 state = self.optimizer.state[s.param]
                 s.write_rows(state["exp_avg"], args[1])
                 s.write_rows(state["exp_avg_sq"], args[2])
 
-    def _rows(self, s: ParamSlice, *state: str) -> list[Tensor]:
-        """Row views of the parameter and of the named state tensors."""
-        return [s.rows(s.param.detach()), *(s.rows(self.optimizer.state[s.param][name]) for name in state)]
-
     def _adam_args(self) -> list[tuple[Any, ...]]:
-        """Per slice: x_{k+1}, m, v rows, AdamS's b (per row) and the scalars of the step torch took."""
+        """Per slice: x_{k+1}, m, v rows, AdamS's b per row, and the scalars of the step torch took."""
+        b_rows = self._per_row(self._b) if "s" in self.mode else [None] * len(self.slices)
         out = []
-        b_rows = self.entry.row_columns(self.view.b) if self.view.b is not None else [None] * len(self.entry.slices)
-        for s, group, b in zip(self.entry.slices, self.param_groups, b_rows, strict=True):
+        for (s, group), b in zip(self.slices, b_rows, strict=True):
             x1, m, v = self._rows(s, "exp_avg", "exp_avg_sq")
             _, _, inv_bc1, inv_sqrt_bc2 = adam_state(self.optimizer.state[s.param], group)
             decay = 1 - group["lr"] * group["weight_decay"] if _decoupled(self.optimizer, group) else 1.0
@@ -194,52 +227,71 @@ class ModuleCorrection:
         return out
 
     def _rewrite_adam(self) -> None:
-        entry = self.entry
         if "s" in self.mode:  # AdamS: one denominator per group, from v_G, the group mean of v (§6)
-            mean_v = entry.row_sums(
+            mean_v = self._group_sums(
                 [s.rows(self.optimizer.state[s.param]["exp_avg_sq"]).sum(1, keepdim=True)
-                 * adam_state(self.optimizer.state[s.param], g)[3] ** 2
-                 for s, g in zip(entry.slices, self.param_groups, strict=True)]
-            )[:, 0] / entry.dim  # fmt: skip
-            self.view.b = mean_v.sqrt() + self.param_groups[0]["eps"]
+                 * adam_state(self.optimizer.state[s.param], group)[3].square()
+                 for s, group in self.slices]
+            )[:, 0] / self._dim  # fmt: skip
+            self._b = mean_v.sqrt() + self.members[0].param_groups[0]["eps"]
+            for m in self.members:
+                m.view.b = self._b[m.groups]
         args = self._adam_args()
-        self._sums = entry.row_sums([self.kernels.adam_rewrite(*a) for a in args])
-        for s, a in zip(entry.slices, args, strict=True):
+        self._sums = self._group_sums([self.kernels.adam_rewrite(*a) for a in args])
+        for (s, _), a in zip(self.slices, args, strict=True):
             s.write_rows(s.param.detach(), a[0])
 
     def _rewrite_adamg(self) -> None:
-        """§4: u_{k+1} = normalize((1−ηλ)u_k + Δ'⊥/r̂_k²), r̂²_{k+1} = (1−ηλ)² r̂_k² + ‖Δ'⊥‖²/r̂_k²."""
-        entry, group = self.entry, self.param_groups[0]
-        lr, decay = _scalar(group["lr"]), _scalar(1 - group["lr"] * group["weight_decay"])
-        x1 = [s.rows(s.param.detach()) for s in entry.slices]
-        if self.radius is None:  # the first step was plain SGD from x_0: from here on, unit norm
-            radius = entry.row_sums([(r * r).sum(1, keepdim=True) for r in x1])[:, 0].sqrt()
-            for s, r, c in zip(entry.slices, x1, entry.row_columns(torch.where(radius > 0, radius, 1)), strict=True):
-                r.div_(c)
-                s.write_rows(s.param.detach(), r)
-            self.view.scale = (torch.ones_like(radius), radius)
-            self.radius = radius
+        """§4: u_{k+1} = normalize((1−ηλ)u_k + Δ'⊥/r̂_k²), r̂²_{k+1} = (1−ηλ)² r̂_k² + ‖Δ'⊥‖²/r̂_k².
+
+        On the first step (radius unknown), which plain SGD took from x_0: r̂ = ‖x_1‖ and u_1 = x_1/‖x_1‖.
+        """
+        per_slice = []
+        for s, group in self.slices:
+            x1 = s.rows(s.param.detach())
+            g = torch.zeros_like(x1) if s.param.grad is None else s.rows(s.param.grad)
+            per_slice.append((x1, g, _scalar(group["lr"]), _scalar(1 - group["lr"] * group["weight_decay"])))
+        xx, uu, du = self._group_sums([self.kernels.adamg_products(*a) for a in per_slice]).unbind(1)
+        r0, fresh = self.radius, self.radius.isnan()
+        fresh_rows = self._per_row(fresh) if self._fresh else [None] * len(per_slice)
+        columns = zip(self._per_row(du / uu), self._per_row(1 / r0.square()), fresh_rows, strict=True)
+        per_slice = [(*a, *c) for a, c in zip(per_slice, columns, strict=True)]
+        yy, tt = self._group_sums([self.kernels.adamg_direction(*a, None) for a in per_slice]).unbind(1)
+        for (s, _), a, norm in zip(self.slices, per_slice, self._per_row(yy.sqrt()), strict=True):
+            self.kernels.adamg_direction(*a, norm)
+            s.write_rows(s.param.detach(), a[0])
+        r1 = (self._decay().square() * r0.square() + tt / r0.square()).sqrt()
+        r1 = torch.where(fresh, xx.sqrt(), r1) if self._fresh else r1
+        scale0 = torch.where(fresh, 1.0, r0) if self._fresh else r0
+        for m in self.members:
+            m.view.scale = (scale0[m.groups], r1[m.groups])
+        self.radius, self._fresh = r1, False
+
+    def _decay(self) -> Tensor:
+        """1 − ηλ of every group, on the device; copied there again only when a learning rate changed."""
+        values = tuple(1 - m.param_groups[0]["lr"] * m.param_groups[0]["weight_decay"] for m in self.members)
+        if getattr(self, "_decay_key", None) != values:
+            sizes = torch.tensor([m.entry.num_groups for m in self.members])
+            per_group = torch.tensor(values, dtype=torch.float64).repeat_interleave(sizes)
+            self._decay_key, self._decay_value = values, per_group.to(self.radius.device)
+        return self._decay_value
+
+    # ------------------------------------------------------------------ state
+
+    def radii(self) -> dict[str, Tensor]:
+        """Module name → its groups' virtual radii (AdamG rewrite, once known)."""
+        if self.kind != "adamg" or self._fresh:
+            return {}
+        return {m.entry.module_name: self.radius[m.groups] for m in self.members}
+
+    def load_radii(self, radii: dict[str, Tensor]) -> None:
+        """Restore virtual radii saved by :meth:`radii`; modules without one get theirs on the next step."""
+        if self.kind != "adamg":
             return
-        grads = [
-            torch.zeros_like(r) if s.param.grad is None else s.rows(s.param.grad)
-            for s, r in zip(entry.slices, x1, strict=True)
-        ]
-        uu, du = entry.row_sums(
-            [self.kernels.adamg_products(r, g, lr, decay) for r, g in zip(x1, grads, strict=True)]
-        ).unbind(1)
-        r0 = self.radius
-        radial, inv_r0_sq = entry.row_columns(du / uu), entry.row_columns(1 / r0.square())
-        yy, tt = entry.row_sums(
-            [self.kernels.adamg_direction(r, g, lr, decay, c, i, None)
-             for r, g, c, i in zip(x1, grads, radial, inv_r0_sq, strict=True)]
-        ).unbind(1)  # fmt: skip
-        norm = entry.row_columns(yy.sqrt())
-        for s, r, g, c, i, n in zip(entry.slices, x1, grads, radial, inv_r0_sq, norm, strict=True):
-            self.kernels.adamg_direction(r, g, lr, decay, c, i, n)
-            s.write_rows(s.param.detach(), r)
-        r1 = ((1 - group["lr"] * group["weight_decay"]) ** 2 * r0.square() + tt / r0.square()).sqrt()
-        self.view.scale = (r0, r1)
-        self.radius = r1
+        for m in self.members:
+            if m.entry.module_name in radii:
+                self.radius[m.groups] = radii[m.entry.module_name].to(self.radius)
+        self._fresh = any(m.entry.module_name not in radii for m in self.members)
 
 
 def _scalar(value: Any) -> Tensor:

@@ -45,7 +45,7 @@ def adam_products(
     """
     a = m * inv_bc1
     b = (adam_denominator(v, inv_sqrt_bc2, eps) if b is None else b).expand_as(a)
-    q = a / b
+    q = a * b.reciprocal()
     xs = x * s0
     return torch.cat([step_products(x, x1, g, s0, s1), _dots([(b, b), (xs, a), (a, a), (xs, q), (q, q), (q, a)])], 1)
 
@@ -94,19 +94,26 @@ def momentum_transport(x1: Tensor, buf: Tensor, lr: Tensor, keep: Tensor, along:
 
 
 def adamg_products(x1: Tensor, g: Tensor, lr: Tensor, decay: Tensor) -> Tensor:
-    """⟨u_k,u_k⟩, ⟨Δ',u_k⟩ per row, with u_k = (x_{k+1} + η g)/(1 − ηλ) and Δ' = x_{k+1} − u_k: ``(C, 2)``."""
+    """‖x_{k+1}‖², ‖u_k‖², ⟨Δ',u_k⟩ per row, with u_k = (x_{k+1} + η g)/(1 − ηλ) and Δ' = x_{k+1} − u_k:
+    ``(C, 3)``."""
     u0 = (x1 + lr * g) / decay
-    return _dots([(u0, u0), (x1 - u0, u0)])
+    return _dots([(x1, x1), (u0, u0), (x1 - u0, u0)])
 
 
 def adamg_direction(
-    x1: Tensor, g: Tensor, lr: Tensor, decay: Tensor, radial: Tensor, inv_r0_sq: Tensor, norm: Tensor | None
-) -> Tensor:
-    """y = (1−ηλ) u_k + Δ'⊥/r̂_k² (§4). With ``norm`` (‖y‖ per row), write y/‖y‖ into ``x1`` and return an
-    empty tensor; without, return ‖y‖², ‖Δ'⊥‖² per row: ``(C, 2)``."""
+    x1: Tensor, g: Tensor, lr: Tensor, decay: Tensor, radial: Tensor, inv_r0_sq: Tensor, fresh: Tensor | None,
+    norm: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """y = (1−ηλ) u_k + Δ'⊥/r̂_k² (§4), or x_{k+1} itself in the ``fresh`` rows (radius not known yet).
+
+    With ``norm`` (‖y‖ per row), write y/‖y‖ into ``x1`` and return an empty tensor; without, return
+    ‖y‖², ‖Δ'⊥‖² per row: ``(C, 2)``.
+    """
     u0 = (x1 + lr * g) / decay
     tangent = (x1 - u0) - radial * u0
     y = decay * u0 + tangent * inv_r0_sq
+    if fresh is not None:
+        y = torch.where(fresh, x1, y)
     if norm is not None:
         x1.copy_(y / norm)
         return x1.new_empty(0)

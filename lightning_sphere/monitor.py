@@ -150,7 +150,7 @@ class SphereMonitorLogic:
         corrections = {}
         if self._tracker is not None:
             untracked |= self._tracker.untracked
-            corrections = {name: c.label for name, c in self._tracker.corrections.items()}
+            corrections = self._tracker.corrections
         return summarize(self.groups, self._finder.model, untracked, corrections)
 
     # ------------------------------------------------------------------ hooks

@@ -54,9 +54,10 @@ def segment_reduce(values: Tensor, segment: Tensor, num_segments: int, how: Sequ
         ],
         1,
     )
-    median = _segment_median(values, valid, segment, num_segments, count)
-    by_name = {"mean": mean, "rms": rms, "median": median, "maxabs": maxabs}
-    result = torch.stack([by_name[h][row] for row, h in enumerate(how)])
+    result = torch.stack([{"mean": mean, "rms": rms, "maxabs": maxabs}.get(h, mean)[row] for row, h in enumerate(how)])
+    rows = [row for row, h in enumerate(how) if h == "median"]
+    if rows:  # sorting is the costly part: only for the rows that ask for it
+        result[rows] = _segment_median(values[rows], valid[rows], segment, num_segments, count[rows])
     return result, count
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sphere.correction import ModuleCorrection, StepView, correction_mode, unsupported
+from lightning_sphere.correction import Member, Rewrite, StepView, correction_mode, unsupported
 from lightning_sphere.geometry import METRICS, GroupStats, sphere_metrics, valid_groups
 from lightning_sphere.groups import InvariantGroups, ParamSlice
 from lightning_sphere.kernels import Kernels, should_compile
@@ -84,7 +84,7 @@ class _Slot:
     entry: InvariantGroups
     offset: int  # index of its first group among all tracked groups
     param_groups: tuple[dict[str, Any], ...]  # the optimizer param group of each slice
-    correction: ModuleCorrection | None = None
+    correction: Member | None = None  # its place in the spherical correction, when correcting
 
     @property
     def rows(self) -> slice:
@@ -97,8 +97,12 @@ class _Probe:
 
     optimizer: torch.optim.Optimizer
     slots: list[_Slot]
+    rewrites: list[Rewrite] = field(default_factory=list)
     armed: bool = False
     snapshot: dict[Tensor, Tensor] | None = None
+    #: The buffers the snapshots are copied into, kept between logging steps: allocating them afresh
+    #: would cost a page fault per page on CPUs, several times the copy itself.
+    buffers: list[Tensor] = field(default_factory=list)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -177,33 +181,38 @@ class SphereTracker:
         return self._stats.shape[0]
 
     @property
-    def corrections(self) -> dict[str, ModuleCorrection]:
-        """Module name → its spherical correction, when correcting."""
-        return {slot.entry.module_name: slot.correction for slot in self._slots() if slot.correction is not None}
+    def corrections(self) -> dict[str, str]:
+        """Module name → the algorithm its spherical correction makes it follow, when correcting."""
+        return {m.entry.module_name: r.label for probe in self._probes for r in probe.rewrites for m in r.members}
 
     def state_dict(self) -> dict[str, Tensor]:
         """The correction's own state, module name → virtual radii (AdamG rewrite); the optimizer's state
         holds the rest. Save it with your checkpoint when correcting SGD without momentum."""
-        return {name: c.radius for name, c in self.corrections.items() if c.radius is not None}
+        return {name: r for probe in self._probes for rewrite in probe.rewrites for name, r in rewrite.radii().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for name, correction in self.corrections.items():
-            if name in state:
-                correction.radius = state[name].to(self.device)
-
-    def _slots(self) -> list[_Slot]:
-        return [slot for probe in self._probes for slot in probe.slots]
+        for probe in self._probes:
+            for rewrite in probe.rewrites:
+                rewrite.load_radii(state)
 
     def _attach_corrections(self, mode: str) -> None:
         for probe in self._probes:
             reason = unsupported(probe.optimizer, mode)
             if reason:
                 raise ValueError(reason)
+            kinds: dict[str, list[_Slot]] = defaultdict(list)
             for slot in probe.slots:
-                slot.correction = ModuleCorrection(slot.entry, probe.optimizer, slot.param_groups, mode, self.kernels)
-                reason = slot.correction.check()
+                kind = _rewrite_kind(probe.optimizer, slot.param_groups[0])
+                reason = Rewrite.check(kind, slot.entry, slot.param_groups)
                 if reason:
                     raise ValueError(reason)
+                kinds[kind].append(slot)
+            for kind, slots in kinds.items():
+                modules = [(slot.entry, slot.param_groups) for slot in slots]
+                rewrite = Rewrite(kind, modules, probe.optimizer, mode, self.kernels, self.device)
+                for slot, member in zip(slots, rewrite.members, strict=True):
+                    slot.correction = member
+                probe.rewrites.append(rewrite)
 
     def arm(self, histograms: bool = False) -> None:
         """Measure the next step of each optimizer (and keep the per-group values if ``histograms``).
@@ -235,10 +244,11 @@ class SphereTracker:
         if not probe.armed or probe.snapshot is not None:
             return
         params = probe.params
+        if not all(_same_layout(b, p) for b, p in zip(probe.buffers, params, strict=False)) or not probe.buffers:
+            probe.buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         with torch.no_grad():
-            copies = [torch.empty_like(p) for p in params]
-            torch._foreach_copy_(copies, params)
-        probe.snapshot = dict(zip(params, copies, strict=True))
+            torch._foreach_copy_(probe.buffers, params)
+        probe.snapshot = dict(zip(params, probe.buffers, strict=True))
 
     def _after_step(self, probe: _Probe) -> None:
         snapshot, probe.snapshot = probe.snapshot, None
@@ -246,15 +256,15 @@ class SphereTracker:
             probe.armed = False
             self._recorded = True
         with torch.no_grad():
-            for slot in probe.slots:
-                if slot.correction is not None:
-                    slot.correction.rewrite()
-                if snapshot is not None:
+            for rewrite in probe.rewrites:
+                rewrite.rewrite()
+            if snapshot is not None:
+                for slot in probe.slots:
                     view = slot.correction.view if slot.correction is not None else StepView()
                     self._stats[slot.rows] = _module_stats(self.kernels, probe.optimizer, slot, snapshot, view)
                     self._measured[slot.rows] = True
-                if slot.correction is not None:
-                    slot.correction.transport()
+            for rewrite in probe.rewrites:
+                rewrite.transport()
 
     def collect(self) -> Measurement | None:
         """Summaries of the steps measured since the last call; ``None`` if no step was measured.
@@ -296,6 +306,16 @@ class SphereTracker:
                     if values.numel():
                         histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
         return Measurement(scalars, histograms)
+
+
+def _rewrite_kind(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str:
+    if type(optimizer) is torch.optim.SGD:
+        return "sgdm" if group["momentum"] else "adamg"
+    return "adam"
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
 
 
 def _module_stats(

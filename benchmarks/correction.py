@@ -1,0 +1,86 @@
+"""What the spherical correction costs: AdamSRT end to end against plain Adam, and its optimizer step
+against plain Adam's and AdamP's (pip ``adamp``, the peer that also treats scale-invariant weights)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.measure import Row, interleaved
+from benchmarks.models import IMAGE_SHAPE, ResNet18
+from benchmarks.settings import Settings
+from lightning_sphere import SphereTracker, find_invariant_groups
+
+
+def _model(settings: Settings, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    device = settings.torch_device
+    torch.manual_seed(0)
+    model = ResNet18().to(device)
+    x = torch.randn(batch_size, *IMAGE_SHAPE, device=device)
+    return model, x, torch.randint(10, (batch_size,), device=device)
+
+
+def end_to_end(settings: Settings) -> list[Row]:
+    """Training-step time (forward, backward, step) with ``"srt"`` correcting every step / plain Adam."""
+    runs: dict[str, Callable[[], None]] = {}
+    for name, correct in (("adam", False), ("adamsrt", True)):
+        model, x, y = _model(settings, settings.correction_batch_size)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
+        if correct:
+            SphereTracker(find_invariant_groups(model, x), [opt], correction="srt")
+
+        def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt, x=x, y=y) -> None:
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+        for _ in range(max(settings.warmup, 2)):  # compiles the correction's kernels
+            step()
+        runs[name] = step
+    times = interleaved(runs, settings.repeats, settings.steps, settings.torch_device)
+    ratios = [a / b for a, b in zip(times["adamsrt"], times["adam"], strict=True)]
+    detail = f"{1e3 * statistics.median(times['adamsrt']):.1f} ms / {1e3 * statistics.median(times['adam']):.1f} ms"
+    label = f"correction every step (AdamSRT), end to end at batch {settings.correction_batch_size} / plain Adam"
+    print("correction: end to end done", file=sys.stderr, flush=True)
+    return [Row(label, ratios, "≤ 1.05", detail)]
+
+
+def optimizer_step(settings: Settings) -> list[Row]:
+    """The optimizer step alone (fixed gradients): AdamSRT (torch Adam + correction) / AdamP, and / Adam."""
+    steps: dict[str, Callable[[], object]] = {}
+    for name in ("adam", "adamsrt", "adamp"):
+        model, x, y = _model(settings, 8)
+        groups = find_invariant_groups(model, x)
+        F.cross_entropy(model(x), y).backward()
+        if name == "adamp":
+            from adamp import AdamP
+
+            opt = AdamP(model.parameters(), lr=1e-3, weight_decay=5e-4)
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
+            if name == "adamsrt":
+                SphereTracker(groups, [opt], correction="srt")
+        for _ in range(max(settings.warmup, 2)):
+            opt.step()
+        steps[name] = opt.step
+    times = interleaved(steps, settings.repeats, settings.steps, settings.torch_device)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    print("correction: optimizer step done", file=sys.stderr, flush=True)
+    return [
+        Row(
+            "optimizer step: Adam + AdamSRT correction / AdamP",
+            [a / b for a, b in zip(times["adamsrt"], times["adamp"], strict=True)],
+            "< 1",
+            f"{ms['adamsrt']:.1f} ms / {ms['adamp']:.1f} ms",
+        ),
+        Row(
+            "optimizer step: Adam + AdamSRT correction / plain Adam",
+            [a / b for a, b in zip(times["adamsrt"], times["adam"], strict=True)],
+            "",
+            f"{ms['adamsrt']:.1f} ms / {ms['adam']:.1f} ms",
+        ),
+    ]
