@@ -3,8 +3,9 @@
 An :class:`InvariantGroups` entry describes one module: its parameters, cut into ``num_groups``
 groups of ``dim`` entries each (one group per output channel after BatchNorm, one per channel group
 after GroupNorm, the whole layer after LayerNorm, …). Each parameter's share is a
-:class:`ParamSlice`: the dimensions of the tensor that index output channels, so that per-group
-sums are plain reductions over the other dimensions, whatever the memory layout.
+:class:`ParamSlice`: the dimensions of the tensor that index output channels. Seen as one row per
+output channel (a view for contiguous and channels_last weights), per-group sums are row sums added up
+over the rows of each group.
 """
 
 from __future__ import annotations
@@ -59,12 +60,6 @@ class ParamSlice:
         shape = self._shaped(self.param).shape
         return math.prod(shape[d] for d in self.channel_dims)
 
-    def expand(self, per_channel: Tensor) -> Tensor:
-        """A per-channel vector ``(C,)`` as a tensor that broadcasts against the parameter."""
-        shape = self._shaped(self.param).shape
-        view = per_channel.view([shape[d] if d in self.channel_dims else 1 for d in range(len(shape))])
-        return view.expand(shape).flatten(0, 1) if self.split > 1 else view
-
     def rows(self, t: Tensor) -> Tensor:
         """``t`` (shaped like the parameter) as one row per output channel, ``(C, n)``.
 
@@ -84,12 +79,6 @@ class ParamSlice:
         shaped = self._shaped(self.param)
         others = sorted((d for d in range(shaped.dim()) if d not in self.channel_dims), key=lambda d: -shaped.stride(d))
         return [*self.channel_dims, *others]
-
-    def channel_sums(self, t: Tensor) -> Tensor:
-        """Sum ``t`` (shaped like the parameter) over everything but the output channels: ``(C,)``."""
-        t = self._shaped(t)
-        others = [d for d in range(t.dim()) if d not in self.channel_dims]
-        return (t.sum(others) if others else t).reshape(-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,10 +124,6 @@ class InvariantGroups:
                     f"{self.num_groups} groups of {self.module_name}"
                 )
 
-    def expand(self, per_group: Tensor) -> list[Tensor]:
-        """A per-group vector ``(G,)`` as one tensor per slice that broadcasts against its parameter."""
-        return [s.expand(channels) for s, channels in zip(self.slices, self._per_channel(per_group), strict=True)]
-
     def row_columns(self, per_group: Tensor) -> list[Tensor]:
         """A per-group vector ``(G,)`` as one column ``(C, 1)`` per slice, against its :meth:`ParamSlice.rows`."""
         return [channels[:, None] for channels in self._per_channel(per_group)]
@@ -154,12 +139,6 @@ class InvariantGroups:
             else per_group
             for s in self.slices
         ]
-
-    def group_sums(self, products: Sequence[Tensor]) -> Tensor:
-        """Per-group sums of tensors shaped like each slice's parameter: ``(num_groups,)``."""
-        return sum(
-            s.channel_sums(t).view(self.num_groups, -1).sum(1) for s, t in zip(self.slices, products, strict=True)
-        )
 
 
 def tolerance_for(entry: InvariantGroups, tolerance: float, compute_dtype: torch.dtype | None = None) -> float:
@@ -177,11 +156,12 @@ def gradient_cosines(groups: Sequence[InvariantGroups], grads: Mapping[nn.Parame
     """
     worst = []
     for entry in groups:
-        x = [s.param.detach().to(_math_dtype(s.param)) for s in entry.slices]
-        g = [grads[s.param].to(xs.dtype) for s, xs in zip(entry.slices, x, strict=True)]
-        xg = entry.group_sums([a * b for a, b in zip(x, g, strict=True)])
-        xx = entry.group_sums([a * a for a in x])
-        gg = entry.group_sums([b * b for b in g])
+        sums = []
+        for s in entry.slices:
+            x = s.rows(s.param.detach()).to(math_dtype(s.param))
+            g = s.rows(grads[s.param]).to(x.dtype)
+            sums.append(torch.stack([(x * g).sum(1), (x * x).sum(1), (g * g).sum(1)], 1))
+        xg, xx, gg = entry.row_sums(sums).unbind(1)
         cos = (xg / (xx * gg).sqrt()).abs()
         judged = (gg > 0) & cos.isfinite()
         usable = gg.isfinite().all() & judged.any()
@@ -191,7 +171,7 @@ def gradient_cosines(groups: Sequence[InvariantGroups], grads: Mapping[nn.Parame
     return [None if v < 0 else v for v in torch.stack(worst).double().cpu().tolist()]
 
 
-def _math_dtype(t: Tensor) -> torch.dtype:
+def math_dtype(t: Tensor) -> torch.dtype:
     """float32 at least; float64 stays float64."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_sphere.correction import Member, Rewrite, StepView, correction_mode, unsupported
 from lightning_sphere.geometry import METRICS, GroupStats, sphere_metrics, valid_groups
-from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.groups import InvariantGroups, ParamSlice, math_dtype
 from lightning_sphere.kernels import Kernels, should_compile
 from lightning_sphere.reduce import segment_reduce
 from lightning_sphere.schemes import Scheme, adam_state, scheme_of
@@ -99,6 +99,9 @@ class _Probe:
     slots: list[_Slot]
     rewrites: list[Rewrite] = field(default_factory=list)
     armed: bool = False
+    groups: Tensor | None = None  # the indices of its groups among all tracked groups
+    row_group: Tensor | None = None  # for every row of every slice, its group among the probe's
+    static: Tensor | None = None  # the dim, formula and adaptive fields of its groups
     snapshot: dict[Tensor, Tensor] | None = None
     #: The buffers the snapshots are copied into, kept between logging steps: allocating them afresh
     #: would cost a page fault per page on CPUs, several times the copy itself.
@@ -165,6 +168,8 @@ class SphereTracker:
         sizes = torch.tensor([g.num_groups for g in self.groups], dtype=torch.long)
         self._segment = torch.repeat_interleave(torch.arange(len(self.groups)), sizes).to(self.device)
         self._probes = [_Probe(optimizers[i], s) for i, s in slots.items()]
+        for probe in self._probes:
+            self._index(probe)
         numel = sum(g.numel for g in self.groups)
         self.kernels = Kernels(should_compile(numel, self.device) if compile is None else compile)
         if correction is not None:
@@ -194,6 +199,22 @@ class SphereTracker:
         for probe in self._probes:
             for rewrite in probe.rewrites:
                 rewrite.load_radii(state)
+
+    def _index(self, probe: _Probe) -> None:
+        """Where each row of the probe's parameters goes, and the fields of its groups that never change."""
+        groups, row_group, static, offset = [], [], [], 0
+        for slot in probe.slots:
+            g = slot.entry.num_groups
+            groups.append(torch.arange(slot.offset, slot.offset + g))
+            row_group += [(torch.arange(g) + offset).repeat_interleave(s.num_channels // g) for s in slot.entry.slices]
+            scheme = scheme_of(probe.optimizer, slot.param_groups[0])
+            static.append(
+                torch.tensor([[slot.entry.dim, scheme.formula, scheme.adaptive]], dtype=torch.float64).expand(g, 3)
+            )
+            offset += g
+        probe.groups = torch.cat(groups).to(self.device)
+        probe.row_group = torch.cat(row_group).to(self.device)
+        probe.static = torch.cat(static).to(self.device, self._stats.dtype)
 
     def _attach_corrections(self, mode: str) -> None:
         for probe in self._probes:
@@ -252,6 +273,8 @@ class SphereTracker:
 
     def _after_step(self, probe: _Probe) -> None:
         snapshot, probe.snapshot = probe.snapshot, None
+        if snapshot is None and not probe.rewrites:
+            return  # the hot path of an unarmed, uncorrected step: nothing to do
         if snapshot is not None:
             probe.armed = False
             self._recorded = True
@@ -259,12 +282,28 @@ class SphereTracker:
             for rewrite in probe.rewrites:
                 rewrite.rewrite()
             if snapshot is not None:
-                for slot in probe.slots:
-                    view = slot.correction.view if slot.correction is not None else StepView()
-                    self._stats[slot.rows] = _module_stats(self.kernels, probe.optimizer, slot, snapshot, view)
-                    self._measured[slot.rows] = True
+                self._measure(probe, snapshot)
             for rewrite in probe.rewrites:
                 rewrite.transport()
+
+    def _measure(self, probe: _Probe, snapshot: dict[Tensor, Tensor]) -> None:
+        """The :class:`GroupStats` of the step just taken, for every group of the probe, into ``_stats``."""
+        per_row, equilibrium = [], []
+        for slot in probe.slots:
+            entry, view = slot.entry, slot.correction.view if slot.correction is not None else StepView()
+            scales = view.scale if view.scale is not None else (None, None)
+            columns = [entry.row_columns(v) if v is not None else [None] * len(entry.slices) for v in (view.b, *scales)]
+            for s, param_group, *overrides in zip(entry.slices, slot.param_groups, *columns, strict=True):
+                per_row.append(_row_stats(self.kernels, s, snapshot[s.param], probe.optimizer, param_group, *overrides))
+            eq = scheme_of(probe.optimizer, slot.param_groups[0]).equilibrium
+            equilibrium.append(
+                torch.full((entry.num_groups, 1), float("nan") if eq is None else eq, dtype=torch.float64)
+            )
+        rows = torch.cat(per_row)
+        products = rows.new_zeros(len(probe.groups), rows.shape[1]).index_add_(0, probe.row_group, rows)
+        block = torch.cat([products.to(self._stats.dtype), probe.static, torch.cat(equilibrium).to(probe.static)], 1)
+        self._stats.index_copy_(0, probe.groups, block)
+        self._measured[probe.groups] = True
 
     def collect(self) -> Measurement | None:
         """Summaries of the steps measured since the last call; ``None`` if no step was measured.
@@ -318,27 +357,6 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
 
 
-def _module_stats(
-    kernels: Kernels, optimizer: torch.optim.Optimizer, slot: _Slot, snapshot: dict[Tensor, Tensor], view: StepView
-) -> Tensor:
-    """The :class:`GroupStats` rows of one module's groups for the step just taken: ``(G, fields)``."""
-    entry = slot.entry
-    scales = view.scale if view.scale is not None else (None, None)
-    columns = [entry.row_columns(v) if v is not None else [None] * len(entry.slices) for v in (view.b, *scales)]
-    block = entry.row_sums(
-        [
-            _row_stats(kernels, s, snapshot[s.param], optimizer, param_group, *per_row)
-            for s, param_group, *per_row in zip(entry.slices, slot.param_groups, *columns, strict=True)
-        ]
-    )
-    scheme = scheme_of(optimizer, slot.param_groups[0])
-    block[:, _COLUMN["dim"]] = entry.dim
-    block[:, _COLUMN["formula"]] = float(scheme.formula)
-    block[:, _COLUMN["adaptive"]] = float(scheme.adaptive)
-    block[:, _COLUMN["equilibrium"]] = float("nan") if scheme.equilibrium is None else scheme.equilibrium
-    return block
-
-
 def _row_stats(
     kernels: Kernels,
     s: ParamSlice,
@@ -349,12 +367,12 @@ def _row_stats(
     scale0: Tensor | None,
     scale1: Tensor | None,
 ) -> Tensor:
-    """One parameter's contribution to its groups' inner products, per output channel: ``(C, fields)``.
+    """One parameter's contribution to its groups' inner products xx … sa, per output channel: ``(C, 12)``.
 
     ``b`` replaces Adam's element-wise denominator (AdamS's, one per row); ``scale0``, ``scale1`` map the
     stored weights before and after the step to virtual ones (x̃ = σx, so g̃ = g/σ_k by invariance).
     """
-    dtype = torch.float64 if s.param.dtype == torch.float64 else torch.float32
+    dtype = math_dtype(s.param)
     x, x1 = s.rows(x0).to(dtype), s.rows(s.param.detach()).to(dtype)
     g = torch.zeros_like(x) if s.param.grad is None else s.rows(s.param.grad.detach()).to(dtype)
     one = x.new_ones(())
@@ -369,10 +387,12 @@ def _row_stats(
         rows = kernels.adam_products(
             x, x1, g, s0, s1, s.rows(m).to(dtype), s.rows(v).to(dtype), b, inv_bc1, inv_sqrt_bc2, eps
         )
-        return torch.cat([rows[:, :6], rows[:, 6:7] / lr**2, rows[:, 7:9], rows[:, 9:10] * lr, rows[:, 10:11] * lr**2,
-                          rows[:, 11:12] * lr, rows.new_zeros(len(rows), 4)], 1)  # fmt: skip
+        # pp = ‖b‖²/η², xs = η⟨x,q⟩, ss = η²‖q‖², sa = η⟨q,a⟩ (s = η q, P = b/η); η = 0 gives pp = inf
+        eta, one = torch.as_tensor(lr, dtype=torch.float64), torch.ones((), dtype=torch.float64)
+        factors = torch.stack([one] * 6 + [1 / eta**2, one, one, eta, eta**2, eta])
+        return rows * factors.to(rows)
     rows = kernels.step_products(x, x1, g, s0, s1)
     if scheme.adaptive:  # never stepped: Adam's quantities are undefined
-        return torch.cat([rows, rows.new_full((len(rows), 6), float("nan")), rows.new_zeros(len(rows), 4)], 1)
+        return torch.cat([rows, rows.new_full((len(rows), 6), float("nan"))], 1)
     pp = rows.new_full((len(rows), 1), x.shape[1]) / lr**2  # b ≡ 1: P = 1/η on every entry
-    return torch.cat([rows, pp, rows.new_zeros(len(rows), 9)], 1)
+    return torch.cat([rows, pp, rows.new_zeros(len(rows), 5)], 1)
