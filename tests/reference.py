@@ -66,6 +66,8 @@ def group_metrics(
     return out
 
 
+#: How each metric is summarized per layer, restated from the specification (not imported from the package,
+#: so that a change there shows up here).
 REDUCE = {
     "norm": "rms",
     "angular_update": "rms",
