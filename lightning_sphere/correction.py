@@ -215,9 +215,10 @@ class Rewrite:
 
     def _adam_args(self) -> list[tuple[Any, ...]]:
         """Per slice: x_{k+1}, m, v rows, AdamS's b per row, and the scalars of the step torch took."""
-        b_rows = self._per_row(self._b) if "s" in self.mode else [None] * len(self.slices)
+        roots = self._per_row(self._root) if "s" in self.mode else [None] * len(self.slices)
         out = []
-        for (s, group), b in zip(self.slices, b_rows, strict=True):
+        for (s, group), root in zip(self.slices, roots, strict=True):
+            b = None if root is None else root + group["eps"]
             x1, m, v = self._rows(s, "exp_avg", "exp_avg_sq")
             _, _, inv_bc1, inv_sqrt_bc2 = adam_state(self.optimizer.state[s.param], group)
             decay = 1 - group["lr"] * group["weight_decay"] if _decoupled(self.optimizer, group) else 1.0
@@ -233,9 +234,9 @@ class Rewrite:
                  * adam_state(self.optimizer.state[s.param], group)[3].square()
                  for s, group in self.slices]
             )[:, 0] / self._dim  # fmt: skip
-            self._b = mean_v.sqrt() + self.members[0].param_groups[0]["eps"]
+            self._root = mean_v.sqrt()  # b_G = √v̂_G + ε, ε the module's own
             for m in self.members:
-                m.view.b = self._b[m.groups]
+                m.view.b = self._root[m.groups] + m.param_groups[0]["eps"]
         args = self._adam_args()
         self._sums = self._group_sums([self.kernels.adam_rewrite(*a) for a in args])
         for (s, _), a in zip(self.slices, args, strict=True):
