@@ -86,10 +86,6 @@ class _Slot:
     param_groups: tuple[dict[str, Any], ...]  # the optimizer param group of each slice
     correction: Member | None = None  # its place in the spherical correction, when correcting
 
-    @property
-    def rows(self) -> slice:
-        return slice(self.offset, self.offset + self.entry.num_groups)
-
 
 @dataclass(eq=False)
 class _Probe:
