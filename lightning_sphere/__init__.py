@@ -2,13 +2,15 @@
 
 ``SphereMonitor`` is the Lightning callback (for ``pytorch_lightning``; ``lightning_sphere.lightning``
 has the one for ``lightning.pytorch``). Everything else is plain PyTorch, and importing the package
-does not import Lightning.
+does not import Lightning. The public API is :data:`__all__`; the README's *API* section lists it.
 """
 
 from typing import Any
 
-from lightning_sphere.detect import FoundGroups, GroupFinder, GroupsSpec, find_invariant_groups
+from lightning_sphere.detect import FoundGroups, find_invariant_groups
+from lightning_sphere.geometry import METRICS, Metric
 from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups, ParamSlice
+from lightning_sphere.schemes import Moments, OptimizerRule, register_optimizer
 from lightning_sphere.summary import summarize
 from lightning_sphere.tracker import Measurement, SphereTracker
 
@@ -16,15 +18,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COSINE_TOLERANCE",
+    "METRICS",
     "FoundGroups",
-    "GroupFinder",
-    "GroupsSpec",
     "InvariantGroups",
     "Measurement",
+    "Metric",
+    "Moments",
+    "OptimizerRule",
     "ParamSlice",
     "SphereMonitor",
     "SphereTracker",
     "find_invariant_groups",
+    "register_optimizer",
     "summarize",
 ]
 

@@ -166,14 +166,23 @@ def find_invariant_groups(
     the outputs, then leaves the model exactly as it found it: weights, gradients, buffers (BatchNorm
     running statistics), train/eval modes and the global random state.
 
-    Example::
-
-        groups = find_invariant_groups(model, torch.randn(8, 3, 32, 32))
-        print(summarize(groups, model, groups.rejected))
-        tracker = SphereTracker(groups, [optimizer])
-
     ``groups`` chooses the candidates (see :class:`GroupFinder`). Candidates whose gradient is not
     orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``) are dropped with a warning.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_sphere import summarize
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(
+    ...     nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 10)
+    ... )
+    >>> groups = find_invariant_groups(model, torch.randn(4, 3, 8, 8))
+    >>> print(summarize(groups, model, groups.rejected))  # doctest: +ELLIPSIS
+    lightning_sphere: 1 modules, 8 radially invariant groups, 216 of 3,122 trainable parameters tracked (6.9%)
+    module  granularity  groups   d  normalization    max|cos(g,x)|
+    0       channel           8  27  1 (BatchNorm2d)        ...
+    not tracked:
+      4: output is not normalized
 
     Raises:
         ValueError: for a ``groups`` mapping that names what the model does not have.

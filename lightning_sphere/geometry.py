@@ -1,4 +1,4 @@
-"""The image of one optimizer step on the unit sphere, per radially invariant group.
+"""The image of one optimizer step on the unit sphere, per radially invariant group: the metric registry.
 
 Pure functions of per-group inner products: no Lightning, no logging, no state. Notation follows
 THEORY.md §1–§3: ``x = x_k``, ``Δ = x_{k+1} − x_k`` (the update actually applied), ``g = g_k`` (the
@@ -6,25 +6,31 @@ gradient that update used), ``u = x/‖x‖``, ``q⊥ = q − ⟨q, u⟩u``. For
 ``x_{k+1} = x_k − a ⊘ P`` (plus decoupled decay for AdamW) with ``P = b ⊘ η`` the preconditioner of a
 unit step, ``a`` the momentum and ``s = a ⊘ P = η a ⊘ b`` the step direction.
 
-Working from inner products keeps every group's metrics a handful of element-wise operations on
-``M``-vectors, whatever the groups' dimensions.
+Each metric is one :class:`Metric` of :data:`METRICS`: its formula (a function of the group's
+:class:`GroupStats` and of the quantities every formula shares, :class:`Sphere`), how it is summarized
+per layer, its unit, its theory section and whether it is histogrammed. Working from inner products
+keeps every group's metrics a handful of element-wise operations on ``M``-vectors, whatever the groups'
+dimensions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
-class GroupStats(NamedTuple):
-    """Inner products of one step, one entry per group (each field a tensor of shape ``(M,)``).
+class StepProducts(NamedTuple):
+    """The inner products of one step, per row or per group (each field a tensor of shape ``(M,)``).
 
-    ``pp = ‖P‖²`` holds for every scheme of §2 (``‖1⊘η‖²`` for SGD). The ``xa … sa`` fields are
-    defined for the adaptive schemes (Adam, AdamW) only; ``formula``, ``adaptive`` are 0/1 flags and
-    ``equilibrium`` is the §7 prediction for the group's hyper-parameters (NaN where none applies).
+    The measurement kernels return them as the columns of one ``(C, 12)`` tensor, in this order.
+    ``pp = ‖P‖²`` holds for every scheme of §2 (``d/η²`` for SGD, b ≡ 1); the ``xa … sa`` fields are
+    defined for the adaptive schemes (Adam, AdamW) only, with ``a`` the bias-corrected momentum and
+    ``s = η a ⊘ b``.
     """
 
     xx: Tensor
@@ -39,31 +45,161 @@ class GroupStats(NamedTuple):
     xs: Tensor
     ss: Tensor
     sa: Tensor
-    dim: Tensor
+
+
+class GroupStats(NamedTuple):
+    """Everything :func:`sphere_metrics` needs of one step, one entry per group (tensors of shape ``(M,)``).
+
+    The :class:`StepProducts` fields, then the group's size d, 0/1 flags for whether the closed-form
+    effective learning rate applies (``formula``) and whether ``a``, ``b`` come from Adam's state
+    (``adaptive``), and the §7 equilibrium for the group's hyper-parameters (NaN where none applies).
+    """
+
+    xx: Tensor
+    xd: Tensor
+    dd: Tensor
+    xg: Tensor
+    gg: Tensor
+    dg: Tensor
+    pp: Tensor
+    xa: Tensor
+    aa: Tensor
+    xs: Tensor
+    ss: Tensor
+    sa: Tensor
+    group_size: Tensor
     formula: Tensor
     adaptive: Tensor
     equilibrium: Tensor
 
 
-#: The per-group metrics :func:`sphere_metrics` returns, in a fixed order.
-METRICS = (
-    "norm",
-    "angular_update",
-    "radial_update",
-    "tangential_update",
-    "effective_lr",
-    "grad_cos",
-    "sphere_grad_norm",
-    "direction_cos",
-    "deformation_cos",
-    "momentum_radial",
-    "angular_update_equilibrium",
-)
+class Sphere(NamedTuple):
+    """Per-group quantities several metrics share, derived once from :class:`GroupStats`."""
+
+    r0: Tensor  # r_k = ‖x_k‖
+    r1: Tensor  # r_{k+1} = ‖x_k + Δ‖
+    tangential: Tensor  # ‖Δ⊥‖
+    grad_tangential: Tensor  # ‖g⊥‖
+    sphere_grad: Tensor  # ‖∇L(u_k)‖ = r_k ‖g⊥‖ (§1)
 
 
 def _tangential_norm(qq: Tensor, xq: Tensor, xx: Tensor) -> Tensor:
     """‖q⊥‖ from ‖q‖², ⟨x, q⟩ and ‖x‖² (§1: q⊥ = q − ⟨q, u⟩u)."""
     return (qq - xq.square() / xx).clamp(min=0).sqrt()
+
+
+def sphere_of(st: GroupStats) -> Sphere:
+    r0 = st.xx.sqrt()
+    grad_tangential = _tangential_norm(st.gg, st.xg, st.xx)
+    return Sphere(
+        r0=r0,
+        r1=(st.xx + 2 * st.xd + st.dd).clamp(min=0).sqrt(),
+        tangential=_tangential_norm(st.dd, st.xd, st.xx),
+        grad_tangential=grad_tangential,
+        sphere_grad=r0 * grad_tangential,
+    )
+
+
+def _angular_update(st: GroupStats, sp: Sphere) -> Tensor:
+    return torch.atan2(sp.tangential, sp.r0 + st.xd / sp.r0)  # exact for any optimizer, and at small angles
+
+
+def _effective_lr(st: GroupStats, sp: Sphere) -> Tensor:
+    # η^e = η/(r_k r_{k+1} rms(b)) = 1/(r_k r_{k+1} rms(P)); outside §2 the measured sin θ/‖∇L(u_k)‖.
+    formula = 1 / (sp.r0 * sp.r1 * (st.pp / st.group_size).sqrt())
+    measured = sp.tangential / sp.r1 / sp.sphere_grad
+    return torch.where(st.formula.bool(), formula, measured)
+
+
+def _direction_cos(st: GroupStats, sp: Sphere) -> Tensor:
+    # ⟨−Δ⊥, g⊥⟩ = −(⟨Δ, g⟩ − ⟨Δ, u⟩⟨g, u⟩)
+    return -(st.dg - st.xd * st.xg / st.xx) / (sp.tangential * sp.grad_tangential)
+
+
+def _adaptive_only(value: Tensor, st: GroupStats) -> Tensor:
+    return torch.where(st.adaptive.bool(), value, torch.full_like(value, float("nan")))
+
+
+def _deformation_cos(st: GroupStats, sp: Sphere) -> Tensor:
+    s_a_tangential = st.sa - st.xs * st.xa / st.xx  # ⟨s⊥, a⊥⟩
+    norms = _tangential_norm(st.ss, st.xs, st.xx) * _tangential_norm(st.aa, st.xa, st.xx)
+    return _adaptive_only(s_a_tangential / norms, st)
+
+
+def _momentum_radial(st: GroupStats, sp: Sphere) -> Tensor:
+    return _adaptive_only(st.xa / (sp.r0 * st.aa.sqrt()), st)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-group metric of a step.
+
+    Attributes:
+        name: the key's middle part, ``sphere/<name>/<module name>``.
+        formula: the per-group values ``(M,)`` from the step's :class:`GroupStats` and :class:`Sphere`;
+            NaN where undefined.
+        reduction: how a layer's groups (and all groups) are summarized: ``"rms"``, ``"mean"``,
+            ``"median"`` or ``"maxabs"`` (:func:`~lightning_sphere.reduce.segment_reduce`).
+        unit: the unit of the values.
+        section: the section of THEORY.md that defines it.
+        doc: one line saying what it is.
+        histogram: whether its per-group distribution is logged as a histogram.
+    """
+
+    name: str
+    formula: Callable[[GroupStats, Sphere], Tensor]
+    reduction: str
+    unit: str
+    section: str
+    doc: str
+    histogram: bool = False
+
+
+#: The per-group metrics, name → :class:`Metric`, in the order they are computed, logged and charted.
+METRICS: dict[str, Metric] = {
+    metric.name: metric
+    for metric in [
+        Metric("norm", lambda st, sp: sp.r1, "rms", "weight units", "§1", "r_{k+1}, the norm after the step", True),
+        Metric("angular_update", _angular_update, "rms", "rad", "§3", "θ_k, the angle from x_k to x_{k+1}", True),
+        Metric("radial_update", lambda st, sp: st.xd / st.xx, "mean", "1", "§3", "⟨Δ, u_k⟩ / r_k"),
+        Metric("tangential_update", lambda st, sp: sp.tangential / sp.r0, "rms", "1", "§3", "‖Δ⊥‖ / r_k"),
+        Metric(
+            "effective_lr",
+            _effective_lr,
+            "median",
+            "rad per unit of ‖∇L(u_k)‖",
+            "§3",
+            "η_k / (r_k r_{k+1} rms(b_k)), else the measured sin θ_k / ‖∇L(u_k)‖",
+            True,
+        ),
+        Metric("grad_cos", lambda st, sp: st.xg / (sp.r0 * st.gg.sqrt()), "maxabs", "1", "§1", "⟨g_k, u_k⟩ / ‖g_k‖"),
+        Metric(
+            "sphere_grad_norm",
+            lambda st, sp: sp.sphere_grad,
+            "rms",
+            "loss units per rad",
+            "§1",
+            "‖∇L(u_k)‖ = r_k ‖g_k⊥‖, the Riemannian gradient",
+        ),
+        Metric("direction_cos", _direction_cos, "mean", "1", "§3", "cos(−Δ⊥, ∇L(u_k))"),
+        Metric("deformation_cos", _deformation_cos, "mean", "1", "§5", "Adam: cos((a⊘b)⊥, a⊥)"),
+        Metric("momentum_radial", _momentum_radial, "mean", "1", "§5", "Adam: ⟨a, u_k⟩ / ‖a‖"),
+        Metric(
+            "angular_update_equilibrium",
+            lambda st, sp: st.equilibrium,
+            "mean",
+            "rad",
+            "§7",
+            "the angular update §7 predicts at equilibrium",
+        ),
+    ]
+}
+
+#: The metrics whose per-group distribution is logged as a histogram.
+HISTOGRAMS = tuple(name for name, metric in METRICS.items() if metric.histogram)
+
+#: The count logged under ``sphere/skipped_groups/all``: groups left out of a step (zero norm, non-finite).
+SKIPPED_GROUPS = "skipped_groups"
 
 
 def sphere_metrics(st: GroupStats) -> dict[str, Tensor]:
@@ -72,45 +208,14 @@ def sphere_metrics(st: GroupStats) -> dict[str, Tensor]:
     A group whose ``x_k`` or ``x_{k+1}`` is zero or whose products are not finite gets NaN in every
     metric; see :func:`valid_groups`. Where a denominator vanishes (a zero gradient, an update with no
     tangential part) only the metrics that divide by it are NaN.
+
+    Returns:
+        metric name → per-group values ``(M,)``, in the order of :data:`METRICS`.
     """
-    r0 = st.xx.sqrt()  # r_k
-    radial = st.xd / r0  # ⟨Δ, u_k⟩
-    tangential = _tangential_norm(st.dd, st.xd, st.xx)  # ‖Δ⊥‖
-    r1 = (st.xx + 2 * st.xd + st.dd).clamp(min=0).sqrt()  # r_{k+1} = ‖x_k + Δ‖
-    theta = torch.atan2(tangential, r0 + radial)  # §3, exact for any optimizer
-    grad_tangential = _tangential_norm(st.gg, st.xg, st.xx)
-    sphere_grad = r0 * grad_tangential  # ‖∇L(u_k)‖ = r_k ‖g⊥‖ (§1)
-
-    # §3: η^e = η/(r_k r_{k+1} rms(b)) = 1/(r_k r_{k+1} rms(P)); outside §2 the measured sin θ/‖∇L(u_k)‖.
-    formula_lr = 1 / (r0 * r1 * (st.pp / st.dim).sqrt())
-    measured_lr = tangential / r1 / sphere_grad
-    effective_lr = torch.where(st.formula.bool(), formula_lr, measured_lr)
-
-    # ⟨−Δ⊥, g⊥⟩ = −(⟨Δ, g⟩ − ⟨Δ, u⟩⟨g, u⟩)
-    direction_cos = -(st.dg - st.xd * st.xg / st.xx) / (tangential * grad_tangential)
-
-    # §5 diagnostics for Adam and AdamW: deformation by ⊘b, and the momentum's radial part.
-    adaptive = st.adaptive.bool()
-    nan = torch.full_like(r0, float("nan"))
-    s_a_tangential = st.sa - st.xs * st.xa / st.xx  # ⟨s⊥, a⊥⟩
-    deformation = s_a_tangential / (_tangential_norm(st.ss, st.xs, st.xx) * _tangential_norm(st.aa, st.xa, st.xx))
-    momentum_radial = st.xa / (r0 * st.aa.sqrt())
-
-    metrics = {
-        "norm": r1,
-        "angular_update": theta,
-        "radial_update": st.xd / st.xx,
-        "tangential_update": tangential / r0,
-        "effective_lr": effective_lr,
-        "grad_cos": st.xg / (r0 * st.gg.sqrt()),
-        "sphere_grad_norm": sphere_grad,
-        "direction_cos": direction_cos,
-        "deformation_cos": torch.where(adaptive, deformation, nan),
-        "momentum_radial": torch.where(adaptive, momentum_radial, nan),
-        "angular_update_equilibrium": st.equilibrium,
-    }
+    sphere = sphere_of(st)
     valid = valid_groups(st)
-    return {name: torch.where(valid, value, nan) for name, value in metrics.items()}
+    nan = torch.full_like(sphere.r0, float("nan"))
+    return {name: torch.where(valid, metric.formula(st, sphere), nan) for name, metric in METRICS.items()}
 
 
 def valid_groups(st: GroupStats) -> Tensor:
@@ -122,18 +227,21 @@ def valid_groups(st: GroupStats) -> Tensor:
 def angular_update_equilibrium(
     kind: str, lr: float, weight_decay: float, momentum: float = 0.0, dampening: float = 0.0
 ) -> float | None:
-    """The angular update a group settles at once decay balances growth (THEORY.md §7).
+    """The angular update, in radians per step, a group settles at once decay balances growth (§7).
 
     ``kind`` is ``"sgd"`` (``momentum`` is μ, ``0`` without momentum) or ``"adamw"`` (``momentum`` is
     β1). ``None`` where no fixed value exists: no weight decay, or ηλ ≥ 1. SGD-M's ``dampening`` τ scales
     both the gradient and the decay entering the buffer, so it acts as a learning rate η(1 − τ) — our
     derivation, not the paper's wording.
+
+    >>> round(angular_update_equilibrium("sgd", lr=0.1, weight_decay=5e-4, momentum=0.9), 6)
+    0.007255
     """
-    decay = lr * weight_decay
-    if not 0 < decay < 1:
+    eta_lambda = lr * weight_decay
+    if not 0 < eta_lambda < 1:
         return None
     if kind == "adamw":
-        return (2 * decay * (1 - momentum) / (1 + momentum)) ** 0.5
+        return (2 * eta_lambda * (1 - momentum) / (1 + momentum)) ** 0.5
     if momentum == 0:
-        return math.acos(1 - decay)
-    return (2 * decay * (1 - dampening) / (1 + momentum)) ** 0.5
+        return math.acos(1 - eta_lambda)
+    return (2 * eta_lambda * (1 - dampening) / (1 + momentum)) ** 0.5

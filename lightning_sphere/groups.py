@@ -1,7 +1,7 @@
 """Which tensors form radially invariant groups, and whether they really are (THEORY.md §1).
 
 An :class:`InvariantGroups` entry describes one module: its parameters, cut into ``num_groups``
-groups of ``dim`` entries each (one group per output channel after BatchNorm, one per channel group
+groups of ``group_size`` entries each (one group per output channel after BatchNorm, one per channel group
 after GroupNorm, the whole layer after LayerNorm, …). Each parameter's share is a
 :class:`ParamSlice`: the dimensions of the tensor that index output channels. Seen as one row per
 output channel (a view for contiguous and channels_last weights), per-group sums are row sums added up
@@ -11,8 +11,9 @@ over the rows of each group.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +89,7 @@ class InvariantGroups:
     Attributes:
         module_name: the module's name in ``model.named_modules()``.
         slices: the parameters involved and how they split into groups.
-        num_groups: number of groups; each holds ``dim`` entries.
+        num_groups: number of groups; each holds :attr:`group_size` entries.
         norm_name: name of the normalization module that makes the groups invariant.
         norm_type: its class name (``"BatchNorm2d"``, …).
         granularity: ``"channel"``, ``"layer"`` or ``"<k> channels"``.
@@ -112,8 +113,8 @@ class InvariantGroups:
         return sum(p.numel() for p in self.params)
 
     @property
-    def dim(self) -> int:
-        """Size ``d`` of one group."""
+    def group_size(self) -> int:
+        """Size ``d`` of one group: the entries it holds."""
         return self.numel // self.num_groups
 
     def __post_init__(self) -> None:
@@ -124,21 +125,58 @@ class InvariantGroups:
                     f"{self.num_groups} groups of {self.module_name}"
                 )
 
-    def row_columns(self, per_group: Tensor) -> list[Tensor]:
-        """A per-group vector ``(G,)`` as one column ``(C, 1)`` per slice, against its :meth:`ParamSlice.rows`."""
-        return [channels[:, None] for channels in self._per_channel(per_group)]
+    def __repr__(self) -> str:  # the dataclass's would print every weight
+        return (
+            f"InvariantGroups({self.module_name!r}, params={[s.name for s in self.slices]}, "
+            f"num_groups={self.num_groups}, group_size={self.group_size}, norm={self.norm_name!r} "
+            f"({self.norm_type}), granularity={self.granularity!r}, cosine={self.cosine})"
+        )
 
-    def row_sums(self, per_row: Sequence[Tensor]) -> Tensor:
-        """Per-group sums ``(G, k)`` of per-row sums ``(C, k)``, one per slice."""
-        return sum(r.view(self.num_groups, -1, r.shape[-1]).sum(1) for r in per_row)
 
-    def _per_channel(self, per_group: Tensor) -> list[Tensor]:
-        return [
-            per_group.repeat_interleave(s.num_channels // self.num_groups)
-            if s.num_channels > self.num_groups
-            else per_group
-            for s in self.slices
-        ]
+class RowIndex:
+    """The rows of several modules' parameters and the groups they form, for per-group math batched over
+    all of them: one ``index_add`` turns per-row sums into per-group sums.
+
+    Rows are every :class:`ParamSlice`'s :meth:`~ParamSlice.rows`, slice after slice, module after module;
+    groups are numbered module after module. Measurement and correction share one index per optimizer.
+
+    Args:
+        entries: the modules.
+        device: where the per-row group ids live (the parameters' device).
+    """
+
+    def __init__(self, entries: Sequence[InvariantGroups], device: torch.device) -> None:
+        self.entries, self.device = tuple(entries), device
+        self.slices = tuple(s for entry in self.entries for s in entry.slices)
+        #: rows of each slice
+        self.rows_per_slice = [s.num_channels for s in self.slices]
+        #: each module's groups, as a range of group ids
+        self.groups: list[slice] = []
+        group_of_row, start = [], 0
+        for entry in self.entries:
+            self.groups.append(slice(start, start + entry.num_groups))
+            ids = torch.arange(start, start + entry.num_groups)
+            group_of_row += [ids.repeat_interleave(s.num_channels // entry.num_groups) for s in entry.slices]
+            start += entry.num_groups
+        self.num_groups = start
+        #: ``(R,)``: the group id of every row
+        self.group_of_row = (torch.cat(group_of_row) if group_of_row else torch.zeros(0, dtype=torch.long)).to(device)
+        sizes = torch.tensor([entry.num_groups for entry in self.entries], dtype=torch.long)
+        #: ``(M,)``: the module (index into ``entries``) of every group
+        self.module_of_group = torch.repeat_interleave(torch.arange(len(self.entries)), sizes).to(device)
+
+    def sum_rows(self, per_row: Sequence[Tensor]) -> Tensor:
+        """Per-group sums ``(M, k)`` of per-row sums ``(C, k)``, one tensor per slice."""
+        rows = torch.cat(list(per_row))
+        return rows.new_zeros(self.num_groups, rows.shape[1]).index_add_(0, self.group_of_row, rows)
+
+    def spread(self, per_group: Tensor) -> list[Tensor]:
+        """A per-group vector ``(M,)`` as one column ``(C, 1)`` per slice, against its rows."""
+        return list(per_group[self.group_of_row][:, None].split(self.rows_per_slice))
+
+    def per_module(self, values: Sequence[float], dtype: torch.dtype = torch.float64) -> Tensor:
+        """One value per module, repeated over its groups: ``(M,)`` on the index's device."""
+        return torch.tensor(values, dtype=dtype).to(self.group_of_row.device)[self.module_of_group]
 
 
 def tolerance_for(entry: InvariantGroups, tolerance: float, compute_dtype: torch.dtype | None = None) -> float:
@@ -154,21 +192,25 @@ def gradient_cosines(groups: Sequence[InvariantGroups], grads: Mapping[nn.Parame
     Groups with a zero gradient are left out; a module is ``None`` when none of its groups has a finite,
     non-zero gradient (it cannot be judged on this step). One device-to-host transfer for all modules.
     """
-    worst = []
-    for entry in groups:
-        sums = []
-        for s in entry.slices:
-            x = s.rows(s.param.detach()).to(math_dtype(s.param))
-            g = s.rows(grads[s.param]).to(x.dtype)
-            sums.append(torch.stack([(x * g).sum(1), (x * x).sum(1), (g * g).sum(1)], 1))
-        xg, xx, gg = entry.row_sums(sums).unbind(1)
-        cos = (xg / (xx * gg).sqrt()).abs()
-        judged = (gg > 0) & cos.isfinite()
-        usable = gg.isfinite().all() & judged.any()
-        worst.append(torch.where(usable, torch.where(judged, cos, 0).amax(), -1))
-    if not worst:
+    if not groups:
         return []
-    return [None if v < 0 else v for v in torch.stack(worst).double().cpu().tolist()]
+    index = RowIndex(groups, groups[0].slices[0].param.device)
+    per_row = []
+    for s in index.slices:
+        x = s.rows(s.param.detach()).to(math_dtype(s.param))
+        g = s.rows(grads[s.param]).to(x.dtype)
+        per_row.append(torch.stack([(x * g).sum(1), (x * x).sum(1), (g * g).sum(1)], 1).double())
+    xg, xx, gg = index.sum_rows(per_row).unbind(1)
+    cos = (xg / (xx * gg).sqrt()).abs()
+    judged = (gg > 0) & cos.isfinite()
+    modules, segment = len(index.entries), index.module_of_group
+
+    def per_module(values: Tensor, how: str, initial: float) -> Tensor:
+        return values.new_full((modules,), initial).scatter_reduce_(0, segment, values, how)
+
+    worst = per_module(torch.where(judged, cos, 0), "amax", 0.0)
+    usable = (per_module(gg.isfinite().double(), "amin", 1.0) > 0) & (per_module(judged.double(), "amax", 0.0) > 0)
+    return [None if v < 0 else v for v in torch.where(usable, worst, -1).cpu().tolist()]
 
 
 def math_dtype(t: Tensor) -> torch.dtype:
@@ -177,7 +219,7 @@ def math_dtype(t: Tensor) -> torch.dtype:
 
 
 def verify(
-    groups: Iterable[InvariantGroups],
+    groups: Sequence[InvariantGroups],
     grads: Mapping[nn.Parameter, Tensor],
     tolerance: float = COSINE_TOLERANCE,
     compute_dtype: torch.dtype | None = None,
@@ -200,3 +242,12 @@ def verify(
         else:
             rejected.append(replace(entry, cosine=cos))
     return accepted, rejected, waiting
+
+
+@dataclass(frozen=True, eq=False)
+class Stepped:
+    """A tracked module as an optimizer steps it: its groups, and the optimizer param group of each of its
+    slices (in the order of ``entry.slices``)."""
+
+    entry: InvariantGroups
+    param_groups: tuple[dict[str, Any], ...]

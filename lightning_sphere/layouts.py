@@ -95,9 +95,9 @@ def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[In
         groups.append(
             InvariantGroups(key, slices, _num_groups(key, granularity, channels), "", "explicit", _label(granularity))
         )
-        if groups[-1].dim < 2:
+        if groups[-1].group_size < 2:
             raise ValueError(
-                f"{key!r}: groups of {groups[-1].dim} entry cannot be invariant; choose a coarser granularity"
+                f"{key!r}: groups of {groups[-1].group_size} entry cannot be invariant; choose a coarser granularity"
             )
     return groups
 

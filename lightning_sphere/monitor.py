@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sphere.correction import correction_mode, unsupported
 from lightning_sphere.detect import GroupFinder
 from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups
+from lightning_sphere.schemes import correction_mode, unsupported
 from lightning_sphere.sinks import LoggerSink
 from lightning_sphere.summary import summarize
 from lightning_sphere.tracker import UNOPTIMIZED, SphereTracker
@@ -72,12 +72,33 @@ class SphereMonitorLogic:
             into flat buffers (FSDP1, DeepSpeed) or into DTensors (ModelParallelStrategy); at fit start
             for an optimizer or option the spherical correction cannot honour.
 
-    Example::
+    Example:
 
-        monitor = SphereMonitor()
-        trainer = Trainer(callbacks=[monitor])
-        trainer.fit(model)
-        monitor.metrics["sphere/effective_lr/all"]
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from pytorch_lightning import LightningModule, Trainer
+    >>> from lightning_sphere import SphereMonitor
+    >>> class Model(LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = nn.Sequential(
+    ...             nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)
+    ...         )
+    ...     def training_step(self, batch, batch_idx):
+    ...         return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    >>> _ = torch.manual_seed(0)
+    >>> data = DataLoader(TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))), batch_size=16)
+    >>> monitor = SphereMonitor(log_every_n_steps=1)
+    >>> trainer = Trainer(max_steps=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
+    ...                   enable_progress_bar=False, enable_model_summary=False)
+    >>> trainer.fit(Model(), data)
+    >>> [(g.module_name, g.num_groups, g.group_size) for g in monitor.groups]  # one group per 3×3 filter
+    [('net.0', 4, 9)]
+    >>> round(monitor.metrics["sphere/angular_update_equilibrium/all"], 6)  # √(2ηλ/(1 + μ)), §7
+    0.007255
     """
 
     _framework: Framework

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from lightning_sphere.geometry import METRICS
+from lightning_sphere.geometry import METRICS, SKIPPED_GROUPS
 from lightning_sphere.tracker import Measurement
 
 
@@ -22,7 +22,7 @@ def custom_scalars_layout(scalars: Iterable[str]) -> dict[str, dict[str, list[An
     chart with the §7 equilibrium it should settle at."""
     logged = {key.split("/")[1] for key in scalars if key.startswith("sphere/")}
     charts = {}
-    for metric in (*METRICS, "skipped_groups"):
+    for metric in (*METRICS, SKIPPED_GROUPS):
         if metric in logged and metric != "angular_update_equilibrium":
             tags = [rf"sphere/{metric}/.*"]
             if metric == "angular_update" and "angular_update_equilibrium" in logged:

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 from torch import nn
 
 from lightning_sphere.groups import InvariantGroups
+
+
+class _Column(NamedTuple):
+    header: str
+    cell: Callable[[InvariantGroups], str]
+    numeric: bool  # right-aligned
+
+
+_COLUMNS = (
+    _Column("module", lambda g: g.module_name, False),
+    _Column("granularity", lambda g: g.granularity, False),
+    _Column("groups", lambda g: f"{g.num_groups:,}", True),
+    _Column("d", lambda g: f"{g.group_size:,}", True),
+    _Column("normalization", lambda g: f"{g.norm_name} ({g.norm_type})" if g.norm_name else g.norm_type, False),
+    _Column("max|cos(g,x)|", lambda g: "-" if g.cosine is None else f"{g.cosine:.1e}", True),
+)
 
 
 def summarize(
@@ -16,8 +33,14 @@ def summarize(
     corrections: Mapping[str, str] | None = None,
 ) -> str:
     """A text table: one row per tracked module, the tracked share of the trainable parameters, and
-    every module left out with the reason. ``corrections`` (module name → the algorithm its spherical
-    correction makes it follow) adds a column."""
+    every module left out with the reason.
+
+    Args:
+        groups: the tracked modules.
+        model: the model they belong to, for the count of trainable parameters.
+        untracked: module name → why it is not tracked.
+        corrections: module name → the algorithm its spherical correction makes it follow; adds a column.
+    """
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracked = sum(g.numel for g in groups)
     share = f"{100 * tracked / total:.1f}%" if total else "-"
@@ -25,30 +48,17 @@ def summarize(
         f"lightning_sphere: {len(groups)} modules, {sum(g.num_groups for g in groups):,} radially invariant groups, "
         f"{tracked:,} of {total:,} trainable parameters tracked ({share})"
     ]
-    header = ("module", "granularity", "groups", "d", "normalization", "max|cos(g,x)|")
-    rows = [
-        (
-            g.module_name,
-            g.granularity,
-            f"{g.num_groups:,}",
-            f"{g.dim:,}",
-            f"{g.norm_name} ({g.norm_type})" if g.norm_name else g.norm_type,
-            "-" if g.cosine is None else f"{g.cosine:.1e}",
-        )
-        for g in groups
-    ]
+    columns = _COLUMNS
     if corrections:
-        header += ("correction",)
-        rows = [(*row, corrections.get(g.module_name, "-")) for row, g in zip(rows, groups, strict=True)]
-    if rows:
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            lines.append(
-                "  ".join(
-                    cell.ljust(w) if i in (0, 1, 4, 6) else cell.rjust(w)
-                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-                ).rstrip()
+        columns += (_Column("correction", lambda g: corrections.get(g.module_name, "-"), False),)
+    if groups:
+        table = [[c.header for c in columns], *([c.cell(g) for c in columns] for g in groups)]
+        widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+        for row in table:
+            cells = (
+                cell.rjust(w) if c.numeric else cell.ljust(w) for cell, w, c in zip(row, widths, columns, strict=True)
             )
+            lines.append("  ".join(cells).rstrip())
     if untracked:
         lines.append("not tracked:")
         lines += [f"  {name}: {why}" for name, why in untracked.items()]

@@ -7,58 +7,59 @@ inner products (:class:`~lightning_sphere.geometry.GroupStats`) on the parameter
 An unarmed step costs one Python flag test per hook; a step that never happens (an AMP step skipped for
 inf/nan gradients) fires no hook and records nothing.
 
-Plain PyTorch use::
+Plain PyTorch use (the README's loop, with a logging step every 50):
 
-    tracker = SphereTracker(find_invariant_groups(model, example_input), [optimizer])
-    for step, (x, y) in enumerate(loader):
-        if step % 50 == 0:
-            tracker.arm()
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if (measurement := tracker.collect()) is not None:
-            print(measurement.scalars["sphere/effective_lr/all"])
+>>> import torch
+>>> from torch import nn
+>>> from lightning_sphere import SphereTracker, find_invariant_groups
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Sequential(
+...     nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 10)
+... )
+>>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+>>> tracker = SphereTracker(find_invariant_groups(model, torch.randn(4, 3, 8, 8)), [optimizer])
+>>> for step in range(3):
+...     if step % 50 == 0:
+...         tracker.arm()
+...     nn.functional.cross_entropy(model(torch.randn(16, 3, 8, 8)), torch.randint(0, 10, (16,))).backward()
+...     optimizer.step()
+...     optimizer.zero_grad()
+...     if (measurement := tracker.collect()) is not None:
+...         print(step, [key for key in measurement.scalars if key.startswith("sphere/effective_lr/")])
+0 ['sphere/effective_lr/0', 'sphere/effective_lr/all']
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from lightning_sphere.correction import Member, Rewrite, StepView, correction_mode, unsupported
-from lightning_sphere.geometry import METRICS, GroupStats, sphere_metrics, valid_groups
-from lightning_sphere.groups import InvariantGroups, ParamSlice, math_dtype
-from lightning_sphere.kernels import Kernels, should_compile
+from lightning_sphere.correction import Rewrite, StepView
+from lightning_sphere.geometry import (
+    HISTOGRAMS,
+    METRICS,
+    SKIPPED_GROUPS,
+    GroupStats,
+    StepProducts,
+    sphere_metrics,
+    valid_groups,
+)
+from lightning_sphere.groups import InvariantGroups, ParamSlice, RowIndex, Stepped, math_dtype
+from lightning_sphere.kernels import Kernels, scalar, should_compile
 from lightning_sphere.reduce import segment_reduce
-from lightning_sphere.schemes import Scheme, adam_state, scheme_of
+from lightning_sphere.schemes import OptimizerRule, rewrite_for, rule_of, unsupported
 
-#: How each metric is summarized over the groups of a layer (and over all groups).
-REDUCTION = {
-    "norm": "rms",
-    "angular_update": "rms",
-    "radial_update": "mean",
-    "tangential_update": "rms",
-    "effective_lr": "median",
-    "grad_cos": "maxabs",
-    "sphere_grad_norm": "rms",
-    "direction_cos": "mean",
-    "deformation_cos": "mean",
-    "momentum_radial": "mean",
-    "angular_update_equilibrium": "mean",
-}
-#: Metrics whose per-group distribution is reported as a histogram.
-HISTOGRAMS = ("effective_lr", "angular_update", "norm")
+__all__ = ["HISTOGRAMS", "UNOPTIMIZED", "Measurement", "SphereTracker"]
 
 #: Why a module whose parameters no optimizer steps is not tracked.
 UNOPTIMIZED = "not stepped by any optimizer"
 
-_FIELDS = GroupStats._fields
-_COLUMN = {name: i for i, name in enumerate(_FIELDS)}
+#: The :class:`StepProducts` columns only adaptive optimizers define (NaN before their first step).
+_ADAPTIVE = slice(StepProducts._fields.index("pp"), None)
 
 
 @dataclass
@@ -66,25 +67,25 @@ class Measurement:
     """What one measured step showed.
 
     Attributes:
-        scalars: ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all`` → value, plus
-            ``sphere/skipped_groups/all``, the number of groups left out (zero norm, non-finite values).
-            A metric undefined for a layer has no key: the Adam diagnostics for other optimizers, the
-            equilibrium where §7 predicts none, gradient metrics when every gradient is zero.
-        histograms: ``sphere_hist/<metric>/<module name>`` → the per-group values (CPU), when asked for.
+        scalars: ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all`` → value (units: see
+            :data:`~lightning_sphere.geometry.METRICS`), plus ``sphere/skipped_groups/all``, the number of
+            groups left out (zero norm, non-finite values). A metric undefined for a layer has no key: the
+            Adam diagnostics for other optimizers, the equilibrium where §7 predicts none, gradient metrics
+            when every gradient is zero.
+        histograms: ``sphere_hist/<metric>/<module name>`` → the per-group values (CPU, 1-D), when asked for.
     """
 
     scalars: dict[str, float]
     histograms: dict[str, Tensor] = field(default_factory=dict)
 
 
-@dataclass(eq=False)
-class _Slot:
-    """A tracked module, inside the optimizer that steps it."""
+class _Transfer(NamedTuple):
+    """What one logging step brings to the host, in one copy."""
 
-    entry: InvariantGroups
-    offset: int  # index of its first group among all tracked groups
-    param_groups: tuple[dict[str, Any], ...]  # the optimizer param group of each slice
-    correction: Member | None = None  # its place in the spherical correction, when correcting
+    result: Tensor  # (metrics, L + 1): per layer, then all groups
+    count: Tensor  # (metrics, L + 1): the finite values behind each result
+    skipped: Tensor  # (1,)
+    histograms: Tensor  # (histogrammed metrics, M), or (0, M)
 
 
 @dataclass(eq=False)
@@ -92,12 +93,13 @@ class _Probe:
     """The tracked modules of one optimizer, and the weights copied before its measured step."""
 
     optimizer: torch.optim.Optimizer
-    slots: list[_Slot]
+    rule: OptimizerRule
+    modules: list[Stepped]  # ordered so that every rewrite's modules follow each other
+    index: RowIndex
+    positions: Tensor  # (M,): each of its groups' index among all tracked groups
+    static: Tensor  # (M, 3): group_size, formula, adaptive
     rewrites: list[Rewrite] = field(default_factory=list)
     armed: bool = False
-    groups: Tensor | None = None  # the indices of its groups among all tracked groups
-    row_group: Tensor | None = None  # for every row of every slice, its group among the probe's
-    static: Tensor | None = None  # the dim, formula and adaptive fields of its groups
     snapshot: dict[Tensor, Tensor] | None = None
     #: The buffers the snapshots are copied into, kept between logging steps: allocating them afresh
     #: would cost a page fault per page on CPUs, several times the copy itself.
@@ -105,7 +107,7 @@ class _Probe:
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [s.param for slot in self.slots for s in slot.entry.slices]
+        return [s.param for s in self.index.slices]
 
 
 class SphereTracker:
@@ -117,7 +119,7 @@ class SphereTracker:
         optimizers: the optimizers that step them. A module whose parameters are not all in one
             optimizer is left out; the reason is in :attr:`untracked`.
         correction: ``None``, or the spherical correction to apply after every real step of the tracked
-            groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.correction.unsupported`).
+            groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.schemes.rewrite_for`).
             Measurements then describe the corrected update.
         compile: run the per-row kernels compiled with ``torch.compile``; ``None`` decides by size and
             device (:func:`~lightning_sphere.kernels.should_compile`).
@@ -144,7 +146,7 @@ class SphereTracker:
                     owner[p] = (index, param_group)
         self.groups: list[InvariantGroups] = []
         self.untracked: dict[str, str] = {}
-        slots: dict[int, list[_Slot]] = defaultdict(list)
+        stepped: dict[int, list[tuple[int, Stepped]]] = {}
         offset = 0
         for entry in groups:
             owners = [owner.get(p) for p in entry.params]
@@ -153,23 +155,21 @@ class SphereTracker:
             elif len({o[0] for o in owners}) > 1:
                 self.untracked[entry.module_name] = "its parameters are stepped by different optimizers"
             else:
-                slots[owners[0][0]].append(_Slot(entry, offset, tuple(o[1] for o in owners)))
+                module = Stepped(entry, tuple(o[1] for o in owners))
+                stepped.setdefault(owners[0][0], []).append((offset, module))
                 self.groups.append(entry)
                 offset += entry.num_groups
         params = [p for entry in self.groups for p in entry.params]
         self.device = params[0].device if params else torch.device("cpu")
+        self.kernels = Kernels(
+            should_compile(sum(g.numel for g in self.groups), self.device) if compile is None else compile
+        )
         dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self._stats = torch.zeros(offset, len(_FIELDS), dtype=dtype, device=self.device)
+        self._stats = torch.zeros(offset, len(GroupStats._fields), dtype=dtype, device=self.device)
         self._measured = torch.zeros(offset, dtype=torch.bool, device=self.device)
         sizes = torch.tensor([g.num_groups for g in self.groups], dtype=torch.long)
         self._segment = torch.repeat_interleave(torch.arange(len(self.groups)), sizes).to(self.device)
-        self._probes = [_Probe(optimizers[i], s) for i, s in slots.items()]
-        for probe in self._probes:
-            self._index(probe)
-        numel = sum(g.numel for g in self.groups)
-        self.kernels = Kernels(should_compile(numel, self.device) if compile is None else compile)
-        if correction is not None:
-            self._attach_corrections(correction_mode(correction))
+        self._probes = [self._probe(optimizers[i], modules, correction) for i, modules in stepped.items()]
         self._handles = []
         for probe in self._probes:
             self._handles.append(probe.optimizer.register_step_pre_hook(lambda *_, p=probe: self._before_step(p)))
@@ -177,14 +177,40 @@ class SphereTracker:
         self._histograms = False
         self._recorded = False
 
-    @property
-    def num_groups(self) -> int:
-        return self._stats.shape[0]
+    def _probe(
+        self, optimizer: torch.optim.Optimizer, modules: list[tuple[int, Stepped]], correction: str | None
+    ) -> _Probe:
+        """One optimizer's modules: their row index, the fields of their groups that never change, and,
+        when correcting, one rewrite per algorithm over the modules it fits."""
+        rule = rule_of(optimizer)
+        reason = None if correction is None else unsupported(optimizer, correction)
+        if reason:
+            raise ValueError(reason)
+        algorithms: dict[type[Rewrite] | None, list[tuple[int, Stepped]]] = {}
+        for offset, module in modules:
+            algorithm = None if correction is None else rewrite_for(optimizer, module.param_groups[0], correction)
+            reason = None if algorithm is None else algorithm.check(module)
+            if reason:
+                raise ValueError(reason)
+            algorithms.setdefault(algorithm, []).append((offset, module))
+        ordered = [pair for pairs in algorithms.values() for pair in pairs]
+        index = RowIndex([m.entry for _, m in ordered], self.device)
+        positions = torch.cat([torch.arange(o, o + m.entry.num_groups) for o, m in ordered]).to(self.device)
+        static = [
+            index.per_module([float(f(m)) for _, m in ordered], self._stats.dtype)
+            for f in (lambda m: m.entry.group_size, lambda m: rule.formula, lambda m: rule.adaptive)
+        ]
+        probe = _Probe(optimizer, rule, [m for _, m in ordered], index, positions, torch.stack(static, 1))
+        for algorithm, pairs in algorithms.items():
+            if algorithm is not None:
+                modules_ = [m for _, m in pairs]
+                probe.rewrites.append(algorithm(modules_, optimizer, correction, self.kernels, rule, self.device))
+        return probe
 
     @property
     def corrections(self) -> dict[str, str]:
         """Module name → the algorithm its spherical correction makes it follow, when correcting."""
-        return {m.entry.module_name: r.label for probe in self._probes for r in probe.rewrites for m in r.members}
+        return {m.entry.module_name: r.label for probe in self._probes for r in probe.rewrites for m in r.modules}
 
     def state_dict(self) -> dict[str, Tensor]:
         """The correction's own state, module name → virtual radii (AdamG rewrite); the optimizer's state
@@ -195,41 +221,6 @@ class SphereTracker:
         for probe in self._probes:
             for rewrite in probe.rewrites:
                 rewrite.load_radii(state)
-
-    def _index(self, probe: _Probe) -> None:
-        """Where each row of the probe's parameters goes, and the fields of its groups that never change."""
-        groups, row_group, static, offset = [], [], [], 0
-        for slot in probe.slots:
-            g = slot.entry.num_groups
-            groups.append(torch.arange(slot.offset, slot.offset + g))
-            row_group += [(torch.arange(g) + offset).repeat_interleave(s.num_channels // g) for s in slot.entry.slices]
-            scheme = scheme_of(probe.optimizer, slot.param_groups[0])
-            static.append(
-                torch.tensor([[slot.entry.dim, scheme.formula, scheme.adaptive]], dtype=torch.float64).expand(g, 3)
-            )
-            offset += g
-        probe.groups = torch.cat(groups).to(self.device)
-        probe.row_group = torch.cat(row_group).to(self.device)
-        probe.static = torch.cat(static).to(self.device, self._stats.dtype)
-
-    def _attach_corrections(self, mode: str) -> None:
-        for probe in self._probes:
-            reason = unsupported(probe.optimizer, mode)
-            if reason:
-                raise ValueError(reason)
-            kinds: dict[str, list[_Slot]] = defaultdict(list)
-            for slot in probe.slots:
-                kind = _rewrite_kind(probe.optimizer, slot.param_groups[0])
-                reason = Rewrite.check(kind, slot.entry, slot.param_groups)
-                if reason:
-                    raise ValueError(reason)
-                kinds[kind].append(slot)
-            for kind, slots in kinds.items():
-                modules = [(slot.entry, slot.param_groups) for slot in slots]
-                rewrite = Rewrite(kind, modules, probe.optimizer, mode, self.kernels, self.device)
-                for slot, member in zip(slots, rewrite.members, strict=True):
-                    slot.correction = member
-                probe.rewrites.append(rewrite)
 
     def arm(self, histograms: bool = False) -> None:
         """Measure the next step of each optimizer (and keep the per-group values if ``histograms``).
@@ -275,31 +266,33 @@ class SphereTracker:
             probe.armed = False
             self._recorded = True
         with torch.no_grad():
-            for rewrite in probe.rewrites:
-                rewrite.rewrite()
+            steps = [rewrite.rewrite() for rewrite in probe.rewrites]
             if snapshot is not None:
-                self._measure(probe, snapshot)
-            for rewrite in probe.rewrites:
-                rewrite.transport()
+                self._measure(probe, snapshot, [r.view(step) for r, step in zip(probe.rewrites, steps, strict=True)])
+            for rewrite, step in zip(probe.rewrites, steps, strict=True):
+                rewrite.transport(step)
 
-    def _measure(self, probe: _Probe, snapshot: dict[Tensor, Tensor]) -> None:
+    def _measure(self, probe: _Probe, snapshot: dict[Tensor, Tensor], views: list[StepView]) -> None:
         """The :class:`GroupStats` of the step just taken, for every group of the probe, into ``_stats``."""
-        per_row, equilibrium = [], []
-        for slot in probe.slots:
-            entry, view = slot.entry, slot.correction.view if slot.correction is not None else StepView()
-            scales = view.scale if view.scale is not None else (None, None)
-            columns = [entry.row_columns(v) if v is not None else [None] * len(entry.slices) for v in (view.b, *scales)]
-            for s, param_group, *overrides in zip(entry.slices, slot.param_groups, *columns, strict=True):
-                per_row.append(_row_stats(self.kernels, s, snapshot[s.param], probe.optimizer, param_group, *overrides))
-            eq = scheme_of(probe.optimizer, slot.param_groups[0]).equilibrium
-            equilibrium.append(
-                torch.full((entry.num_groups, 1), float("nan") if eq is None else eq, dtype=torch.float64)
-            )
-        rows = torch.cat(per_row)
-        products = rows.new_zeros(len(probe.groups), rows.shape[1]).index_add_(0, probe.row_group, rows)
-        block = torch.cat([products.to(self._stats.dtype), probe.static, torch.cat(equilibrium).to(probe.static)], 1)
-        self._stats.index_copy_(0, probe.groups, block)
-        self._measured[probe.groups] = True
+        slices = [(s, group) for m in probe.modules for s, group in zip(m.entry.slices, m.param_groups, strict=True)]
+        per_row = [
+            _row_products(self.kernels, s, snapshot[s.param], probe.optimizer, probe.rule, group, *columns)
+            for (s, group), columns in zip(slices, _view_columns(probe, views), strict=True)
+        ]
+        products = StepProducts(*probe.index.sum_rows(per_row).to(self._stats.dtype).unbind(1))
+        equilibrium = [probe.rule.equilibrium(m.param_groups[0]) for m in probe.modules]
+        group_size, formula, adaptive = probe.static.unbind(1)
+        stats = GroupStats(
+            *products,
+            group_size=group_size,
+            formula=formula,
+            adaptive=adaptive,
+            equilibrium=probe.index.per_module(
+                [float("nan") if e is None else e for e in equilibrium], group_size.dtype
+            ),
+        )
+        self._stats.index_copy_(0, probe.positions, torch.stack(stats, 1))
+        self._measured[probe.positions] = True
 
     def collect(self) -> Measurement | None:
         """Summaries of the steps measured since the last call; ``None`` if no step was measured.
@@ -312,58 +305,64 @@ class SphereTracker:
         with torch.no_grad():
             stats = GroupStats(*self._stats.unbind(1))
             metrics = sphere_metrics(stats)
-            values = torch.stack([metrics[name] for name in METRICS]).masked_fill(~self._measured, float("nan"))
+            values = torch.stack(list(metrics.values())).masked_fill(~self._measured, float("nan"))
             skipped = (self._measured & ~valid_groups(stats)).sum(dtype=values.dtype)
-            result, count = segment_reduce(values, self._segment, len(self.groups), [REDUCTION[m] for m in METRICS])
-            parts = [result.flatten(), count.flatten(), skipped[None]]
-            if self._histograms:
-                parts.append(values[[METRICS.index(m) for m in HISTOGRAMS]].flatten())
-            host = torch.cat(parts).cpu()
+            how = [metric.reduction for metric in METRICS.values()]
+            result, count = segment_reduce(values, self._segment, len(self.groups), how)
+            rows = [list(METRICS).index(name) for name in HISTOGRAMS] if self._histograms else []
+            transfer = _Transfer(result, count, skipped[None], values[rows])
+            host = torch.cat([part.flatten() for part in transfer]).cpu()
             self._measured.zero_()
-        return self._unpack(host)
+        pieces = host.split([part.numel() for part in transfer])
+        return self._unpack(_Transfer(*(p.view(part.shape) for p, part in zip(pieces, transfer, strict=True))))
 
-    def _unpack(self, host: Tensor) -> Measurement:
-        n, columns = len(METRICS), len(self.groups) + 1
-        result, count = host[: n * columns].view(n, columns), host[n * columns : 2 * n * columns].view(n, columns)
+    def _unpack(self, host: _Transfer) -> Measurement:
         names = [entry.module_name for entry in self.groups] + ["all"]
         scalars = {}
-        for metric, values, counts in zip(METRICS, result.tolist(), count.tolist(), strict=True):
+        for metric, values, counts in zip(METRICS, host.result.tolist(), host.count.tolist(), strict=True):
             for name, value, c in zip(names, values, counts, strict=True):
                 if c > 0:
                     scalars[f"sphere/{metric}/{name}"] = value
-        scalars["sphere/skipped_groups/all"] = float(host[2 * n * columns])
+        scalars[f"sphere/{SKIPPED_GROUPS}/all"] = float(host.skipped[0])
         histograms = {}
-        if host.numel() > 2 * n * columns + 1:
-            per_group = host[2 * n * columns + 1 :].view(len(HISTOGRAMS), -1)
-            for metric, row in zip(HISTOGRAMS, per_group, strict=True):
-                for entry, values in zip(self.groups, row.split([g.num_groups for g in self.groups]), strict=True):
-                    values = values[values.isfinite()]
-                    if values.numel():
-                        histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
+        for metric, row in zip(HISTOGRAMS, host.histograms, strict=False):
+            for entry, values in zip(self.groups, row.split([g.num_groups for g in self.groups]), strict=True):
+                values = values[values.isfinite()]
+                if values.numel():
+                    histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
         return Measurement(scalars, histograms)
-
-
-def _rewrite_kind(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str:
-    if type(optimizer) is torch.optim.SGD:
-        return "sgdm" if group["momentum"] else "adamg"
-    return "adam"
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
 
 
-def _row_stats(
+def _view_columns(probe: _Probe, views: list[StepView]) -> list[tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """Per slice of the probe: AdamS's b and the AdamG rewrite's scales σ_k, σ_{k+1} as ``(C, 1)`` columns,
+    ``None`` where the step is read as torch took it. The rewrites cover the probe's modules in order."""
+    if not probe.rewrites:
+        return [(None, None, None)] * len(probe.index.slices)
+    columns = []
+    for rewrite, view in zip(probe.rewrites, views, strict=True):
+        n = len(rewrite.slices)
+        b = rewrite.index.spread(view.b) if view.b is not None else [None] * n
+        s0, s1 = (rewrite.index.spread(v) for v in view.scale) if view.scale is not None else ([None] * n,) * 2
+        columns += zip(b, s0, s1, strict=True)
+    return columns
+
+
+def _row_products(
     kernels: Kernels,
     s: ParamSlice,
     x0: Tensor,
     optimizer: torch.optim.Optimizer,
+    rule: OptimizerRule,
     param_group: dict[str, Any],
     b: Tensor | None,
     scale0: Tensor | None,
     scale1: Tensor | None,
 ) -> Tensor:
-    """One parameter's contribution to its groups' inner products xx … sa, per output channel: ``(C, 12)``.
+    """One parameter's :class:`StepProducts` per output channel: ``(C, 12)``.
 
     ``b`` replaces Adam's element-wise denominator (AdamS's, one per row); ``scale0``, ``scale1`` map the
     stored weights before and after the step to virtual ones (x̃ = σx, so g̃ = g/σ_k by invariance).
@@ -373,22 +372,14 @@ def _row_stats(
     g = torch.zeros_like(x) if s.param.grad is None else s.rows(s.param.grad.detach()).to(dtype)
     one = x.new_ones(())
     s0, s1 = (one if c is None else c.to(dtype) for c in (scale0, scale1))
-    lr = param_group["lr"]
-    scheme: Scheme = scheme_of(optimizer, param_group)
-    terms = adam_state(optimizer.state[s.param], param_group) if scheme.adaptive else None
-    if terms is not None:
-        m, v, inv_bc1, inv_sqrt_bc2 = terms
-        eps = torch.tensor(param_group["eps"], dtype=torch.float64)
-        b = None if b is None else b.to(dtype)
-        rows = kernels.adam_products(
-            x, x1, g, s0, s1, s.rows(m).to(dtype), s.rows(v).to(dtype), b, inv_bc1, inv_sqrt_bc2, eps
-        )
-        # pp = ‖b‖²/η², xs = η⟨x,q⟩, ss = η²‖q‖², sa = η⟨q,a⟩ (s = η q, P = b/η); η = 0 gives pp = inf
-        eta, one = torch.as_tensor(lr, dtype=torch.float64), torch.ones((), dtype=torch.float64)
-        factors = torch.stack([one] * 6 + [1 / eta**2, one, one, eta, eta**2, eta])
-        return rows * factors.to(rows)
-    rows = kernels.step_products(x, x1, g, s0, s1)
-    if scheme.adaptive:  # never stepped: Adam's quantities are undefined
-        return torch.cat([rows, rows.new_full((len(rows), 6), float("nan"))], 1)
-    pp = rows.new_full((len(rows), 1), x.shape[1]) / lr**2  # b ≡ 1: P = 1/η on every entry
-    return torch.cat([rows, pp, rows.new_zeros(len(rows), 5)], 1)
+    lr = scalar(param_group.get("lr", 1.0))  # an optimizer without one gets the measured η^e: P is unused
+    moments = rule.moments(optimizer.state[s.param], param_group) if rule.moments is not None else None
+    if moments is None:
+        products = kernels.sgd_products(x, x1, g, s0, s1, lr)
+        if rule.adaptive:  # never stepped: Adam's quantities are undefined
+            products[:, _ADAPTIVE] = float("nan")
+        return products
+    m, v = s.rows(moments.exp_avg).to(dtype), s.rows(moments.exp_avg_sq).to(dtype)
+    b = None if b is None else b.to(dtype)
+    eps = scalar(param_group["eps"])
+    return kernels.adam_products(x, x1, g, s0, s1, lr, m, v, b, moments.inv_bias1, moments.inv_sqrt_bias2, eps)

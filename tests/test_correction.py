@@ -258,3 +258,65 @@ def test_compiled_kernels_match_the_references(tmp_path):
     for step, scalars in logs[False].sphere().items():
         for key, value in scalars.items():
             assert logs[True].sphere()[step][key] == pytest.approx(value, rel=1e-9, abs=1e-14), key
+
+
+def plain_loop(model, optimizer, steps, losses=None):
+    """``steps`` optimizer steps over ``dataset()`` in order, as the references take them, no Trainer."""
+    done = 0
+    while done < steps:
+        for x, y in DataLoader(dataset(), batch_size=16):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            if losses is not None:
+                losses.append(loss.item())
+            done += 1
+            if done == steps:
+                return
+
+
+@pytest.mark.parametrize(
+    ("mode", "name", "algorithm"),
+    [
+        ("srt", "adamw-decay", "AdamSRT"),
+        ("s", "adam-l2", "AdamS"),
+        ("rt", "adam", "Adam+RT"),
+        ("srt", "sgdm-decay", "SGDMRT"),
+    ],
+)
+def test_sphere_tracker_corrects_without_lightning(mode, name, algorithm):
+    """The framework-free engine alone, in a plain PyTorch loop, follows the same references."""
+    from lightning_sphere import SphereTracker, find_invariant_groups
+
+    make = (ADAM | SGDM)[name]
+    model = bn_net()
+    optimizer = make(model.parameters())
+    x, _ = dataset()[:16]
+    tracker = SphereTracker(find_invariant_groups(model, x), [optimizer], correction=mode)
+    assert tracker.corrections == {"0": algorithm, "3": algorithm}
+    plain_loop(model, optimizer, STEPS)
+    tracker.close()
+    assert_same_weights(model, reference_run(algorithm, make), rel=1e-8)
+
+
+def test_sphere_tracker_sgd_rewrite_keeps_plain_sgd_losses_and_restores_its_radii():
+    from lightning_sphere import SphereTracker, find_invariant_groups
+
+    losses = {}
+    for correction in (None, "srt"):
+        model = bn_net(eps=1e-14)
+        optimizer = SGD["sgd-decay"](model.parameters())
+        tracker = SphereTracker(find_invariant_groups(model, dataset()[:16][0]), [optimizer], correction=correction)
+        losses[correction] = []
+        plain_loop(model, optimizer, 30, losses=losses[correction])
+    torch.testing.assert_close(torch.tensor(losses["srt"]), torch.tensor(losses[None]), rtol=1e-10, atol=0)
+    norms = model[0].weight.detach().flatten(1).norm(dim=1)  # the rewrite ran: unit rows, not SGD's norms
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-12, atol=0)
+    # The virtual radii go through state_dict: a fresh tracker given them continues the same run.
+    saved = {name: r.clone() for name, r in tracker.state_dict().items()}
+    assert set(saved) == {"0", "3"} and all(r.isfinite().all() for r in saved.values())
+    tracker.close()
+    fresh = SphereTracker(tracker.groups, [optimizer], correction="srt")
+    fresh.load_state_dict(saved)
+    torch.testing.assert_close(fresh.state_dict(), saved, rtol=0, atol=0)

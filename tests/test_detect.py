@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sphere import GroupFinder, find_invariant_groups
+from lightning_sphere import find_invariant_groups
+from lightning_sphere.detect import GroupFinder
 from lightning_sphere.groups import cosine_tolerance
 
 
@@ -61,7 +62,7 @@ def test_bn_after_conv_is_one_group_per_channel_without_the_bias():
     groups, rejected = found(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(80, 2)), IMG)
     assert list(groups) == ["0"] and "not normalized" in rejected["3"]
     g = groups["0"]
-    assert (g.num_groups, g.dim, g.norm_name, g.norm_type) == (5, 27, "1", "BatchNorm2d")
+    assert (g.num_groups, g.group_size, g.norm_name, g.norm_type) == (5, 27, "1", "BatchNorm2d")
     assert [s.name for s in g.slices] == ["0.weight"]
 
 
@@ -81,7 +82,7 @@ def test_homogeneous_ops_between_keep_the_group(between, bias_joins):
     groups, _ = found(model, IMG)
     names = [s.name for s in groups["0"].slices]
     assert names == (["0.weight", "0.bias"] if bias_joins else ["0.weight"])
-    assert groups["0"].dim == 27 + bias_joins
+    assert groups["0"].group_size == 27 + bias_joins
 
 
 @pytest.mark.parametrize(
@@ -120,7 +121,7 @@ def test_views_between_keep_the_channel_groups():
     groups = find_invariant_groups(flat, IMG)  # BatchNorm1d per (channel, position) feature: still invariant
     assert [g.module_name for g in groups] == ["0"]
     sequence = find_invariant_groups(SequenceBN(), torch.randn(8, 7, 6))
-    assert [(g.module_name, g.num_groups, g.dim) for g in sequence] == [("proj", 5, 6)]
+    assert [(g.module_name, g.num_groups, g.group_size) for g in sequence] == [("proj", 5, 6)]
 
 
 def test_frozen_weights_are_not_candidates():
@@ -141,10 +142,10 @@ def test_linear_and_conv_transpose_channels():
     assert [s.name for s in found(model, IMG)[0]["1"].slices] == ["1.weight", "1.bias"]
     up = nn.Sequential(nn.ConvTranspose2d(3, 8, 2, stride=2, groups=1), nn.BatchNorm2d(8))
     g = found(up, IMG)[0]["0"]
-    assert (g.num_groups, g.dim, g.slices[0].channel_dims) == (8, 12, (1,))
+    assert (g.num_groups, g.group_size, g.slices[0].channel_dims) == (8, 12, (1,))
     grouped = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, groups=2), nn.BatchNorm2d(6))
     g = found(grouped, torch.randn(8, 4, 5, 5))[0]["0"]
-    assert (g.num_groups, g.dim, g.slices[0].split, g.slices[0].channel_dims) == (6, 8, 2, (0, 2))
+    assert (g.num_groups, g.group_size, g.slices[0].split, g.slices[0].channel_dims) == (6, 8, 2, (0, 2))
 
 
 def test_data_dependent_control_flow_uses_the_branch_that_ran():

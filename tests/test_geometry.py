@@ -23,7 +23,7 @@ def stats_of(x0, x1, g, lr, a=None, b=None, formula=True, equilibrium=float("nan
     return GroupStats(
         xx=dot(x0, x0), xd=dot(x0, delta), dd=dot(delta, delta), xg=dot(x0, g), gg=dot(g, g), dg=dot(delta, g),
         pp=dot(p, p), xa=dot(x0, a), aa=dot(a, a), xs=dot(x0, s), ss=dot(s, s), sa=dot(s, a),
-        dim=full(d), formula=full(formula), adaptive=full(adaptive), equilibrium=full(equilibrium),
+        group_size=full(d), formula=full(formula), adaptive=full(adaptive), equilibrium=full(equilibrium),
     )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ def mixed():
 
 
 def summary_of(groups):
-    return {g.module_name: (g.granularity, g.num_groups, g.dim) for g in groups}
+    return {g.module_name: (g.granularity, g.num_groups, g.group_size) for g in groups}
 
 
 def test_numeric_test_keeps_channels_else_layers_else_nothing():

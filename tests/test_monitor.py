@@ -34,7 +34,7 @@ def test_logs_every_metric_at_lightning_steps_and_matches_the_reference(tmp_path
         assert "sphere/deformation_cos/all" not in scalars
     monitor = trainer.callbacks[0]
     assert monitor.metrics == records[5]
-    assert [(g.module_name, g.num_groups, g.dim) for g in monitor.groups] == [("net.0", 6, 9), ("net.3", 8, 55)]
+    assert [(g.module_name, g.num_groups, g.group_size) for g in monitor.groups] == [("net.0", 6, 9), ("net.3", 8, 55)]
 
 
 def test_log_cadence_follows_the_trainer_by_default(tmp_path):

@@ -27,7 +27,7 @@ def real_gradients(model, x):
 def test_detects_exactly_the_hand_counted_groups(name):
     model, x, expected, rejected = build(name)
     groups = find_invariant_groups(model, x)
-    got = {g.module_name: (g.num_groups, g.dim, g.norm_name, g.granularity) for g in groups}
+    got = {g.module_name: (g.num_groups, g.group_size, g.norm_name, g.granularity) for g in groups}
     assert got == {n: (e.num_groups, e.dim, e.norm, e.granularity) for n, e in expected.items()}
     for module, reason in rejected.items():
         assert reason in groups.rejected[module], (module, groups.rejected[module])
