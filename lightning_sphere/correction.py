@@ -58,11 +58,11 @@ class Rewrite:
 
     Args:
         modules: the modules to rewrite, with their param groups.
+        index: their rows and groups, in the same order.
         optimizer: the optimizer whose steps they are.
         mode: ``"srt"``, ``"s"`` or ``"rt"``.
         kernels: the per-row kernels to run.
         rule: the optimizer's registry entry.
-        device: the parameters' device.
     """
 
     #: Hyper-parameters all param groups of one module must share for the algorithm to apply.
@@ -71,20 +71,16 @@ class Rewrite:
     def __init__(
         self,
         modules: Sequence[Stepped],
+        index: RowIndex,
         optimizer: torch.optim.Optimizer,
         mode: str,
         kernels: Kernels,
         rule: OptimizerRule,
-        device: torch.device,
     ) -> None:
-        self.modules, self.optimizer, self.mode, self.kernels, self.rule = (
-            tuple(modules),
-            optimizer,
-            mode,
-            kernels,
-            rule,
-        )
-        self.index = RowIndex([m.entry for m in self.modules], device)
+        if [m.entry for m in modules] != list(index.entries):
+            raise ValueError("the row index must list the modules in their order")
+        self.modules, self.index = tuple(modules), index
+        self.optimizer, self.mode, self.kernels, self.rule = optimizer, mode, kernels, rule
         #: ``(ParamSlice, param group)`` for every slice, in the index's order
         self.slices = [
             (s, group) for m in self.modules for s, group in zip(m.entry.slices, m.param_groups, strict=True)

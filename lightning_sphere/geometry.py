@@ -159,10 +159,10 @@ class Metric:
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in [
-        Metric("norm", lambda st, sp: sp.r1, "rms", "weight units", "§1", "r_{k+1}, the norm after the step", True),
+        Metric("norm", lambda st, sp: sp.r1, "rms", "as the weights", "§1", "r_{k+1}, the norm after the step", True),
         Metric("angular_update", _angular_update, "rms", "rad", "§3", "θ_k, the angle from x_k to x_{k+1}", True),
-        Metric("radial_update", lambda st, sp: st.xd / st.xx, "mean", "1", "§3", "⟨Δ, u_k⟩ / r_k"),
-        Metric("tangential_update", lambda st, sp: sp.tangential / sp.r0, "rms", "1", "§3", "‖Δ⊥‖ / r_k"),
+        Metric("radial_update", lambda st, sp: st.xd / st.xx, "mean", "fraction of r_k", "§3", "⟨Δ, u_k⟩ / r_k"),
+        Metric("tangential_update", lambda st, sp: sp.tangential / sp.r0, "rms", "fraction of r_k", "§3", "‖Δ⊥‖ / r_k"),
         Metric(
             "effective_lr",
             _effective_lr,
@@ -172,18 +172,20 @@ METRICS: dict[str, Metric] = {
             "η_k / (r_k r_{k+1} rms(b_k)), else the measured sin θ_k / ‖∇L(u_k)‖",
             True,
         ),
-        Metric("grad_cos", lambda st, sp: st.xg / (sp.r0 * st.gg.sqrt()), "maxabs", "1", "§1", "⟨g_k, u_k⟩ / ‖g_k‖"),
+        Metric(
+            "grad_cos", lambda st, sp: st.xg / (sp.r0 * st.gg.sqrt()), "maxabs", "cosine", "§1", "⟨g_k, u_k⟩ / ‖g_k‖"
+        ),
         Metric(
             "sphere_grad_norm",
             lambda st, sp: sp.sphere_grad,
             "rms",
-            "loss units per rad",
+            "loss per rad",
             "§1",
             "‖∇L(u_k)‖ = r_k ‖g_k⊥‖, the Riemannian gradient",
         ),
-        Metric("direction_cos", _direction_cos, "mean", "1", "§3", "cos(−Δ⊥, ∇L(u_k))"),
-        Metric("deformation_cos", _deformation_cos, "mean", "1", "§5", "Adam: cos((a⊘b)⊥, a⊥)"),
-        Metric("momentum_radial", _momentum_radial, "mean", "1", "§5", "Adam: ⟨a, u_k⟩ / ‖a‖"),
+        Metric("direction_cos", _direction_cos, "mean", "cosine", "§3", "cos(−Δ⊥, ∇L(u_k))"),
+        Metric("deformation_cos", _deformation_cos, "mean", "cosine", "§5", "Adam: cos((a⊘b)⊥, a⊥)"),
+        Metric("momentum_radial", _momentum_radial, "mean", "cosine", "§5", "Adam: ⟨a, u_k⟩ / ‖a‖"),
         Metric(
             "angular_update_equilibrium",
             lambda st, sp: st.equilibrium,

@@ -10,6 +10,7 @@ over the rows of each group.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -138,7 +139,8 @@ class RowIndex:
     all of them: one ``index_add`` turns per-row sums into per-group sums.
 
     Rows are every :class:`ParamSlice`'s :meth:`~ParamSlice.rows`, slice after slice, module after module;
-    groups are numbered module after module. Measurement and correction share one index per optimizer.
+    groups are numbered module after module. Measurement and correction share one index per optimizer
+    (a correction algorithm gets its modules' part, :meth:`select`).
 
     Args:
         entries: the modules.
@@ -164,6 +166,23 @@ class RowIndex:
         sizes = torch.tensor([entry.num_groups for entry in self.entries], dtype=torch.long)
         #: ``(M,)``: the module (index into ``entries``) of every group
         self.module_of_group = torch.repeat_interleave(torch.arange(len(self.entries)), sizes).to(device)
+
+    def select(self, start: int, stop: int) -> RowIndex:
+        """Modules ``start:stop`` as an index of their own, cut from this one (no rebuild)."""
+        part = copy.copy(self)
+        first, count = (
+            sum(len(e.slices) for e in self.entries[:start]),
+            sum(len(e.slices) for e in self.entries[start:stop]),
+        )
+        rows = slice(sum(self.rows_per_slice[:first]), sum(self.rows_per_slice[: first + count]))
+        groups = slice(self.groups[start].start, self.groups[stop - 1].stop)
+        part.entries, part.slices = self.entries[start:stop], self.slices[first : first + count]
+        part.rows_per_slice = self.rows_per_slice[first : first + count]
+        part.groups = [slice(g.start - groups.start, g.stop - groups.start) for g in self.groups[start:stop]]
+        part.num_groups = groups.stop - groups.start
+        part.group_of_row = self.group_of_row[rows] - groups.start
+        part.module_of_group = self.module_of_group[groups] - start
+        return part
 
     def sum_rows(self, per_row: Sequence[Tensor]) -> Tensor:
         """Per-group sums ``(M, k)`` of per-row sums ``(C, k)``, one tensor per slice."""

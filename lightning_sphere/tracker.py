@@ -201,10 +201,12 @@ class SphereTracker:
             for f in (lambda m: m.entry.group_size, lambda m: rule.formula, lambda m: rule.adaptive)
         ]
         probe = _Probe(optimizer, rule, [m for _, m in ordered], index, positions, torch.stack(static, 1))
+        start = 0
         for algorithm, pairs in algorithms.items():
             if algorithm is not None:
-                modules_ = [m for _, m in pairs]
-                probe.rewrites.append(algorithm(modules_, optimizer, correction, self.kernels, rule, self.device))
+                part = index.select(start, start + len(pairs))
+                probe.rewrites.append(algorithm([m for _, m in pairs], part, optimizer, correction, self.kernels, rule))
+            start += len(pairs)
         return probe
 
     @property
