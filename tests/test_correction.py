@@ -8,6 +8,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from lightning_sphere import SphereMonitor
+from tests import reference
 from tests.conftest import bn_net
 from tests.lightning_helpers import MemoryLogger, Net, dataset, fit
 from tests.spherical_reference import Reference, conv_rows
@@ -320,3 +321,36 @@ def test_sphere_tracker_sgd_rewrite_keeps_plain_sgd_losses_and_restores_its_radi
     fresh = SphereTracker(tracker.groups, [optimizer], correction="srt")
     fresh.load_state_dict(saved)
     torch.testing.assert_close(fresh.state_dict(), saved, rtol=0, atol=0)
+
+
+def test_one_optimizer_with_two_algorithms_corrects_each_module_by_its_own():
+    """SGD whose param groups differ in momentum: module "0" follows SGDMRT, module "3" the AdamG rewrite,
+    each with its part of the optimizer's row index. Checked against what each rewrite guarantees."""
+    from lightning_sphere import SphereTracker, find_invariant_groups
+
+    model = bn_net()
+    first = list(model[0].parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    optimizer = torch.optim.SGD([{"params": first, "momentum": 0.9}, {"params": rest}], lr=0.1, weight_decay=1e-2)
+    tracker = SphereTracker(find_invariant_groups(model, dataset()[:16][0]), [optimizer], correction="srt")
+    assert tracker.corrections == {"0": "SGDMRT", "3": "AdamG (SGD rewrite)"}
+    for step, (x, y) in zip(range(3), DataLoader(dataset(), batch_size=16), strict=False):
+        tracker.arm()
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rows = lambda t: torch.cat([t(model[3].weight).flatten(1), t(model[3].bias)[:, None]], 1)  # noqa: E731
+        plain = rows(lambda p: p.detach() - 0.1 * (p.grad + 1e-2 * p.detach()))  # SGD's x_{k+1} from x_k
+        optimizer.step()
+        # T leaves SGD's buffer tangent to the new weights, row by row: ⟨buf, x_{k+1}⟩ = 0.
+        w, buf = model[0].weight.detach().flatten(1), optimizer.state[model[0].weight]["momentum_buffer"].flatten(1)
+        cos = (w * buf).sum(1) / (w.norm(dim=1) * buf.norm(dim=1))
+        torch.testing.assert_close(cos, torch.zeros(6, dtype=torch.float64), rtol=0, atol=1e-12)
+        # The AdamG rewrite keeps its rows (filter and bias) at unit norm, in the direction SGD took.
+        now = rows(lambda p: p.detach())
+        torch.testing.assert_close(now.norm(dim=1), torch.ones(8, dtype=torch.float64), rtol=1e-12, atol=0)
+        scalars = tracker.collect().scalars
+        assert scalars["sphere/grad_cos/0"] < 1e-3, step  # measured where SGDMRT put it
+        if step == 0:  # SGD's own first step, then the virtual radius is the norm it reached
+            torch.testing.assert_close(now, plain / plain.norm(dim=1, keepdim=True), rtol=1e-12, atol=1e-14)
+            rms = reference.summarize(plain.norm(dim=1), "rms")
+            assert scalars["sphere/norm/3"] == pytest.approx(rms, rel=1e-12)
