@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -73,7 +73,7 @@ class ParamSlice:
 
     def write_rows(self, t: Tensor, rows: Tensor) -> None:
         """Copy ``rows`` (from :meth:`rows`) into ``t``, unless they are a view of it already."""
-        if rows._base is None:
+        if rows.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
             target = self._shaped(t).permute(self._row_order())
             target.copy_(rows.view(target.shape))
 
@@ -238,7 +238,7 @@ def math_dtype(t: Tensor) -> torch.dtype:
 
 
 def verify(
-    groups: Sequence[InvariantGroups],
+    groups: Iterable[InvariantGroups],
     grads: Mapping[nn.Parameter, Tensor],
     tolerance: float = COSINE_TOLERANCE,
     compute_dtype: torch.dtype | None = None,
@@ -250,8 +250,9 @@ def verify(
     tolerance widens for 16-bit weights or a 16-bit ``compute_dtype`` (mixed precision), see
     :func:`cosine_tolerance`.
     """
-    candidates = [g for g in groups if all(p in grads for p in g.params)]
-    waiting = [g for g in groups if not all(p in grads for p in g.params)]
+    candidates, waiting = [], []
+    for entry in groups:
+        (candidates if all(p in grads for p in entry.params) else waiting).append(entry)
     accepted, rejected = [], []
     for entry, cos in zip(candidates, gradient_cosines(candidates, grads), strict=True):
         if cos is None:

@@ -196,11 +196,9 @@ class SphereTracker:
         ordered = [pair for pairs in algorithms.values() for pair in pairs]
         index = RowIndex([m.entry for _, m in ordered], self.device)
         positions = torch.cat([torch.arange(o, o + m.entry.num_groups) for o, m in ordered]).to(self.device)
-        static = [
-            index.per_module([float(f(m)) for _, m in ordered], self._stats.dtype)
-            for f in (lambda m: m.entry.group_size, lambda m: rule.formula, lambda m: rule.adaptive)
-        ]
-        probe = _Probe(optimizer, rule, [m for _, m in ordered], index, positions, torch.stack(static, 1))
+        size = index.per_module([m.entry.group_size for _, m in ordered], self._stats.dtype)
+        static = torch.stack([size, torch.full_like(size, rule.formula), torch.full_like(size, rule.adaptive)], 1)
+        probe = _Probe(optimizer, rule, [m for _, m in ordered], index, positions, static)
         start = 0
         for algorithm, pairs in algorithms.items():
             if algorithm is not None:

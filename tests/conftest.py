@@ -18,6 +18,16 @@ def bn_net(dtype: torch.dtype = torch.float64, eps: float = 1e-5) -> nn.Sequenti
     ).to(dtype)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped on machines without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def batch():
     gen = torch.Generator().manual_seed(1)

@@ -95,5 +95,5 @@ def summarize(values: Tensor, how: str) -> float:
 
 
 def rows(weight: Tensor) -> Tensor:
-    """A copy of a Conv/Linear weight, one row per output channel."""
-    return weight.detach().reshape(weight.shape[0], -1).to(torch.float64, copy=True)
+    """A float64 copy on the CPU of a Conv/Linear weight, one row per output channel."""
+    return weight.detach().reshape(weight.shape[0], -1).to("cpu", torch.float64, copy=True)

@@ -36,7 +36,7 @@ def reference_run(algorithm, optimizer, steps=STEPS):
 def assert_same_weights(got, want, rel):
     for (name, a), b in zip(got.named_parameters(), want.parameters(), strict=True):
         scale = b.abs().max()
-        assert ((a - b).abs().max() / scale).item() < rel, name
+        assert ((a.cpu() - b).abs().max() / scale).item() < rel, name
 
 
 ADAM = {
@@ -53,13 +53,19 @@ CASES = [(mode, name, algo) for mode, algo in (("srt", "AdamSRT"), ("s", "AdamS"
 CASES += [(mode, name, "SGDMRT") for mode in ("srt", "rt") for name in SGDM]
 
 
+def assert_follows_reference(mode, name, algorithm, tmp_path, steps=STEPS, rel=1e-8, compile=None, **trainer_options):
+    """A Trainer with ``spherical_correction=mode`` ends where the reference ``algorithm`` does (run on the
+    CPU in float64); ``trainer_options`` choose the device."""
+    optimizer = (ADAM | SGDM)[name]
+    monitor = SphereMonitor(spherical_correction=mode, log_every_n_steps=7, compile=compile)
+    trainer = fit(Net(optimizer=optimizer), tmp_path, [monitor], max_steps=steps, **trainer_options)
+    assert_same_weights(trainer.lightning_module.net, reference_run(algorithm, optimizer, steps), rel=rel)
+    assert monitor.summary().split("\n")[2].split()[-1] == algorithm  # the summary names the algorithm
+
+
 @pytest.mark.parametrize(("mode", "name", "algorithm"), CASES)
 def test_trainer_with_the_flag_follows_the_reference(mode, name, algorithm, tmp_path):
-    optimizer = (ADAM | SGDM)[name]
-    monitor = SphereMonitor(spherical_correction=mode, log_every_n_steps=7)
-    trainer = fit(Net(optimizer=optimizer), tmp_path, [monitor], max_steps=STEPS)
-    assert_same_weights(trainer.lightning_module.net, reference_run(algorithm, optimizer), rel=1e-8)
-    assert monitor.summary().split("\n")[2].split()[-1] == algorithm  # the summary names the algorithm
+    assert_follows_reference(mode, name, algorithm, tmp_path)
 
 
 def test_without_the_flag_the_run_is_plain_adam_not_the_reference(tmp_path):

@@ -66,6 +66,13 @@ def test_bn_after_conv_is_one_group_per_channel_without_the_bias():
     assert [s.name for s in g.slices] == ["0.weight"]
 
 
+class MaxOverRows(nn.Module):
+    """``x.max(dim)``: max(ρx) = ρ max(x) for ρ > 0, and a per-channel shift passes through."""
+
+    def forward(self, x):
+        return x.max(dim=2, keepdim=True).values
+
+
 @pytest.mark.parametrize(
     ("between", "bias_joins"),
     [
@@ -75,6 +82,7 @@ def test_bn_after_conv_is_one_group_per_channel_without_the_bias():
         (nn.MaxPool2d(2), False),
         (nn.AvgPool2d(2), False),
         (nn.Identity(), False),
+        (MaxOverRows(), False),
     ],
 )
 def test_homogeneous_ops_between_keep_the_group(between, bias_joins):

@@ -31,43 +31,79 @@ class SyncCounter:
 
 
 class Window(pl.Callback):
-    """Opens (first in the callback list) or closes (last) the counting window around steps 2.."""
+    """Opens (first in the callback list) or closes (last) a window around the non-logging steps from step 2 on.
 
-    def __init__(self, counter, opens):
-        self.counter, self.opens = counter, opens
+    ``switch`` is anything with an ``active`` flag: a :class:`SyncCounter`, or CUDA's sync debug mode. The
+    opening end notes the steps it opened at.
+    """
+
+    def __init__(self, switch, opens, log_every=None):
+        self.switch, self.opens, self.log_every = switch, opens, log_every
+        self.opened: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.opens and trainer.global_step >= 2:  # the first steps include one-time group detection
-            self.counter.active = True
+        step = trainer.global_step
+        logging = self.log_every is not None and (step + 1) % self.log_every == 0
+        if self.opens and step >= 2 and not logging:  # the first steps include one-time group detection
+            self.switch.active = True
+            self.opened.append(step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self.opens:
-            self.counter.active = False
+            self.switch.active = False
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.switch.active = False
+
+
+def fit_windowed(tmp_path, switch, optimizer, monitors, log_every=1000, max_steps=6, **trainer_options):
+    """Fit ``Net`` with ``monitors`` inside a :class:`Window` on ``switch``; Lightning logs every ``log_every``
+    steps. Returns the trainer and the steps the window opened at."""
+    opening = Window(switch, opens=True, log_every=log_every)
+    callbacks = [opening, *monitors, Window(switch, opens=False)]
+    options = dict(max_steps=max_steps, log_every_n_steps=log_every) | trainer_options
+    trainer = fit(Net(optimizer=optimizer), tmp_path, callbacks, **options)
+    return trainer, opening.opened
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
 
 
 @pytest.mark.parametrize("correction", [False, True])
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
-        lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-2),
-        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
-    ],
-)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
 def test_non_logging_steps_add_no_host_sync(tmp_path, monkeypatch, optimizer, correction):
     """Also while the spherical correction rewrites every step."""
     counts = []
     for with_monitor in (False, True):
         counter = SyncCounter(monkeypatch)
         monitors = [SphereMonitor(log_every_n_steps=1000, spherical_correction=correction)] if with_monitor else []
-        callbacks = [Window(counter, opens=True), *monitors, Window(counter, opens=False)]
-        fit(Net(optimizer=optimizer), tmp_path, callbacks, max_steps=6, log_every_n_steps=1000)
+        fit_windowed(tmp_path, counter, optimizer, monitors)
         counts.append(counter.calls)
         monkeypatch.undo()
     without, with_ = counts
     assert with_ == without
     assert monitors[0].groups  # the monitor was really tracking groups during those steps
     assert ("correction" in monitors[0].summary()) == correction  # and correcting them, when asked
+
+
+@pytest.mark.parametrize("correction", [False, True])
+def test_steps_between_logging_steps_add_no_host_sync(tmp_path, monkeypatch, correction):
+    """Measuring every third step: the steps right after a measured one cost no sync either."""
+    counts = []
+    for with_monitor in (False, True):
+        counter = SyncCounter(monkeypatch)
+        monitors = [SphereMonitor(log_every_n_steps=3, spherical_correction=correction)] if with_monitor else []
+        trainer, opened = fit_windowed(tmp_path, counter, OPTIMIZERS["adamw"], monitors, log_every=3, max_steps=9)
+        counts.append(counter.calls)
+        monkeypatch.undo()
+    without, with_ = counts
+    assert with_ == without
+    assert opened == [3, 4, 6, 7]  # steps 2, 5 and 8 log
+    assert sorted(trainer.logger.sphere()) == [2, 5, 8]  # and were measured
 
 
 def test_the_counter_sees_syncs(monkeypatch):

@@ -16,11 +16,12 @@ LAYERS = {"0": 0, "3": 3}  # tracked module name → index in bn_net
 
 
 def group_rows(model, name, tensor_of):
-    """A copy of the rows of one tracked module's groups: conv weight rows, plus the bias entry where it joins."""
+    """A float64 CPU copy of the rows of one tracked module's groups: conv weight rows, plus the bias entry
+    where it joins."""
     layer = model[LAYERS[name]]
     parts = [reference.rows(tensor_of(layer.weight))]
     if layer.bias is not None:  # module "3": conv → ReLU → BN, the bias is not cancelled
-        parts.append(tensor_of(layer.bias).detach().to(torch.float64, copy=True)[:, None])
+        parts.append(tensor_of(layer.bias).detach().to("cpu", torch.float64, copy=True)[:, None])
     return torch.cat(parts, 1)
 
 
@@ -94,16 +95,23 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_every_metric_matches_the_reference(name, batch):
-    model = bn_net()
+def measured_after_warmup(name, batch, device="cpu", dtype=torch.float64, compile=None, check_step=True):
+    """``bn_net`` on ``device`` in ``dtype``, stepped three times by ``OPTIMIZERS[name]``, then one step
+    measured: what :func:`captured_step` returns (the captured rows and references on the CPU, in float64)."""
+    model = bn_net(dtype).to(device)
+    batch = batch[0].to(device, dtype), batch[1].to(device)
     optimizer = OPTIMIZERS[name](model.parameters())
-    tracker = SphereTracker(find_invariant_groups(model, batch[0]), [optimizer])
+    tracker = SphereTracker(find_invariant_groups(model, batch[0]), [optimizer], compile=compile)
     for _ in range(3):  # let momenta build up
         optimizer.zero_grad()
         F.cross_entropy(model(batch[0]), batch[1]).backward()
         optimizer.step()
-    measurement, captured, rows = captured_step(model, optimizer, batch, tracker)
+    return captured_step(model, optimizer, batch, tracker, check_step)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_metric_matches_the_reference(name, batch):
+    measurement, captured, rows = measured_after_warmup(name, batch)
     assert_matches(measurement, captured)
     adaptive = name.startswith("adam")
     if adaptive:  # §3, exactly: sin θ = η^e ‖c⊥‖ with c = r_k a ⊘ (b / rms(b)), from the captured state
