@@ -90,15 +90,17 @@ def _step(x: Tensor, x1: Tensor, g: Tensor, s0: Tensor, s1: Tensor) -> dict[str,
     return {"xx": _dot(x, x), "xd": _dot(x, d), "dd": _dot(d, d), "xg": _dot(x, g), "gg": _dot(g, g), "dg": _dot(d, g)}
 
 
-def sgd_products(x: Tensor, x1: Tensor, g: Tensor, s0: Tensor, s1: Tensor, lr: Tensor) -> Tensor:
-    """The :class:`StepProducts` of a non-adaptive step (b ≡ 1, so P = 1/η on every entry): ``(C, 12)``.
+def sgd_products(x: Tensor, x1: Tensor, g: Tensor, s0: Tensor, s1: Tensor) -> Tensor:
+    """The :class:`StepProducts` of a non-adaptive step (b ≡ 1) at η = 1: ``(C, 12)``.
 
-    ``s0``, ``s1`` scale the stored weights before and after the step to the virtual ones of the AdamG
-    rewrite (1 otherwise). The adaptive columns are zero.
+    ``pp`` is d, the ‖P‖² of a unit learning rate: the caller divides it by η² (P = 1/η on every entry),
+    which keeps η, a host float, out of the compiled graph. ``s0``, ``s1`` scale the stored weights
+    before and after the step to the virtual ones of the AdamG rewrite (1 otherwise). The adaptive
+    columns are zero.
     """
     step = _step(x, x1, g, s0, s1)
     zero = torch.zeros_like(step["xx"])
-    pp = torch.full_like(zero, x.shape[1]) / lr.to(zero).square()
+    pp = torch.full_like(zero, x.shape[1])
     return _columns(StepProducts, **step, pp=pp, xa=zero, aa=zero, xs=zero, ss=zero, sa=zero)
 
 

@@ -60,6 +60,7 @@ UNOPTIMIZED = "not stepped by any optimizer"
 
 #: The :class:`StepProducts` columns only adaptive optimizers define (NaN before their first step).
 _ADAPTIVE = slice(StepProducts._fields.index("pp"), None)
+_PP = StepProducts._fields.index("pp")
 
 
 @dataclass
@@ -372,14 +373,15 @@ def _row_products(
     g = torch.zeros_like(x) if s.param.grad is None else s.rows(s.param.grad.detach()).to(dtype)
     one = x.new_ones(())
     s0, s1 = (one if c is None else c.to(dtype) for c in (scale0, scale1))
-    lr = scalar(param_group.get("lr", 1.0))  # an optimizer without one gets the measured η^e: P is unused
+    lr = param_group.get("lr", 1.0)  # an optimizer without one gets the measured η^e: P is unused
     moments = rule.moments(optimizer.state[s.param], param_group) if rule.moments is not None else None
     if moments is None:
-        products = kernels.sgd_products(x, x1, g, s0, s1, lr)
+        products = kernels.sgd_products(x, x1, g, s0, s1)
+        products[:, _PP] /= lr**2
         if rule.adaptive:  # never stepped: Adam's quantities are undefined
             products[:, _ADAPTIVE] = float("nan")
         return products
     m, v = s.rows(moments.exp_avg).to(dtype), s.rows(moments.exp_avg_sq).to(dtype)
     b = None if b is None else b.to(dtype)
     eps = scalar(param_group["eps"])
-    return kernels.adam_products(x, x1, g, s0, s1, lr, m, v, b, moments.inv_bias1, moments.inv_sqrt_bias2, eps)
+    return kernels.adam_products(x, x1, g, s0, s1, scalar(lr), m, v, b, moments.inv_bias1, moments.inv_sqrt_bias2, eps)

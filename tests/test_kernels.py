@@ -25,7 +25,7 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     x = torch.randn(3, 5, dtype=torch.float64)
     one = torch.ones((), dtype=torch.float64)
     with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler.*eagerly"):
-        got = k.sgd_products(x, x + 1, x, one, one, one)
-    torch.testing.assert_close(got, kernels.sgd_products(x, x + 1, x, one, one, one))
+        got = k.sgd_products(x, x + 1, x, one, one)
+    torch.testing.assert_close(got, kernels.sgd_products(x, x + 1, x, one, one))
     assert not k.compiled
-    k.sgd_products(x, x, x, one, one, one)  # no second warning: eager from now on
+    k.sgd_products(x, x, x, one, one)  # no second warning: eager from now on
