@@ -77,6 +77,14 @@ HOMOGENEOUS = SHIFT_COMMUTING | SHIFT_BREAKING
 #: Products: homogeneous in the path operand when the other factor does not depend on it (which the
 #: single-use rule guarantees) — dropout masks, gates, constant scales. Division only as numerator.
 SCALING = frozenset({"MulBackward0", "DivBackward0"})
+#: The operations on the path that keep every channel where it is (element-wise, or over space only):
+#: after them, channel c of the normalization is output channel c of the layer.
+CHANNEL_KEEPING = (
+    SHIFT_BREAKING
+    | SCALING
+    | {op for op in SHIFT_COMMUTING if op.startswith(("MaxPool", "AvgPool", "Adaptive", "Upsample"))}
+    | {"AliasBackward0", "CloneBackward0", "ToCopyBackward0"}
+)
 #: Longest chain of homogeneous operations followed from a layer to its normalization.
 _MAX_PATH = 64
 
@@ -244,6 +252,9 @@ def _layer_groups(
         norm_name=norm.name,
         norm_type=type(norm.module).__name__,
         granularity="channel" if per_group == 1 else "layer" if num_groups == 1 else f"{per_group} channels",
+        channels_aligned=per_group == 1
+        and isinstance(norm.module, CHANNEL_NORMS)
+        and all(p.channels_kept and p.norm.module is norm.module for p in paths),
     )
 
 
@@ -278,11 +289,12 @@ class _Path:
     norm: _Call | None
     reason: str = ""
     bias_cancelled: bool = True  # the normalization still cancels the layer's bias
+    channels_kept: bool = True  # no operation on the way moves or mixes channels
 
 
 def _follow(node: Node, graph: _Graph, norm_calls: dict[Node, _Call]) -> _Path:
     """Walk forward from a layer's output to the normalization it feeds, or say why it does not."""
-    bias_cancelled = True
+    bias_cancelled = channels_kept = True
     for _ in range(_MAX_PATH):
         norm = norm_calls.get(node)
         users = graph.consumers.get(node, [])
@@ -291,7 +303,7 @@ def _follow(node: Node, graph: _Graph, norm_calls: dict[Node, _Call]) -> _Path:
                 return _Path(None, f"{norm.name} ({type(norm.module).__name__}) uses running statistics (eval mode)")
             interior = norm.interior()
             if all(user in interior for user in users):
-                return _Path(norm, bias_cancelled=bias_cancelled)
+                return _Path(norm, bias_cancelled=bias_cancelled, channels_kept=channels_kept)
             return _Path(None, "output is used besides the normalization")
         if len(users) != 1:
             return _Path(None, "output is used besides the normalization" if users else "output is not normalized")
@@ -302,6 +314,7 @@ def _follow(node: Node, graph: _Graph, norm_calls: dict[Node, _Call]) -> _Path:
         if not (op in HOMOGENEOUS or scaling) or len(edges) != 1:
             return _Path(None, f"output reaches {op.removesuffix('Backward0')} before any normalization")
         bias_cancelled &= op in SHIFT_COMMUTING
+        channels_kept &= op in CHANNEL_KEEPING
         node = user
     return _Path(None, "output is not normalized")
 

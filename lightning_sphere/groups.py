@@ -95,6 +95,9 @@ class InvariantGroups:
         norm_type: its class name (``"BatchNorm2d"``, …).
         granularity: ``"channel"``, ``"layer"`` or ``"<k> channels"``.
         cosine: ``max |cos(g, x)|`` over the groups when verified, ``None`` before.
+        channels_aligned: the normalization normalizes each output channel where it is (channel c of the
+            norm is output channel c, nothing on the way moves channels): its running statistics, if it keeps
+            any, are one per group.
     """
 
     module_name: str
@@ -104,6 +107,7 @@ class InvariantGroups:
     norm_type: str
     granularity: str = "channel"
     cosine: float | None = None
+    channels_aligned: bool = False
 
     @property
     def params(self) -> tuple[nn.Parameter, ...]:

@@ -41,30 +41,38 @@ def scalar(value: Any) -> Tensor:
     return torch.as_tensor(value, dtype=torch.float64)
 
 
+def host_float(value: Any) -> float | None:
+    """A hyper-parameter as a Python float without a device sync; ``None`` for a tensor held on a device."""
+    if isinstance(value, Tensor):
+        return float(value) if value.device.type == "cpu" else None
+    return None if value is None else float(value)
+
+
 class RewriteSums(NamedTuple):
-    """Per-row sums of :func:`adam_rewrite`, after the rewritten step: ‖x_{k+1}‖², ‖x_k‖², ⟨x_k, x_{k+1}⟩,
-    ⟨m, x_{k+1}⟩ (m Adam's first moment)."""
+    """Per-row sums of :func:`adam_sums` and :func:`momentum_sums`, before anything is written: ‖x_k‖²,
+    ⟨x_k, g⟩, ‖g‖² (the invariance test), then, for the step as it will be rewritten, ‖x_{k+1}‖²,
+    ⟨x_k, x_{k+1}⟩ and ⟨m, x_{k+1}⟩ (m the momentum); last ``undo`` = (‖x_{k+1}‖² + ‖step‖²)/(1 − ηλ)², the
+    scale of the round-off in x_k = (x_{k+1} + step)/(1 − ηλ) (a zero x_k comes back as noise of that size)."""
 
-    x1x1: Tensor
     xx: Tensor
-    xx1: Tensor
-    mx1: Tensor
-
-
-class MomentumSums(NamedTuple):
-    """Per-row sums of :func:`momentum_sums`: ‖x_{k+1}‖², ⟨x_k, x_{k+1}⟩, ⟨m, x_{k+1}⟩ (m SGD's buffer)."""
-
+    xg: Tensor
+    gg: Tensor
     x1x1: Tensor
     xx1: Tensor
     mx1: Tensor
+    undo: Tensor
 
 
 class AdamGSums(NamedTuple):
-    """Per-row sums of :func:`adamg_sums`: ‖x_{k+1}‖², ‖u_k‖², ⟨Δ', u_k⟩ (Δ' = x_{k+1} − u_k)."""
+    """Per-row sums of :func:`adamg_sums`: ‖u_k‖², ⟨u_k, g⟩, ‖g‖², ‖x_{k+1}‖², ⟨Δ', u_k⟩ (Δ' = x_{k+1} − u_k),
+    and ``undo`` as in :class:`RewriteSums`."""
 
+    xx: Tensor
+    xg: Tensor
+    gg: Tensor
     x1x1: Tensor
-    uu: Tensor
     du: Tensor
+    undo: Tensor
 
 
 class DirectionSums(NamedTuple):
@@ -110,10 +118,12 @@ def adam_products(
 ) -> Tensor:  # fmt: skip
     """The :class:`StepProducts` of an Adam step, with a = m̂ and b = √v̂ + ε (§2): ``(C, 12)``.
 
-    ``b`` is computed from ``v`` element-wise, or given one per row (AdamS's group denominator).
+    ``b`` is computed from ``v`` element-wise, or given one per row (AdamS's group denominator; NaN in the
+    rows whose step was left to Adam's element-wise one).
     """
     a = m * inv_bias1
-    b = (adam_denominator(v, inv_sqrt_bias2, eps) if b is None else b).expand_as(a)
+    elementwise = adam_denominator(v, inv_sqrt_bias2, eps)
+    b = elementwise if b is None else torch.where(b.isnan(), elementwise, b)
     lr = lr.to(a)
     s, p = lr * a / b, b / lr
     xs0 = x * s0
@@ -126,66 +136,88 @@ def adam_denominator(v: Tensor, inv_sqrt_bias2: Tensor, eps: Tensor) -> Tensor:
     return v.sqrt() * inv_sqrt_bias2 + eps
 
 
-def adam_rewrite(
-    x1: Tensor, m: Tensor, v: Tensor, b: Tensor | None, lr: Tensor, inv_bias1: Tensor, inv_sqrt_bias2: Tensor,
-    eps: Tensor, decay_factor: Tensor,
+def _invariance(x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """‖x‖², ⟨x, g⟩, ‖g‖²: what the invariance test |cos(g, x)| of a group needs."""
+    return {"xx": _dot(x, x), "xg": _dot(x, g), "gg": _dot(g, g)}
+
+
+def _undo(x1: Tensor, step: Tensor, decay_factor: Tensor) -> Tensor:
+    """(‖x_{k+1}‖² + ‖step‖²)/(1 − ηλ)²: the scale of x_k = (x_{k+1} + step)/(1 − ηλ), before cancellation."""
+    return (_dot(x1, x1) + _dot(step, step)) / decay_factor.square()
+
+
+def adam_sums(
+    x1: Tensor, m: Tensor, v: Tensor, g: Tensor, b: Tensor | None, lr: Tensor, inv_bias1: Tensor,
+    inv_sqrt_bias2: Tensor, eps: Tensor, decay_factor: Tensor,
 ) -> Tensor:  # fmt: skip
-    """S (when ``b``, the per-row AdamS denominator, is given): replace the step torch took by AdamS's,
-    in place in ``x1``. Returns the :class:`RewriteSums` per row: ``(C, 4)``."""
+    """The :class:`RewriteSums` of the Adam step torch took, as S rewrites it when ``b`` (AdamS's per-row
+    denominator) is given; reads only: ``(C, 7)``."""
     taken = lr * m * inv_bias1 / adam_denominator(v, inv_sqrt_bias2, eps)
-    step = taken if b is None else lr * m * inv_bias1 / b
+    x0 = (x1 + taken) / decay_factor  # undo the step (and AdamW's decoupled decay): x_k
+    undo = _undo(x1, taken, decay_factor)
     if b is not None:
-        x1.add_(taken - step)
-    x0 = (x1 + step) / decay_factor  # undo the step (and AdamW's decoupled decay): x_k
-    return _columns(RewriteSums, x1x1=_dot(x1, x1), xx=_dot(x0, x0), xx1=_dot(x0, x1), mx1=_dot(m, x1))
+        x1 = x1 + taken - lr * m * inv_bias1 / b
+    sums = {"x1x1": _dot(x1, x1), "xx1": _dot(x0, x1), "mx1": _dot(m, x1)}
+    return _columns(RewriteSums, **_invariance(x0, g), **sums, undo=undo)
 
 
-def adam_transport(
+def adam_apply(
     x1: Tensor, m: Tensor, v: Tensor, b: Tensor | None, lr: Tensor, inv_bias1: Tensor, inv_sqrt_bias2: Tensor,
-    eps: Tensor, decay_factor: Tensor, keep: Tensor, along: Tensor, ratio: Tensor | None,
+    eps: Tensor, decay_factor: Tensor, mask: Tensor, rewritten: bool, keep: Tensor | None, along: Tensor | None,
+    ratio: Tensor | None,
 ) -> None:  # fmt: skip
-    """R and T in place: m ← keep·m − along·x_k, v ← ratio·v (when ``ratio`` is given)."""
+    """Write the rewritten step in place, in the rows of ``mask`` only (the others keep torch's bits): S into
+    ``x1`` when ``b`` is given and ``x1`` is not ``rewritten`` yet, then, when ``keep`` is given, R and T:
+    m ← keep·m − along·x_k and v ← ratio·v."""
     step = lr * m * inv_bias1 / (adam_denominator(v, inv_sqrt_bias2, eps) if b is None else b)
-    x0 = (x1 + step) / decay_factor
-    m.mul_(keep).sub_(along * x0)
-    if ratio is not None:
-        v.mul_(ratio)
+    if b is not None and not rewritten:
+        taken = lr * m * inv_bias1 / adam_denominator(v, inv_sqrt_bias2, eps)
+        x0 = (x1 + taken) / decay_factor
+        x1.copy_(torch.where(mask, x1 + taken - step, x1))
+    else:
+        x0 = (x1 + step) / decay_factor
+    if keep is not None:
+        m.copy_(torch.where(mask, keep * m - along * x0, m))
+        if ratio is not None:
+            v.copy_(torch.where(mask, ratio * v, v))
 
 
-def momentum_sums(x1: Tensor, buf: Tensor, lr: Tensor) -> Tensor:
-    """The :class:`MomentumSums` of an SGD-M step, with x_k = x_{k+1} + η buf: ``(C, 3)``."""
+def momentum_sums(x1: Tensor, buf: Tensor, g: Tensor, lr: Tensor) -> Tensor:
+    """The :class:`RewriteSums` of an SGD-M step, with x_k = x_{k+1} + η buf: ``(C, 7)``."""
+    step = lr * buf
+    x0 = x1 + step
+    sums = {"x1x1": _dot(x1, x1), "xx1": _dot(x0, x1), "mx1": _dot(buf, x1), "undo": _undo(x1, step, lr.new_ones(()))}
+    return _columns(RewriteSums, **_invariance(x0, g), **sums)
+
+
+def momentum_transport(x1: Tensor, buf: Tensor, lr: Tensor, keep: Tensor, along: Tensor, mask: Tensor) -> None:
+    """R and T of SGD's momentum buffer in place, in the rows of ``mask``: buf ← keep·buf − along·x_k."""
     x0 = x1 + lr * buf
-    return _columns(MomentumSums, x1x1=_dot(x1, x1), xx1=_dot(x0, x1), mx1=_dot(buf, x1))
-
-
-def momentum_transport(x1: Tensor, buf: Tensor, lr: Tensor, keep: Tensor, along: Tensor) -> None:
-    """R and T of SGD's momentum buffer in place: buf ← keep·buf − along·x_k."""
-    x0 = x1 + lr * buf
-    buf.mul_(keep).sub_(along * x0)
+    buf.copy_(torch.where(mask, keep * buf - along * x0, buf))
 
 
 def adamg_sums(x1: Tensor, g: Tensor, lr: Tensor, decay_factor: Tensor) -> Tensor:
-    """The :class:`AdamGSums` per row, with u_k = (x_{k+1} + η g)/(1 − ηλ) and Δ' = x_{k+1} − u_k: ``(C, 3)``."""
-    u0 = (x1 + lr * g) / decay_factor
-    return _columns(AdamGSums, x1x1=_dot(x1, x1), uu=_dot(u0, u0), du=_dot(x1 - u0, u0))
+    """The :class:`AdamGSums` per row, with u_k = (x_{k+1} + η g)/(1 − ηλ) and Δ' = x_{k+1} − u_k: ``(C, 6)``."""
+    step = lr * g
+    u0 = (x1 + step) / decay_factor
+    undo = _undo(x1, step, decay_factor)
+    return _columns(AdamGSums, **_invariance(u0, g), x1x1=_dot(x1, x1), du=_dot(x1 - u0, u0), undo=undo)
 
 
 def adamg_direction(
-    x1: Tensor, g: Tensor, lr: Tensor, decay_factor: Tensor, radial: Tensor, inv_r0_sq: Tensor, fresh: Tensor | None,
-    norm: Tensor | None,
+    x1: Tensor, g: Tensor, lr: Tensor, decay_factor: Tensor, radial: Tensor, inv_r0_sq: Tensor, fresh: Tensor,
+    norm: Tensor | None, mask: Tensor | None,
 ) -> Tensor:  # fmt: skip
     """y = (1−ηλ) u_k + Δ'⊥/r̂_k² (§4), or x_{k+1} itself in the ``fresh`` rows (radius not known yet).
 
-    With ``norm`` (‖y‖ per row), write y/‖y‖ into ``x1`` and return an empty tensor; without, return the
-    :class:`DirectionSums` per row: ``(C, 2)``.
+    With ``norm`` (‖y‖ per row), write y/‖y‖ into ``x1`` in the rows of ``mask`` and return an empty tensor;
+    without, return the :class:`DirectionSums` per row: ``(C, 2)``.
     """
     u0 = (x1 + lr * g) / decay_factor
     tangent = (x1 - u0) - radial * u0
-    y = decay_factor * u0 + tangent * inv_r0_sq
-    if fresh is not None:
-        y = torch.where(fresh, x1, y)
+    y = torch.where(fresh, x1, decay_factor * u0 + tangent * inv_r0_sq)
     if norm is not None:
-        x1.copy_(y / norm)
+        x1.copy_(torch.where(mask, y / norm, x1))
         return x1.new_empty(0)
     return _columns(DirectionSums, yy=_dot(y, y), tt=_dot(tangent, tangent))
 
@@ -201,8 +233,8 @@ class Kernels:
         self.compiled = compiled
         self.sgd_products = self._wrap(sgd_products)
         self.adam_products = self._wrap(adam_products)
-        self.adam_rewrite = self._wrap(adam_rewrite)
-        self.adam_transport = self._wrap(adam_transport)
+        self.adam_sums = self._wrap(adam_sums)
+        self.adam_apply = self._wrap(adam_apply)
         self.momentum_sums = self._wrap(momentum_sums)
         self.momentum_transport = self._wrap(momentum_transport)
         self.adamg_sums = self._wrap(adamg_sums)

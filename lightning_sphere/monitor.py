@@ -9,6 +9,8 @@ and logs at Lightning's own step and cadence.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from lightning_sphere.detect import GroupFinder
 from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups
-from lightning_sphere.schemes import correction_mode, unsupported
+from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported
 from lightning_sphere.sinks import LoggerSink
 from lightning_sphere.summary import summarize
 from lightning_sphere.tracker import UNOPTIMIZED, SphereTracker
@@ -58,7 +60,8 @@ class SphereMonitorLogic:
             multiple of the logging cadence; ``None`` means every 10th logging step, ``0`` never.
         custom_scalars: write a TensorBoard custom-scalars layout with one multi-line chart per metric.
         tolerance: largest ``max |cos(g, x)|`` a candidate module may show on its first step to be
-            tracked (see :data:`~lightning_sphere.COSINE_TOLERANCE`).
+            tracked (see :data:`~lightning_sphere.COSINE_TOLERANCE`); with the correction on, a module most of
+            whose groups exceed it on a later step has lost its invariance and is not corrected again.
         spherical_correction: rewrite every step of the tracked groups into its spherical form (THEORY.md
             §4, §6): ``True`` or ``"srt"`` (AdamSRT for Adam/AdamW, SGDMRT for SGD with momentum, the exact
             AdamG rewrite for SGD without), ``"s"`` (AdamS), ``"rt"`` (rescaling and transport only).
@@ -68,9 +71,10 @@ class SphereMonitorLogic:
             2**20 tracked entries.
 
     Raises:
-        MisconfigurationException: for invalid arguments; at setup for strategies that shard parameters
-            into flat buffers (FSDP1, DeepSpeed) or into DTensors (ModelParallelStrategy); at fit start
-            for an optimizer or option the spherical correction cannot honour.
+        MisconfigurationException: for an argument of the wrong type or value (naming it, the type expected
+            and the value); at setup for strategies that shard parameters into flat buffers (FSDP1, DeepSpeed)
+            or into DTensors (ModelParallelStrategy); at fit start for an optimizer or option the spherical
+            correction cannot honour, or a param group whose lr·weight_decay ≥ 1 it could not undo.
 
     Example:
 
@@ -113,28 +117,24 @@ class SphereMonitorLogic:
         spherical_correction: bool | str = False,
         compile: bool | None = None,
     ) -> None:
+        _check_arguments(
+            self._framework.misconfiguration,
+            groups=groups,
+            log_every_n_steps=log_every_n_steps,
+            histogram_every_n_steps=histogram_every_n_steps,
+            custom_scalars=custom_scalars,
+            tolerance=tolerance,
+            compile=compile,
+        )
         error = self._framework.misconfiguration
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise error(f"`log_every_n_steps` must be a positive int or None, got {log_every_n_steps!r}")
-        if histogram_every_n_steps is not None and (
-            not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 0
-        ):
-            raise error(
-                "`histogram_every_n_steps` must be an int >= 0 (0 turns histograms off) or None, "
-                f"got {histogram_every_n_steps!r}"
-            )
-        if not 0 < tolerance < 1:
-            raise error(f"`tolerance` must be in (0, 1), got {tolerance!r}")
-        if not (groups in ("auto", "numeric") or isinstance(groups, Mapping)):
-            raise error(
-                f'`groups` must be "auto", "numeric" or a dict of module or parameter names to granularities, '
-                f"got {groups!r}"
-            )
         self.groups_spec = groups
         try:
             self.correction = correction_mode(spherical_correction)
-        except ValueError as err:
-            raise error(str(err)) from err
+        except ValueError:
+            raise error(
+                f"SphereMonitor(`spherical_correction`) must be True, False or one of {MODES}, got "
+                f"{spherical_correction!r} ({type(spherical_correction).__name__})"
+            ) from None
         self.compile = compile
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -207,7 +207,7 @@ class SphereMonitorLogic:
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.correction is not None:
             for optimizer in trainer.optimizers:
-                reason = unsupported(optimizer, self.correction)
+                reason = unsupported(optimizer, self.correction) or cannot_invert(optimizer, self.correction)
                 if reason:
                     raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {reason}")
         self._verification_steps = 0
@@ -252,7 +252,16 @@ class SphereMonitorLogic:
         self._close_tracker()
         accepted = _agree_across_ranks(trainer, finder.accepted) if self.correction else finder.accepted
         try:
-            self._tracker = SphereTracker(accepted, trainer.optimizers, self.correction, self.compile)
+            self._tracker = SphereTracker(
+                accepted,
+                trainer.optimizers,
+                self.correction,
+                self.compile,
+                model=finder.model,
+                tolerance=self.tolerance,
+                compute_dtype=finder.compute_dtype,
+                warn=self._framework.warn,
+            )
         except ValueError as err:
             raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {err}") from err
         self._tracker.load_state_dict(radii)
@@ -315,6 +324,45 @@ class SphereMonitorLogic:
                 "SphereMonitor found no radially invariant group (a Conv/Linear layer whose output only feeds "
                 "a normalization in training mode); training continues unmonitored.\n" + self.summary()
             )
+
+
+def _check_arguments(error: type[Exception], **arguments: Any) -> None:
+    """Raise ``error`` naming the argument, the expected type and the value, for a value of the wrong type or
+    range. Bools are not taken for numbers."""
+    expected = {
+        "groups": (
+            '"auto", "numeric" or a dict of module or parameter names to "channel", "layer" or a positive int',
+            _valid_groups_spec,
+        ),
+        "log_every_n_steps": ("a positive int or None", lambda v: v is None or (_is_int(v) and v >= 1)),
+        "histogram_every_n_steps": (
+            "an int >= 0 (0 turns histograms off) or None",
+            lambda v: v is None or (_is_int(v) and v >= 0),
+        ),
+        "custom_scalars": ("a bool", lambda v: isinstance(v, bool)),
+        "tolerance": ("a float in (0, 1)", lambda v: _is_real(v) and 0 < v < 1),
+        "compile": ("a bool or None", lambda v: v is None or isinstance(v, bool)),
+    }
+    for name, value in arguments.items():
+        what, valid = expected[name]
+        if not valid(value):
+            raise error(f"SphereMonitor(`{name}`) must be {what}, got {value!r} ({type(value).__name__})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_groups_spec(value: Any) -> bool:
+    if isinstance(value, str):
+        return value in ("auto", "numeric")
+    if not isinstance(value, Mapping):
+        return False
+    return all(isinstance(k, str) and (v in ("channel", "layer") or (_is_int(v) and v > 0)) for k, v in value.items())
 
 
 def _agree_across_ranks(trainer: Any, accepted: list[InvariantGroups]) -> list[InvariantGroups]:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from lightning_sphere.correction import AdamGRewrite, AdamRewrite, MomentumRewrite, Rewrite
 from lightning_sphere.geometry import angular_update_equilibrium
+from lightning_sphere.kernels import host_float
 
 #: Correction modes; ``True`` means ``"srt"``.
 MODES = ("srt", "s", "rt")
@@ -108,25 +109,18 @@ def adam_moments(state: dict[str, Any], group: ParamGroup) -> Moments | None:
     return Moments(state["exp_avg"], second, 1 / (1 - beta1**step), (1 - beta2**step).rsqrt())
 
 
-def _host_float(value: Any) -> float | None:
-    """A hyper-parameter as a Python float without a device sync; ``None`` for one held on a device."""
-    if isinstance(value, Tensor):
-        return float(value) if value.device.type == "cpu" else None
-    return None if value is None else float(value)
-
-
 def _sgd_equilibrium(group: ParamGroup) -> float | None:
-    lr = _host_float(group["lr"])
+    lr = host_float(group["lr"])
     if lr is None or group["nesterov"]:
         return None
     return angular_update_equilibrium("sgd", lr, group["weight_decay"], group["momentum"], group["dampening"])
 
 
 def _adamw_equilibrium(group: ParamGroup) -> float | None:
-    lr = _host_float(group["lr"])
+    lr = host_float(group["lr"])
     if lr is None:
         return None
-    return angular_update_equilibrium("adamw", lr, group["weight_decay"], _host_float(group["betas"][0]))
+    return angular_update_equilibrium("adamw", lr, group["weight_decay"], host_float(group["betas"][0]))
 
 
 def _adam_equilibrium(group: ParamGroup) -> float | None:
@@ -217,6 +211,22 @@ def rewrite_for(optimizer: torch.optim.Optimizer, group: ParamGroup, mode: str) 
     except ValueError as err:
         message = str(err)
         raise ValueError(message if rule is not MEASURED else f"{type(optimizer).__name__} has {message}") from None
+
+
+def cannot_invert(optimizer: torch.optim.Optimizer, mode: str) -> str | None:
+    """Why ``mode`` cannot undo the steps of one of ``optimizer``'s param groups that hold a weight of two or
+    more dimensions (the ones a correction may track), or ``None``: see
+    :meth:`~lightning_sphere.correction.Rewrite.cannot_invert`. Call it after :func:`unsupported`."""
+    rule = rule_of(optimizer)
+    for i, group in enumerate(optimizer.param_groups):
+        if any(p.dim() >= 2 for p in group["params"]):
+            reason = rewrite_for(optimizer, group, mode).cannot_invert(group, rule)
+            if reason:
+                return (
+                    f"{type(optimizer).__name__} param group {i} has {reason}. Lower lr or weight_decay so that "
+                    "their product is below 1, or turn the correction off"
+                )
+    return None
 
 
 def unsupported(optimizer: torch.optim.Optimizer, mode: str) -> str | None:

@@ -31,14 +31,15 @@ Plain PyTorch use (the README's loop, with a logging step every 50):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from lightning_sphere.correction import Rewrite, StepView
+from lightning_sphere.correction import Rewrite, Safeguards, StepView
 from lightning_sphere.geometry import (
     HISTOGRAMS,
     METRICS,
@@ -48,7 +49,15 @@ from lightning_sphere.geometry import (
     sphere_metrics,
     valid_groups,
 )
-from lightning_sphere.groups import InvariantGroups, ParamSlice, RowIndex, Stepped, math_dtype
+from lightning_sphere.groups import (
+    COSINE_TOLERANCE,
+    InvariantGroups,
+    ParamSlice,
+    RowIndex,
+    Stepped,
+    math_dtype,
+    tolerance_for,
+)
 from lightning_sphere.kernels import Kernels, scalar, should_compile
 from lightning_sphere.reduce import segment_reduce
 from lightning_sphere.schemes import OptimizerRule, rewrite_for, rule_of, unsupported
@@ -87,6 +96,7 @@ class _Transfer(NamedTuple):
     count: Tensor  # (metrics, L + 1): the finite values behind each result
     skipped: Tensor  # (1,)
     histograms: Tensor  # (histogrammed metrics, M), or (0, M)
+    stops: Tensor  # (2, groups of all rewrites): stopped (0/1) and the |cos| that stopped each
 
 
 @dataclass(eq=False)
@@ -124,6 +134,14 @@ class SphereTracker:
             Measurements then describe the corrected update.
         compile: run the per-row kernels compiled with ``torch.compile``; ``None`` decides by size and
             device (:func:`~lightning_sphere.kernels.should_compile`).
+        model: the model the groups belong to. With it, a correction stops for a module whose normalization
+            leaves training mode (BatchNorm in eval mode normalizes with running statistics, so the module is
+            not invariant any more); without, only the gradient test below catches that.
+        tolerance: the |cos(g, x_k)| above which a corrected group's gradient counts as radial (widened for
+            16-bit weights or ``compute_dtype``, :func:`~lightning_sphere.groups.tolerance_for`); a module most
+            of whose groups are radial on a step is not corrected again.
+        compute_dtype: the 16-bit dtype gradients are computed in under mixed precision, if any.
+        warn: how to announce that a correction steps aside (``warnings.warn`` by default).
 
     Attributes:
         groups: the tracked modules, in the order of the per-group tensors.
@@ -139,7 +157,17 @@ class SphereTracker:
         optimizers: Sequence[torch.optim.Optimizer],
         correction: str | None = None,
         compile: bool | None = None,
+        *,
+        model: nn.Module | None = None,
+        tolerance: float = COSINE_TOLERANCE,
+        compute_dtype: torch.dtype | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
+        self._safeguards = Safeguards(
+            tolerance=lambda entry: tolerance_for(entry, tolerance, compute_dtype),
+            norms=lambda entry: _running_statistics(model, entry),
+            warn=warn or (lambda message: warnings.warn(message, stacklevel=2)),
+        )
         owner: dict[Tensor, tuple[int, dict[str, Any]]] = {}
         for index, optimizer in enumerate(optimizers):
             for param_group in optimizer.param_groups:
@@ -204,14 +232,28 @@ class SphereTracker:
         for algorithm, pairs in algorithms.items():
             if algorithm is not None:
                 part = index.select(start, start + len(pairs))
-                probe.rewrites.append(algorithm([m for _, m in pairs], part, optimizer, correction, self.kernels, rule))
+                modules = [m for _, m in pairs]
+                probe.rewrites.append(
+                    algorithm(modules, part, optimizer, correction, self.kernels, rule, self._safeguards)
+                )
             start += len(pairs)
         return probe
 
     @property
     def corrections(self) -> dict[str, str]:
-        """Module name → the algorithm its spherical correction makes it follow, when correcting."""
-        return {m.entry.module_name: r.label for probe in self._probes for r in probe.rewrites for m in r.modules}
+        """Module name → the algorithm its spherical correction makes it follow, when correcting, and where it
+        stepped aside for good."""
+        out = {}
+        for rewrite in self._rewrites:
+            notes = rewrite.notes
+            for m in rewrite.modules:
+                name = m.entry.module_name
+                out[name] = f"{rewrite.label}; stopped: {notes[name]}" if name in notes else rewrite.label
+        return out
+
+    @property
+    def _rewrites(self) -> list[Rewrite]:
+        return [rewrite for probe in self._probes for rewrite in probe.rewrites]
 
     def state_dict(self) -> dict[str, Tensor]:
         """The correction's own state, module name → virtual radii (AdamG rewrite); the optimizer's state
@@ -267,7 +309,7 @@ class SphereTracker:
             probe.armed = False
             self._recorded = True
         with torch.no_grad():
-            steps = [rewrite.rewrite() for rewrite in probe.rewrites]
+            steps = [rewrite.rewrite(measured=snapshot is not None) for rewrite in probe.rewrites]
             if snapshot is not None:
                 self._measure(probe, snapshot, [r.view(step) for r, step in zip(probe.rewrites, steps, strict=True)])
             for rewrite, step in zip(probe.rewrites, steps, strict=True):
@@ -311,11 +353,19 @@ class SphereTracker:
             how = [metric.reduction for metric in METRICS.values()]
             result, count = segment_reduce(values, self._segment, len(self.groups), how)
             rows = [list(METRICS).index(name) for name in HISTOGRAMS] if self._histograms else []
-            transfer = _Transfer(result, count, skipped[None], values[rows])
+            stops = [torch.stack(r.stopped()).to(values) for r in self._rewrites]
+            stops = torch.cat(stops, 1) if stops else values.new_zeros(2, 0)
+            transfer = _Transfer(result, count, skipped[None], values[rows], stops)
             host = torch.cat([part.flatten() for part in transfer]).cpu()
             self._measured.zero_()
         pieces = host.split([part.numel() for part in transfer])
-        return self._unpack(_Transfer(*(p.view(part.shape) for p, part in zip(pieces, transfer, strict=True))))
+        host = _Transfer(*(p.view(part.shape) for p, part in zip(pieces, transfer, strict=True)))
+        start = 0
+        for rewrite in self._rewrites:
+            stopped, worst = host.stops[:, start : start + rewrite.index.num_groups]
+            rewrite.report(stopped.bool(), worst)
+            start += rewrite.index.num_groups
+        return self._unpack(host)
 
     def _unpack(self, host: _Transfer) -> Measurement:
         names = [entry.module_name for entry in self.groups] + ["all"]
@@ -332,6 +382,29 @@ class SphereTracker:
                 if values.numel():
                     histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
         return Measurement(scalars, histograms)
+
+
+def _running_statistics(model: nn.Module | None, entry: InvariantGroups) -> tuple[nn.Module, ...] | None:
+    """The normalization of ``entry`` if, in eval mode, it normalizes with running statistics (BatchNorm,
+    InstanceNorm with ``track_running_stats``): the module is then not invariant any more. ``None`` when
+    ``entry`` names no normalization (``groups=``) and ``model`` has such normalizations."""
+    if model is None:
+        return ()
+    if not entry.norm_name:
+        return None if entry.norm_type in _UNKNOWN_NORM and any(map(_keeps_statistics, model.modules())) else ()
+    try:
+        norm = model.get_submodule(entry.norm_name)
+    except AttributeError:
+        return ()
+    return (norm,) if _keeps_statistics(norm) else ()
+
+
+#: The ``norm_type`` of groups whose normalization detection did not see (numeric and named groups).
+_UNKNOWN_NORM = ("gradient test", "explicit")
+
+
+def _keeps_statistics(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

@@ -1,6 +1,14 @@
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+# Property tests: 60 examples by default, HYPOTHESIS_PROFILE=thorough for 2,000; no example database on disk.
+settings.register_profile("default", max_examples=60, deadline=None, database=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def bn_net(dtype: torch.dtype = torch.float64, eps: float = 1e-5) -> nn.Sequential:

@@ -180,7 +180,7 @@ def test_mixed_hyper_parameters_inside_a_group_are_refused(tmp_path):
 
 @pytest.mark.parametrize("value", ["adams", 1, "SRT"])
 def test_invalid_values_are_refused_at_construction(value):
-    with pytest.raises(MisconfigurationException, match="spherical_correction must be"):
+    with pytest.raises(MisconfigurationException, match=r"SphereMonitor\(`spherical_correction`\) must be True, Fa"):
         SphereMonitor(spherical_correction=value)
 
 

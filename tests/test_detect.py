@@ -209,3 +209,19 @@ def test_tolerance_widens_for_16_bit_gradients():
     assert cosine_tolerance(torch.float32) == cosine_tolerance(torch.float64) == 1e-3
     assert cosine_tolerance(torch.float16) == pytest.approx(3.9e-3, rel=0.01)
     assert cosine_tolerance(torch.bfloat16) == pytest.approx(3.1e-2, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("model", "aligned"),
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), True),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.1), nn.BatchNorm2d(4)), True),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.BatchNorm1d(64)), False),  # 16 features per group
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), False),  # two channels per group
+    ],
+)
+def test_channels_aligned_says_whether_norm_channel_c_is_output_channel_c(model, aligned):
+    """What lets the AdamG rewrite keep a BatchNorm's running statistics in step: one per group, in order."""
+    assert found(model, IMG)[0]["0"].channels_aligned == aligned
+    sequence, _ = found(SequenceBN(), torch.randn(8, 7, 6))
+    assert not sequence["proj"].channels_aligned  # a permute on the way: not trusted

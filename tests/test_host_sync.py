@@ -56,13 +56,15 @@ class Window(pl.Callback):
         self.switch.active = False
 
 
-def fit_windowed(tmp_path, switch, optimizer, monitors, log_every=1000, max_steps=6, **trainer_options):
-    """Fit ``Net`` with ``monitors`` inside a :class:`Window` on ``switch``; Lightning logs every ``log_every``
-    steps. Returns the trainer and the steps the window opened at."""
+def fit_windowed(
+    tmp_path, switch, optimizer, monitors, log_every=1000, max_steps=6, module=Net, **trainer_options
+):  # fmt: skip
+    """Fit ``module`` (a ``Net`` class) with ``monitors`` inside a :class:`Window` on ``switch``; Lightning logs
+    every ``log_every`` steps. Returns the trainer and the steps the window opened at."""
     opening = Window(switch, opens=True, log_every=log_every)
     callbacks = [opening, *monitors, Window(switch, opens=False)]
     options = dict(max_steps=max_steps, log_every_n_steps=log_every) | trainer_options
-    trainer = fit(Net(optimizer=optimizer), tmp_path, callbacks, **options)
+    trainer = fit(module(optimizer=optimizer), tmp_path, callbacks, **options)
     return trainer, opening.opened
 
 

@@ -92,5 +92,5 @@ def test_monitor_groups_argument(tmp_path):
 def test_monitor_refuses_a_bad_mapping_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"SphereMonitor\(groups=...\): 'net.9'.*did you mean"):
         fit(Net(), tmp_path, [SphereMonitor(groups={"net.9": "channel"})])
-    with pytest.raises(MisconfigurationException, match="`groups` must be"):
+    with pytest.raises(MisconfigurationException, match=r"SphereMonitor\(`groups`\) must be"):
         SphereMonitor(groups="everything")
