@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning_sphere.detect import FoundGroups, find_invariant_groups
 from lightning_sphere.geometry import METRICS, Metric
-from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups, ParamSlice
+from lightning_sphere.groups import COSINE_TOLERANCE, NUMERIC_TOLERANCE, InvariantGroups, ParamSlice
 from lightning_sphere.schemes import Moments, OptimizerRule, register_optimizer
 from lightning_sphere.summary import summarize
 from lightning_sphere.tracker import Measurement, SphereTracker
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "COSINE_TOLERANCE",
     "METRICS",
+    "NUMERIC_TOLERANCE",
     "FoundGroups",
     "InvariantGroups",
     "Measurement",

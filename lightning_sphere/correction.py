@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups, ParamSlice, RowIndex, Stepped
+from lightning_sphere.groups import InvariantGroups, ParamSlice, RowIndex, Stepped, tolerance_for
 from lightning_sphere.kernels import AdamGSums, DirectionSums, Kernels, RewriteSums, host_float, scalar
 
 if TYPE_CHECKING:
@@ -64,9 +64,11 @@ class Safeguards:
         warn: how to announce that the correction steps aside.
     """
 
-    tolerance: Callable[[InvariantGroups], float] = lambda entry: COSINE_TOLERANCE
+    tolerance: Callable[[InvariantGroups], float] = tolerance_for
     norms: Callable[[InvariantGroups], tuple[nn.Module, ...] | None] = lambda entry: ()
     warn: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=3)
+    #: module → its layer's bias when the normalization cancels it (so it is not in the groups), else None
+    shift: Callable[[InvariantGroups], Tensor | None] = lambda entry: None
 
 
 class StepView(NamedTuple):
@@ -168,6 +170,7 @@ class Rewrite:
         self._masks: dict[tuple[bool, ...], Tensor] = {}
         self._blocked: dict[tuple[Any, ...], str | None] = {}
         self._warned: set[str] = set()
+        self._partial: set[int] = set()  # modules torch stepped in part at least once
 
     @property
     def label(self) -> str:
@@ -182,6 +185,8 @@ class Rewrite:
             reason = self._stops.retired.get(i) or self._stops.announced.get(i)
             if reason:
                 out[m.entry.module_name] = reason
+            elif i in self._partial:
+                out[m.entry.module_name] = "plain steps whenever torch steps it only in part"
         return out
 
     @classmethod
@@ -239,6 +244,9 @@ class Rewrite:
     def load_radii(self, radii: dict[str, Tensor]) -> None:
         """Restore what :meth:`radii` saved."""
 
+    def release(self) -> None:
+        """Leave the model as the plain optimizer would have it, for the algorithms that store something else."""
+
     # ---------------------------------------------------------------- stepping aside
 
     def plan(self) -> Plan:
@@ -250,6 +258,14 @@ class Rewrite:
             flags = [active[j] for j in slices]
             stepped.append(any(flags))
             allowed.append(all(flags) and self._may_rewrite(i))
+            if any(flags) and not all(flags) and i not in self._partial:
+                self._partial.add(i)
+                idle = [self.slices[j][0].name for j in slices if not active[j]]
+                self.safeguards.warn(
+                    f"lightning_sphere: {self.modules[i].entry.module_name} takes the plain {self.rule.name} step "
+                    f"whenever torch steps only part of it ({', '.join(idle)} had no gradient): its groups span "
+                    "all of its parameters (one warning per module)"
+                )
         return Plan(active, tuple(allowed), self._mask(tuple(stepped)), self._mask(tuple(allowed)))
 
     def _mask(self, per_module: tuple[bool, ...]) -> Tensor:
@@ -542,8 +558,10 @@ class AdamGRewrite(Rewrite):
         self.radius = torch.full((self.index.num_groups,), float("nan"), dtype=torch.float64, device=self.index.device)
         self._decay_key: tuple[float, ...] | None = None
         self._decay_factor = self.radius
-        #: (module index, norm) for every norm whose running statistics follow the radius
+        #: (module index, norm) for every norm whose running statistics follow the radius, and for each the
+        #: layer's bias outside the groups (zeros if none) with its value when the statistics were last synced
         self._statistics: list[tuple[int, nn.Module]] = []
+        self._shifts: list[tuple[Tensor, Tensor]] = []
         unknown = []
         for i, m in enumerate(self.modules):
             norms = self.safeguards.norms(m.entry)
@@ -551,6 +569,10 @@ class AdamGRewrite(Rewrite):
                 unknown.append(m.entry.module_name)
             elif norms and m.entry.channels_aligned and all(n.num_features == m.entry.num_groups for n in norms):
                 self._statistics += [(i, n) for n in norms]
+                bias = self.safeguards.shift(m.entry)
+                for n in norms:
+                    b = n.running_mean.new_zeros(n.num_features) if bias is None else bias.detach()
+                    self._shifts.append((b, b.to(n.running_mean.dtype, copy=True)))
             elif norms:
                 name = m.entry.module_name
                 self._retire(
@@ -562,9 +584,10 @@ class AdamGRewrite(Rewrite):
                 )
         if unknown:
             self.safeguards.warn(
-                f"lightning_sphere: the AdamG rewrite does not know which normalization follows {', '.join(unknown)} "
-                "(named in groups=): if it keeps running statistics (BatchNorm), they average the unit-norm "
-                "outputs, and eval mode computes something else than under plain SGD"
+                f"lightning_sphere: the AdamG rewrite cannot see the normalization after {', '.join(unknown)} (a "
+                "SphereTracker without model=, or a module named in groups=): if it keeps running statistics "
+                "(BatchNorm), they average the unit-norm outputs, and eval mode computes something else than "
+                "under plain SGD"
             )
 
     @classmethod
@@ -616,17 +639,20 @@ class AdamGRewrite(Rewrite):
         sums = self._sum(plan, lambda s, group: self.kernels.adamg_sums(*args[s]), len(AdamGSums._fields))
         st = AdamGSums(*sums.unbind(1))
         fresh = r0.isnan()
+        stopped_before = self._stops.groups
         mask = self.verdict(plan, st, _finite(sums))
+        # Newly stopped (invariance lost) with a radius: give them plain SGD's weights, r̂ (x_{k+1} + η g) − η g/r̂.
+        back = self._stops.groups & ~stopped_before & ~fresh
         spread = self.index.spread
-        columns = [spread(c) for c in (st.du / st.xx, 1 / r0.square(), fresh, mask)]
+        columns = [spread(c) for c in (st.du / st.xx, 1 / r0.square(), fresh, mask, back, r0)]
         for j, (s, _) in enumerate(self.slices):
             if s in args:
                 args[s] = (*args[s], *(c[j] for c in columns[:3]))
-        direction = self._sum(plan, lambda s, _: self.kernels.adamg_direction(*args[s], None, None), 2)
+        direction = self._sum(plan, lambda s, _: self.kernels.adamg_direction(*args[s], None, None, None, None), 2)
         direction = DirectionSums(*direction.unbind(1))
         for j, ((s, _), norm) in enumerate(zip(self.slices, spread(direction.yy.sqrt()), strict=True)):
             if s in args:
-                self.kernels.adamg_direction(*args[s], norm, columns[3][j])
+                self.kernels.adamg_direction(*args[s], norm, columns[3][j], columns[4][j], columns[5][j])
                 s.write_rows(s.param.detach(), args[s][0])
         decayed = (self._decay_factors().square() * r0.square() + direction.tt / r0.square()).sqrt()
         r1 = torch.where(fresh, st.x1x1.sqrt(), decayed)
@@ -634,27 +660,53 @@ class AdamGRewrite(Rewrite):
         self.radius = torch.where(mask, r1, torch.where(plan.stepped, float("nan"), r0))
         one = torch.ones_like(r0)
         scale0 = torch.where(fresh, one, r0)
+        handed = back if handed is None else handed | back
         if self._statistics:  # the stored weights' scale went from 1/scale0 (or r̂ given back) to 1/r̂_{k+1}
-            factor = torch.where(mask, scale0 / r1, one)
-            self._rescale_statistics(factor if handed is None else torch.where(handed, previous, factor))
-        if handed is not None:
-            scale0 = torch.where(handed, previous, scale0)
-            mask = mask | handed
+            factor = torch.where(handed, previous, torch.where(mask, scale0 / r1, one))
+            self._rescale_statistics(factor, torch.where(previous.isnan(), one, previous))
+        scale0 = torch.where(handed, previous, scale0)
+        mask = mask | handed
         scale0 = torch.where(mask | ~plan.stepped, scale0, one)
         return StepView(scale=(scale0, torch.where(self.radius.isnan(), one, self.radius)))
 
     def view(self, step: StepView) -> StepView:
         return step
 
-    def _rescale_statistics(self, factor: Tensor) -> None:
-        """Running mean × ``factor``, running variance × its square, per group, for every synced norm."""
-        means, variances, factors = [], [], []
+    def _rescale_statistics(self, factor: Tensor, old_scale: Tensor) -> None:
+        """Keep every synced norm's running statistics those of plain SGD in the stored scale, per group:
+        variance × ``factor``² and mean = b + (plain mean − b)·(stored/real scale), b the layer's bias outside
+        the groups. A forward's update keeps that relation; a step that moved b rebases it (× (1 − 1/r̂) of
+        the move, ``old_scale`` the r̂ before the step), and the radius moving from r̂ to r̂' rescales it by
+        ``factor`` = r̂/r̂' about b. All in a few ``_foreach`` calls."""
+        means, variances, factors, coefficients = [], [], [], []
         for i, norm in self._statistics:
+            groups = self.index.groups[i]
             means.append(norm.running_mean)
             variances.append(norm.running_var)
-            factors.append(factor[self.index.groups[i]].to(norm.running_mean.dtype))
-        torch._foreach_mul_(means, factors)
+            factors.append(factor[groups].to(norm.running_mean.dtype))
+            coefficients.append((1 - 1 / old_scale[groups]).to(norm.running_mean.dtype))
+        biases = [b.to(m.dtype) for (b, _), m in zip(self._shifts, means, strict=True)]
+        synced = [r for _, r in self._shifts]
         torch._foreach_mul_(variances, torch._foreach_mul(factors, factors))
+        torch._foreach_addcmul_(means, torch._foreach_sub(biases, synced), coefficients)
+        torch._foreach_sub_(means, biases)
+        torch._foreach_mul_(means, factors)
+        torch._foreach_add_(means, biases)
+        torch._foreach_copy_(synced, biases)
+
+    def release(self) -> None:
+        """Give every module its real weights r̂ u (and its norms their statistics in that scale), forget the
+        radii: the model is then plain SGD's, to export, to evaluate or to train on without the rewrite."""
+        known = ~self.radius.isnan()
+        if self._statistics:
+            scale = torch.where(known, self.radius, 1)
+            self._rescale_statistics(scale, scale)
+        with torch.no_grad():
+            for (s, _), r, k in zip(self.slices, self.index.spread(self.radius), self.index.spread(known), strict=True):
+                x = s.rows(s.param.detach())
+                x.copy_(torch.where(k, x * r.to(x.dtype), x))
+                s.write_rows(s.param.detach(), x)
+        self.radius = torch.full_like(self.radius, float("nan"))
 
     def _decay_factors(self) -> Tensor:
         """1 − ηλ of every group, on the device; copied there again only when a learning rate changed."""

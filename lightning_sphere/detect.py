@@ -14,10 +14,21 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_sphere.dataflow import DataflowRecorder, find_candidates
-from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups, tolerance_for, verify
+from lightning_sphere.dataflow import NORMS, DataflowRecorder, find_candidates
+from lightning_sphere.groups import (
+    GRADIENT_TEST,
+    InvariantGroups,
+    indistinct,
+    noise_floor,
+    random_cosine,
+    tolerance_for,
+    verify,
+)
 from lightning_sphere.layouts import mapped_groups, numeric_candidates, weight_norm_groups
 
 #: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
@@ -35,9 +46,11 @@ class GroupFinder:
             ``"numeric"``: every trainable parameter of two or more dimensions, kept per output channel if
             its gradient passes the test, else as a whole if that passes; or a mapping from module or
             parameter names to ``"channel"``, ``"layer"`` or a number of channels per group.
-        tolerance: largest ``max |cos(g, x)|`` a module may show and still be tracked (float32).
+        tolerance: δ of the gradient test: a module is tracked while ``max |cos(g, x)|`` over its groups is at
+            most δ/√d, a share of what a random direction shows (:func:`~lightning_sphere.groups.tolerance_for`);
+            ``None``: 0.1 for candidates the structure vouches for, 0.01 for numeric ones.
         compute_dtype: the dtype gradients are computed in under mixed precision, if 16-bit: the
-            tolerance widens to a few of its ulps (:func:`~lightning_sphere.groups.cosine_tolerance`).
+            threshold is at least a few of its ulps (:func:`~lightning_sphere.groups.noise_floor`).
 
     Raises:
         ValueError: for a mapping that names what the model does not have, or a granularity it cannot take.
@@ -47,7 +60,7 @@ class GroupFinder:
         self,
         model: nn.Module,
         groups: GroupsSpec = "auto",
-        tolerance: float = COSINE_TOLERANCE,
+        tolerance: float | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
@@ -123,11 +136,37 @@ class GroupFinder:
             rejected = [e for e in rejected if e.module_name not in retried] + rejected_again
         self.accepted += accepted
         for entry in rejected:
-            limit = tolerance_for(entry, self.tolerance, self.compute_dtype)
-            self.rejected[entry.module_name] = (
-                f"gradient not orthogonal to the weights: max |cos(g, x)| = {entry.cosine:.1e} > {limit:.1e}"
-            )
+            self.rejected[entry.module_name] = self._why(entry)
         return rejected
+
+    def _why(self, entry: InvariantGroups) -> str:
+        """The true reason a candidate failed the gradient test."""
+        d = entry.group_size
+        yardstick = (
+            f"max |cos(g, x)| = {entry.cosine:.1e} > {tolerance_for(entry, self.tolerance, self.compute_dtype):.1e}, "
+            f"while a random direction shows about 1/√d = {random_cosine(d):.1e} (d = {d:,})"
+        )
+        if entry.norm_type == GRADIENT_TEST:
+            if indistinct(entry, self.compute_dtype):
+                floor = noise_floor(self.compute_dtype or entry.slices[0].param.dtype)
+                return (
+                    f"the gradient test cannot tell at d = {d:,}: 16-bit round-off ({floor:.1e}) reaches what a random "
+                    "direction shows; name it in groups= to track it"
+                )
+            return f"gradient not orthogonal to the weights: {yardstick}"
+        eps = getattr(self._norm(entry), "eps", None)
+        if isinstance(eps, float) and eps > 0:
+            return (
+                f"invariant only up to the eps of {entry.norm_name} ({entry.norm_type}), eps={eps:g}, which is not "
+                f"small next to the variance it normalizes on this batch: {yardstick}"
+            )
+        return f"gradient not orthogonal to the weights, whatever the structure says: {yardstick}"
+
+    def _norm(self, entry: InvariantGroups) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(entry.norm_name) if entry.norm_name else None
+        except AttributeError:
+            return None
 
     def restore(self, accepted: Mapping[str, float], rejected: Mapping[str, str]) -> None:
         """Decide pending candidates as an earlier run did (module name → cosine, or → reason), so that a
@@ -157,7 +196,7 @@ class FoundGroups(list):
 
 
 def find_invariant_groups(
-    model: nn.Module, example_input: Any, *, groups: GroupsSpec = "auto", tolerance: float = COSINE_TOLERANCE
+    model: nn.Module, example_input: Any, *, groups: GroupsSpec = "auto", tolerance: float | None = None
 ) -> FoundGroups:
     """The verified radially invariant groups of ``model``, one entry per module. Plain PyTorch.
 
@@ -167,7 +206,10 @@ def find_invariant_groups(
     running statistics), train/eval modes and the global random state.
 
     ``groups`` chooses the candidates (see :class:`GroupFinder`). Candidates whose gradient is not
-    orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``) are dropped with a warning.
+    orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``/√d) are dropped with a warning.
+    Candidates the projection gives no gradient (a zero-initialized BatchNorm weight downstream, a zero
+    residual branch) are verified with a probe: a random cotangent on their normalization's output before
+    its affine part, which any invariant group's gradient is orthogonal to as well.
 
     >>> import torch
     >>> from torch import nn
@@ -188,6 +230,12 @@ def find_invariant_groups(
         ValueError: for a ``groups`` mapping that names what the model does not have.
     """
     finder = GroupFinder(model, groups, tolerance)
+    norm_inputs: list[tuple[nn.Module, Tensor]] = []
+    hooks = [
+        m.register_forward_hook(lambda module, args, output: norm_inputs.append((module, args[0])))
+        for m in model.modules()
+        if isinstance(m, NORMS)
+    ]
     modes = {module: module.training for module in model.modules()}
     buffers = {buffer: buffer.clone() for buffer in model.buffers()}
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -204,17 +252,18 @@ def find_invariant_groups(
             roots = [t for t in _tensors(outputs) if t.requires_grad and t.is_floating_point()]
             if recording:
                 finder.analyze(roots)
-            params = [p for entry in finder.pending for p in entry.params]
-            if params:
-                torch.manual_seed(0)
-                projection = sum((t * torch.randn_like(t)).sum() for t in roots)
-                grads = torch.autograd.grad(projection, params, allow_unused=True)
-                rejected = finder.verify({p: g for p, g in zip(params, grads, strict=True) if g is not None})
-                for entry in rejected:
-                    warnings.warn(
-                        f"{entry.module_name}: {finder.rejected[entry.module_name]}; not tracked", stacklevel=2
-                    )
+            torch.manual_seed(0)
+            projection = sum((t * torch.randn_like(t)).sum() for t in roots)
+            rejected = _verify_with(finder, projection, retain_graph=bool(norm_inputs))
+            if finder.pending and norm_inputs:  # no gradient from the outputs: probe the normalizations
+                probe = [(_normalized(norm, x), x) for norm, x in norm_inputs]
+                probe = sum((n * torch.randn_like(n)).sum() for n, x in probe if n is not None and x.requires_grad)
+                rejected += _verify_with(finder, probe)
+            for entry in rejected:
+                warnings.warn(f"{entry.module_name}: {finder.rejected[entry.module_name]}; not tracked", stacklevel=2)
     finally:
+        for handle in hooks:
+            handle.remove()
         for module, training in modes.items():
             module.train(training)
         with torch.no_grad():
@@ -222,6 +271,34 @@ def find_invariant_groups(
                 buffer.copy_(saved)
     finder.reject(finder.pending, "no gradient on the example input to verify it with")
     return FoundGroups(finder.accepted, finder.rejected)
+
+
+def _verify_with(finder: GroupFinder, function: Any, retain_graph: bool = False) -> list[InvariantGroups]:
+    """Verify the pending candidates on the gradient of ``function`` (a scalar tensor, or 0 when nothing
+    could be built); return those rejected."""
+    params = [p for entry in finder.pending for p in entry.params]
+    if not params or not isinstance(function, Tensor) or not function.requires_grad:
+        return []
+    grads = torch.autograd.grad(function, params, allow_unused=True, retain_graph=retain_graph)
+    return finder.verify({p: g for p, g in zip(params, grads, strict=True) if g is not None})
+
+
+def _normalized(norm: nn.Module, x: Tensor) -> Tensor | None:
+    """``x`` normalized as ``norm`` does in training mode, before its affine part (which a zero-initialized
+    weight would make constant)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return None
+    if isinstance(norm, _InstanceNorm):
+        return F.instance_norm(x, eps=norm.eps)
+    if isinstance(norm, _BatchNorm):
+        return F.batch_norm(x, None, None, training=True, eps=norm.eps)
+    if isinstance(norm, nn.GroupNorm):
+        return F.group_norm(x, norm.num_groups, eps=norm.eps)
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, eps=norm.eps)
+    return None
 
 
 def _call(model: nn.Module, example_input: Any) -> Any:

@@ -19,21 +19,35 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-#: Largest ``max |cos(g, x)|`` over a module's groups for it to count as radially invariant.
-#: Truly invariant groups show 1e-7…1e-4 in float32 with BatchNorm's eps = 1e-5 (eps makes invariance
-#: approximate when the pre-norm variance is small); non-invariant ones show 1e-2 and more (§1).
-COSINE_TOLERANCE = 1e-3
+#: The gradient test (§1), made relative to what a direction unrelated to x shows: a random unit vector in
+#: d dimensions has E cos² = 1/d, so |cos(g, x)| ≈ 1/√d, which is 1e-3 at d = 10⁶ (a fixed threshold has no
+#: power there). A group passes while max |cos(g, x)| ≤ δ/√d. For candidates whose invariance the structure
+#: vouches for (the autograd graph, weight normalization, a ``groups=`` mapping) the test guards against
+#: the structure being misread and against a norm's eps dominating: δ = 0.1. A channel whose pre-norm
+#: variance is small next to the norm's eps is only approximately invariant and shows more.
+COSINE_TOLERANCE = 0.1
+#: δ for ``groups="numeric"`` candidates, which only the gradient vouches for: a random direction passes
+#: with probability ≈ 0.8 δ (|cos|·√d is about standard normal), 1 in 125 groups, whatever d.
+NUMERIC_TOLERANCE = 0.01
+#: ``norm_type`` of the candidates only the gradient vouches for.
+GRADIENT_TEST = "gradient test"
 
 
-def cosine_tolerance(dtype: torch.dtype, tolerance: float = COSINE_TOLERANCE) -> float:
-    """The verification tolerance for gradients computed in ``dtype``.
+def random_cosine(group_size: int) -> float:
+    """The typical |cos(g, x)| of a direction g unrelated to x in ``group_size`` dimensions: 1/√d."""
+    return 1 / math.sqrt(group_size)
 
-    16-bit arithmetic leaves the gradient of an invariant group a radial part of a few units in the last
-    place (bfloat16 shows |cos| ≈ 4e-3), so those get four ulps: 3.9e-3 for float16, 3.1e-2 for bfloat16.
-    """
-    if dtype in (torch.float16, torch.bfloat16):
-        return max(tolerance, 4 * torch.finfo(dtype).eps)
-    return tolerance
+
+def noise_floor(dtype: torch.dtype) -> float:
+    """The |cos(g, x)| an invariant group shows from round-off alone: four ulps for gradients computed in
+    16 bits (float16 3.9e-3, bfloat16 3.1e-2), negligible in float32 and float64 next to δ/√d for any d
+    a weight tensor reaches (summation errors are ~1e-7·log₂ d)."""
+    return 4 * torch.finfo(dtype).eps if dtype in (torch.float16, torch.bfloat16) else 0.0
+
+
+def cosine_tolerance(dtype: torch.dtype, tolerance: float = 1e-3) -> float:
+    """An absolute |cos(g, x)| threshold widened to :func:`noise_floor` for ``dtype``."""
+    return max(tolerance, noise_floor(dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,10 +216,23 @@ class RowIndex:
         return torch.tensor(values, dtype=dtype).to(self.group_of_row.device)[self.module_of_group]
 
 
-def tolerance_for(entry: InvariantGroups, tolerance: float, compute_dtype: torch.dtype | None = None) -> float:
-    """The tolerance for one module: the widest of its weights' dtype and the ``compute_dtype``."""
-    dtypes = {entry.slices[0].param.dtype, compute_dtype or torch.float32}
-    return max(cosine_tolerance(d, tolerance) for d in dtypes)
+def tolerance_for(
+    entry: InvariantGroups, tolerance: float | None = None, compute_dtype: torch.dtype | None = None
+) -> float:
+    """The largest max |cos(g, x)| over ``entry``'s groups that passes the gradient test: δ/√d, δ the
+    ``tolerance`` (``None``: :data:`COSINE_TOLERANCE`, or :data:`NUMERIC_TOLERANCE` for numeric candidates),
+    and at least the round-off :func:`noise_floor` of its weights' dtype and of ``compute_dtype``."""
+    if tolerance is None:
+        tolerance = NUMERIC_TOLERANCE if entry.norm_type == GRADIENT_TEST else COSINE_TOLERANCE
+    floor = max(noise_floor(d) for d in (entry.slices[0].param.dtype, compute_dtype or torch.float32))
+    return max(tolerance * random_cosine(entry.group_size), floor)
+
+
+def indistinct(entry: InvariantGroups, compute_dtype: torch.dtype | None = None) -> bool:
+    """Whether round-off alone reaches half of what a random direction shows: the gradient test cannot
+    tell an invariant group from another (large groups with 16-bit gradients)."""
+    floor = max(noise_floor(d) for d in (entry.slices[0].param.dtype, compute_dtype or torch.float32))
+    return floor >= random_cosine(entry.group_size) / 2
 
 
 @torch.no_grad()
@@ -244,15 +271,16 @@ def math_dtype(t: Tensor) -> torch.dtype:
 def verify(
     groups: Iterable[InvariantGroups],
     grads: Mapping[nn.Parameter, Tensor],
-    tolerance: float = COSINE_TOLERANCE,
+    tolerance: float | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[list[InvariantGroups], list[InvariantGroups], list[InvariantGroups]]:
     """Split candidates into (accepted, rejected, undecided) by the gradient-orthogonality test of §1.
 
-    Accepted and rejected entries carry their measured ``cosine``; undecided ones had no usable
-    gradient on this step (missing, zero or not finite) and should be tried again on a later one. The
-    tolerance widens for 16-bit weights or a 16-bit ``compute_dtype`` (mixed precision), see
-    :func:`cosine_tolerance`.
+    A module passes while max |cos(g, x)| over its groups is within :func:`tolerance_for` (δ/√d, d the
+    group size). Accepted and rejected entries carry their measured ``cosine``; undecided ones had no usable
+    gradient on this step (missing, zero or not finite) and should be tried again on a later one. Where the
+    test cannot tell (:func:`indistinct`), a candidate the structure vouches for is accepted and a numeric
+    one rejected.
     """
     candidates, waiting = [], []
     for entry in groups:
@@ -261,7 +289,9 @@ def verify(
     for entry, cos in zip(candidates, gradient_cosines(candidates, grads), strict=True):
         if cos is None:
             waiting.append(entry)
-        elif cos <= tolerance_for(entry, tolerance, compute_dtype):
+        elif cos <= tolerance_for(entry, tolerance, compute_dtype) or (
+            indistinct(entry, compute_dtype) and entry.norm_type != GRADIENT_TEST
+        ):
             accepted.append(replace(entry, cosine=cos))
         else:
             rejected.append(replace(entry, cosine=cos))

@@ -206,18 +206,21 @@ def adamg_sums(x1: Tensor, g: Tensor, lr: Tensor, decay_factor: Tensor) -> Tenso
 
 def adamg_direction(
     x1: Tensor, g: Tensor, lr: Tensor, decay_factor: Tensor, radial: Tensor, inv_r0_sq: Tensor, fresh: Tensor,
-    norm: Tensor | None, mask: Tensor | None,
+    norm: Tensor | None, mask: Tensor | None, back: Tensor | None, r0: Tensor | None,
 ) -> Tensor:  # fmt: skip
     """y = (1−ηλ) u_k + Δ'⊥/r̂_k² (§4), or x_{k+1} itself in the ``fresh`` rows (radius not known yet).
 
-    With ``norm`` (‖y‖ per row), write y/‖y‖ into ``x1`` in the rows of ``mask`` and return an empty tensor;
-    without, return the :class:`DirectionSums` per row: ``(C, 2)``.
+    With ``norm`` (‖y‖ per row), write y/‖y‖ into ``x1`` in the rows of ``mask``, and plain SGD's step from
+    the real weights, r̂_k (x_{k+1} + η g) − η g/r̂_k, in the rows given ``back`` (``r0`` = r̂_k); return an
+    empty tensor. Without, return the :class:`DirectionSums` per row: ``(C, 2)``.
     """
     u0 = (x1 + lr * g) / decay_factor
     tangent = (x1 - u0) - radial * u0
     y = torch.where(fresh, x1, decay_factor * u0 + tangent * inv_r0_sq)
     if norm is not None:
-        x1.copy_(torch.where(mask, y / norm, x1))
+        step = lr * g
+        real = r0 * (x1 + step) - step / r0
+        x1.copy_(torch.where(mask, y / norm, torch.where(back, real, x1)))
         return x1.new_empty(0)
     return _columns(DirectionSums, yy=_dot(y, y), tt=_dot(tangent, tangent))
 

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.groups import GRADIENT_TEST, InvariantGroups, ParamSlice
 
 #: Granularities a mapping may ask for, besides a number of channels per group.
 GRANULARITIES = ("channel", "layer")
@@ -64,8 +64,8 @@ def numeric_candidates(model: nn.Module) -> list[tuple[InvariantGroups, Invarian
     for name, p in model.named_parameters():
         if p.requires_grad and p.dim() >= 2:
             entry = name.removesuffix(".weight")
-            per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", "gradient test", "channel")
-            whole = InvariantGroups(entry, (ParamSlice(name, p, ()),), 1, "", "gradient test", "layer")
+            per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", GRADIENT_TEST, "channel")
+            whole = InvariantGroups(entry, (ParamSlice(name, p, ()),), 1, "", GRADIENT_TEST, "layer")
             pairs.append((per_row, whole))
     return pairs
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.detect import GroupFinder
-from lightning_sphere.groups import COSINE_TOLERANCE, InvariantGroups
+from lightning_sphere.groups import InvariantGroups
 from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported
 from lightning_sphere.sinks import LoggerSink
 from lightning_sphere.summary import summarize
@@ -59,9 +59,11 @@ class SphereMonitorLogic:
         histogram_every_n_steps: also log per-group histograms (TensorBoard only) every this many steps, a
             multiple of the logging cadence; ``None`` means every 10th logging step, ``0`` never.
         custom_scalars: write a TensorBoard custom-scalars layout with one multi-line chart per metric.
-        tolerance: largest ``max |cos(g, x)|`` a candidate module may show on its first step to be
-            tracked (see :data:`~lightning_sphere.COSINE_TOLERANCE`); with the correction on, a module most of
-            whose groups exceed it on a later step has lost its invariance and is not corrected again.
+        tolerance: δ of the gradient test: a candidate module is tracked while ``max |cos(g, x)|`` over its
+            groups on its first step is at most δ/√d, a share of what a random direction shows (d the group
+            size; :func:`~lightning_sphere.groups.tolerance_for`). ``None``: 0.1 for candidates the graph or
+            ``groups=`` vouches for, 0.01 for ``groups="numeric"`` ones. With the correction on, a module most
+            of whose groups exceed it on a later step has lost its invariance and is not corrected again.
         spherical_correction: rewrite every step of the tracked groups into its spherical form (THEORY.md
             §4, §6): ``True`` or ``"srt"`` (AdamSRT for Adam/AdamW, SGDMRT for SGD with momentum, the exact
             AdamG rewrite for SGD without), ``"s"`` (AdamS), ``"rt"`` (rescaling and transport only).
@@ -113,7 +115,7 @@ class SphereMonitorLogic:
         log_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
         custom_scalars: bool = True,
-        tolerance: float = COSINE_TOLERANCE,
+        tolerance: float | None = None,
         spherical_correction: bool | str = False,
         compile: bool | None = None,
     ) -> None:
@@ -249,7 +251,7 @@ class SphereMonitorLogic:
         if len(finder.pending) == waiting and self._tracker is not None:
             return  # nothing decided on this step
         radii = self._radii | self.state_dict()["radii"]
-        self._close_tracker()
+        self._close_tracker(release=False)  # the radii go on in the new tracker
         accepted = _agree_across_ranks(trainer, finder.accepted) if self.correction else finder.accepted
         try:
             self._tracker = SphereTracker(
@@ -285,7 +287,11 @@ class SphereMonitorLogic:
             self._finder.stop()
         self._recording = False
         if self._tracker is not None:
-            self._tracker.close()  # the groups stay inspectable after fit
+            # The model leaves fit as plain SGD would have it (the AdamG rewrite's real weights); the groups
+            # stay inspectable.
+            self._tracker.close()
+        if stage == "fit":  # what a checkpoint restored was for this fit, not for the next model
+            self._verdicts, self._radii = ({}, {}), {}
 
     def state_dict(self) -> dict[str, Any]:
         """Which modules were tracked or left out, and the AdamG rewrite's virtual radii (the optimizer's
@@ -311,9 +317,9 @@ class SphereMonitorLogic:
         else:
             self._tracker.disarm()
 
-    def _close_tracker(self) -> None:
+    def _close_tracker(self, release: bool = True) -> None:
         if self._tracker is not None:
-            self._tracker.close()
+            self._tracker.close(release)
             self._tracker = None
 
     def _report(self) -> None:
@@ -340,7 +346,7 @@ def _check_arguments(error: type[Exception], **arguments: Any) -> None:
             lambda v: v is None or (_is_int(v) and v >= 0),
         ),
         "custom_scalars": ("a bool", lambda v: isinstance(v, bool)),
-        "tolerance": ("a float in (0, 1)", lambda v: _is_real(v) and 0 < v < 1),
+        "tolerance": ("a float in (0, 1) or None", lambda v: v is None or (_is_real(v) and 0 < v < 1)),
         "compile": ("a bool or None", lambda v: v is None or isinstance(v, bool)),
     }
     for name, value in arguments.items():

@@ -50,7 +50,6 @@ from lightning_sphere.geometry import (
     valid_groups,
 )
 from lightning_sphere.groups import (
-    COSINE_TOLERANCE,
     InvariantGroups,
     ParamSlice,
     RowIndex,
@@ -137,9 +136,10 @@ class SphereTracker:
         model: the model the groups belong to. With it, a correction stops for a module whose normalization
             leaves training mode (BatchNorm in eval mode normalizes with running statistics, so the module is
             not invariant any more); without, only the gradient test below catches that.
-        tolerance: the |cos(g, x_k)| above which a corrected group's gradient counts as radial (widened for
-            16-bit weights or ``compute_dtype``, :func:`~lightning_sphere.groups.tolerance_for`); a module most
-            of whose groups are radial on a step is not corrected again.
+        tolerance: δ of the gradient test, :func:`~lightning_sphere.groups.tolerance_for`: a corrected group's
+            gradient counts as radial above δ/√d (at least 16-bit round-off for 16-bit weights or
+            ``compute_dtype``); a module most of whose groups are radial on a step is not corrected again.
+            ``None``: the detection's defaults.
         compute_dtype: the 16-bit dtype gradients are computed in under mixed precision, if any.
         warn: how to announce that a correction steps aside (``warnings.warn`` by default).
 
@@ -159,13 +159,14 @@ class SphereTracker:
         compile: bool | None = None,
         *,
         model: nn.Module | None = None,
-        tolerance: float = COSINE_TOLERANCE,
+        tolerance: float | None = None,
         compute_dtype: torch.dtype | None = None,
         warn: Callable[[str], None] | None = None,
     ) -> None:
         self._safeguards = Safeguards(
             tolerance=lambda entry: tolerance_for(entry, tolerance, compute_dtype),
             norms=lambda entry: _running_statistics(model, entry),
+            shift=lambda entry: _outside_bias(model, entry),
             warn=warn or (lambda message: warnings.warn(message, stacklevel=2)),
         )
         owner: dict[Tensor, tuple[int, dict[str, Any]]] = {}
@@ -285,11 +286,22 @@ class SphereTracker:
             if probe.optimizer is optimizer:
                 self._before_step(probe)
 
-    def close(self) -> None:
-        """Remove the optimizer hooks."""
+    def close(self, release: bool = True) -> None:
+        """Remove the optimizer hooks and, with ``release``, give the modules of the AdamG rewrite their real
+        weights back (:meth:`release`)."""
+        if release:
+            self.release()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def release(self) -> None:
+        """The model as plain SGD would have it: the AdamG rewrite's modules get their real weights r̂ u (and
+        their BatchNorm statistics the same scale) and their radii are forgotten. Done by :meth:`close`; a
+        tracker built afterwards starts from these weights."""
+        with torch.no_grad():
+            for rewrite in self._rewrites:
+                rewrite.release()
 
     def _before_step(self, probe: _Probe) -> None:
         if not probe.armed or probe.snapshot is not None:
@@ -386,10 +398,11 @@ class SphereTracker:
 
 def _running_statistics(model: nn.Module | None, entry: InvariantGroups) -> tuple[nn.Module, ...] | None:
     """The normalization of ``entry`` if, in eval mode, it normalizes with running statistics (BatchNorm,
-    InstanceNorm with ``track_running_stats``): the module is then not invariant any more. ``None`` when
-    ``entry`` names no normalization (``groups=``) and ``model`` has such normalizations."""
+    InstanceNorm with ``track_running_stats``): the module is then not invariant any more. ``None`` when it
+    cannot be known: no ``model``, or ``entry`` names no normalization (``groups=``) while ``model`` has such
+    normalizations."""
     if model is None:
-        return ()
+        return None if entry.norm_name else ()
     if not entry.norm_name:
         return None if entry.norm_type in _UNKNOWN_NORM and any(map(_keeps_statistics, model.modules())) else ()
     try:
@@ -397,6 +410,17 @@ def _running_statistics(model: nn.Module | None, entry: InvariantGroups) -> tupl
     except AttributeError:
         return ()
     return (norm,) if _keeps_statistics(norm) else ()
+
+
+def _outside_bias(model: nn.Module | None, entry: InvariantGroups) -> Tensor | None:
+    """The bias of ``entry``'s layer when it is not in the groups (the normalization cancels it)."""
+    if model is None:
+        return None
+    try:
+        bias = getattr(model.get_submodule(entry.module_name), "bias", None)
+    except AttributeError:
+        return None
+    return bias if isinstance(bias, Tensor) and all(bias is not p for p in entry.params) else None
 
 
 #: The ``norm_type`` of groups whose normalization detection did not see (numeric and named groups).

@@ -82,24 +82,36 @@ SGD = {
 }
 
 
+class UnitRows(pl.Callback):
+    """The rows of the tracked groups (filter and bias) after the last training batch."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        net = pl_module.net
+        rows = [net[0].weight.flatten(1), torch.cat([net[3].weight.flatten(1), net[3].bias[:, None]], 1)]
+        self.rows = [r.detach().clone() for r in rows]  # copies: after fit the model gets its real weights
+
+
 @pytest.mark.parametrize("name", list(SGD))
 def test_sgd_rewrite_reproduces_plain_sgd(name, tmp_path):
     """§4: SGD is AdamG on the sphere. With BatchNorm's eps tiny, invariance is exact and so is the rewrite."""
     plain, corrected = MemoryLogger(), MemoryLogger()
-    runs = {}
+    runs, during = {}, UnitRows()
     for correction, logger in ((False, plain), (True, corrected)):
         monitor = SphereMonitor(spherical_correction=correction, log_every_n_steps=5)
-        runs[correction] = fit(Net(optimizer=SGD[name], eps=1e-14), tmp_path, [monitor], max_steps=STEPS, logger=logger)
+        callbacks = [monitor, during] if correction else [monitor]
+        runs[correction] = fit(Net(optimizer=SGD[name], eps=1e-14), tmp_path, callbacks, max_steps=STEPS, logger=logger)
     losses = {
         c: torch.tensor([m["loss"] for _, m in log.history if "loss" in m])
         for c, log in (("p", plain), ("c", corrected))
     }
     assert len(losses["p"]) == STEPS
     torch.testing.assert_close(losses["c"], losses["p"], rtol=1e-10, atol=0)
-    net = runs[True].lightning_module.net
-    for layer in (net[0], net[3]):
-        rows = torch.cat([layer.weight.flatten(1)] + ([layer.bias[:, None]] if layer is net[3] else []), 1)
+    for rows in during.rows:  # during training, after the last step: unit rows, the norm is the virtual radius
         torch.testing.assert_close(rows.norm(dim=1), torch.ones(rows.shape[0], dtype=torch.float64), rtol=1e-12, atol=0)
+    # After fit the model is plain SGD's: the real weights r̂ u, and BatchNorm's statistics in their scale.
+    models = (runs[c].lightning_module.state_dict().values() for c in (True, False))
+    for a, b in zip(*models, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)  # 100 steps of round-off
     # The charts compare across runs: norm and effective_lr report the virtual radius, all else the same.
     for step, scalars in plain.sphere().items():
         for key, value in scalars.items():
@@ -310,11 +322,12 @@ def test_sphere_tracker_corrects_without_lightning(mode, name, algorithm):
 def test_sphere_tracker_sgd_rewrite_keeps_plain_sgd_losses_and_restores_its_radii():
     from lightning_sphere import SphereTracker, find_invariant_groups
 
-    losses = {}
+    losses, models = {}, {}
     for correction in (None, "srt"):
-        model = bn_net(eps=1e-14)
+        model = models[correction] = bn_net(eps=1e-14)
         optimizer = SGD["sgd-decay"](model.parameters())
-        tracker = SphereTracker(find_invariant_groups(model, dataset()[:16][0]), [optimizer], correction=correction)
+        groups = find_invariant_groups(model, dataset()[:16][0])
+        tracker = SphereTracker(groups, [optimizer], correction=correction, model=model)
         losses[correction] = []
         plain_loop(model, optimizer, 30, losses=losses[correction])
     torch.testing.assert_close(torch.tensor(losses["srt"]), torch.tensor(losses[None]), rtol=1e-10, atol=0)
@@ -323,10 +336,13 @@ def test_sphere_tracker_sgd_rewrite_keeps_plain_sgd_losses_and_restores_its_radi
     # The virtual radii go through state_dict: a fresh tracker given them continues the same run.
     saved = {name: r.clone() for name, r in tracker.state_dict().items()}
     assert set(saved) == {"0", "3"} and all(r.isfinite().all() for r in saved.values())
-    tracker.close()
-    fresh = SphereTracker(tracker.groups, [optimizer], correction="srt")
+    tracker.close(release=False)  # the run goes on in another tracker
+    fresh = SphereTracker(tracker.groups, [optimizer], correction="srt", model=model)
     fresh.load_state_dict(saved)
     torch.testing.assert_close(fresh.state_dict(), saved, rtol=0, atol=0)
+    fresh.close()  # releases: the model is plain SGD's
+    for a, b in zip(model.state_dict().values(), models[None].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)  # 100 steps of round-off
 
 
 def test_one_optimizer_with_two_algorithms_corrects_each_module_by_its_own():
@@ -338,7 +354,7 @@ def test_one_optimizer_with_two_algorithms_corrects_each_module_by_its_own():
     first = list(model[0].parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
     optimizer = torch.optim.SGD([{"params": first, "momentum": 0.9}, {"params": rest}], lr=0.1, weight_decay=1e-2)
-    tracker = SphereTracker(find_invariant_groups(model, dataset()[:16][0]), [optimizer], correction="srt")
+    tracker = SphereTracker(find_invariant_groups(model, dataset()[:16][0]), [optimizer], correction="srt", model=model)
     assert tracker.corrections == {"0": "SGDMRT", "3": "AdamG (SGD rewrite)"}
     for step, (x, y) in zip(range(3), DataLoader(dataset(), batch_size=16), strict=False):
         tracker.arm()

@@ -186,7 +186,9 @@ def test_find_invariant_groups_verifies_and_leaves_the_model_untouched():
 def test_a_candidate_that_fails_verification_is_dropped_with_its_cosine():
     """BatchNorm with an eps far above the pre-norm variance is almost linear: structure passes, numbers do not."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e3), nn.Flatten(), nn.Linear(64, 3))
-    with pytest.warns(UserWarning, match=r"0: gradient not orthogonal .* max \|cos\(g, x\)\| = \d\.\de-0[12]"):
+    with pytest.warns(
+        UserWarning, match=r"0: invariant only up to the eps of 1 \(BatchNorm2d\), eps=1000, .* max \|cos\(g, x\)\| = "
+    ):
         assert find_invariant_groups(model, IMG) == []
 
 
@@ -225,3 +227,61 @@ def test_channels_aligned_says_whether_norm_channel_c_is_output_channel_c(model,
     assert found(model, IMG)[0]["0"].channels_aligned == aligned
     sequence, _ = found(SequenceBN(), torch.randn(8, 7, 6))
     assert not sequence["proj"].channels_aligned  # a permute on the way: not trusted
+
+
+def test_numeric_mode_rejects_a_large_layer_no_normalization_follows():
+    """Issue input: a 1024×1024 Linear in an MLP without any normalization passed the fixed 1e-3 test as one
+    whole-layer group (|cos| 8.4e-4, while a random direction shows 1/√d = 1e-3). Scaling it changes the
+    output (checked here), and the test relative to 1/√d refuses it."""
+    torch.manual_seed(3)  # a draw whose whole-layer |cos| (8.6e-4) the old fixed 1e-3 accepted
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    x = torch.randn(32, 1024)
+    with torch.no_grad():
+        before = model(x)
+        model[0].weight.mul_(2)
+        assert not torch.allclose(model(x), before, rtol=1e-3)  # not invariant
+        model[0].weight.div_(2)
+    with pytest.warns(UserWarning):
+        groups = find_invariant_groups(model, x, groups="numeric")
+    assert [g.module_name for g in groups] == []
+    reason = groups.rejected["0"]
+    assert "a random direction shows about 1/√d = 9.8e-04 (d = 1,048,576)" in reason
+    assert float(reason.split("max |cos(g, x)| = ")[1].split(" ")[0]) < 1e-3  # under the old fixed threshold
+
+
+class ZeroInitBlock(nn.Module):
+    """A residual block whose last BatchNorm weight starts at zero (torchvision's ``zero_init_residual``):
+    the outputs give its convs no gradient on the first batch, yet each is per-channel invariant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x):
+        return x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_a_zero_initialized_branch_is_verified_with_a_probe():
+    """Issue input: timm's ResNet-50d lost 48 of its 55 invariant convs to "no gradient on the example
+    input". A random cotangent on each norm's normalized output (before its zero weight) verifies them."""
+    torch.manual_seed(0)
+    model = ZeroInitBlock()
+    x = torch.randn(4, 3, 6, 6)
+    params = [p.detach().clone() for p in model.parameters()]
+    groups = find_invariant_groups(model, x)
+    assert sorted(g.module_name for g in groups) == ["conv1", "conv2"]
+    assert all(g.cosine < 1e-4 for g in groups)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))  # left as it was
+    assert model.bn2.weight.grad is None
+
+
+def test_the_probe_does_not_vouch_for_a_layer_that_is_not_invariant():
+    """The probe reads the gradient of the normalized output: a conv whose output also skips its norm is
+    rejected by the graph before any probe, and a GELU before the norm still fails the test."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.BatchNorm2d(4))
+    nn.init.zeros_(model[2].weight)
+    groups = find_invariant_groups(model, IMG)
+    assert groups == [] and "Gelu" in groups.rejected["0"]

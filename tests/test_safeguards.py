@@ -286,7 +286,7 @@ def test_the_sgd_rewrite_keeps_eval_mode_outputs_plain(tmp_path):
         bn = module.net[1]
         outputs[correction, "stats"] = torch.cat([bn.running_mean, bn.running_var])
     torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-8, atol=1e-9)  # eps 1e-14: exact to round-off
-    assert not torch.allclose(outputs[True, "stats"], outputs[False, "stats"])  # in the unit-norm scale
+    torch.testing.assert_close(outputs[True, "stats"], outputs[False, "stats"], rtol=1e-8, atol=1e-12)  # released
 
 
 class Tokens(pl.LightningModule):
@@ -366,11 +366,10 @@ def test_stopping_costs_no_host_sync_between_logging_steps(tmp_path, monkeypatch
 @pytest.mark.parametrize(
     ("argument", "value", "expected"),
     [
-        ("tolerance", "1e-3", "a float in (0, 1)"),
-        ("tolerance", None, "a float in (0, 1)"),
-        ("tolerance", True, "a float in (0, 1)"),
-        ("tolerance", float("nan"), "a float in (0, 1)"),
-        ("tolerance", 1, "a float in (0, 1)"),
+        ("tolerance", "1e-3", "a float in (0, 1) or None"),
+        ("tolerance", True, "a float in (0, 1) or None"),
+        ("tolerance", float("nan"), "a float in (0, 1) or None"),
+        ("tolerance", 1, "a float in (0, 1) or None"),
         ("compile", "yes", "a bool or None"),
         ("compile", 1, "a bool or None"),
         ("log_every_n_steps", True, "a positive int or None"),
@@ -403,10 +402,80 @@ def test_arguments_of_the_wrong_type_are_refused_by_name(argument, value, expect
     [
         dict(tolerance=1e-2, compile=False, log_every_n_steps=5, histogram_every_n_steps=0, custom_scalars=False),
         dict(tolerance=np.float64(5e-3), log_every_n_steps=np.int64(3), compile=None, histogram_every_n_steps=None),
-        dict(groups={"net.0": "channel", "net.3": 2, "head.weight": "layer"}),
+        dict(groups={"net.0": "channel", "net.3": 2, "head.weight": "layer"}, tolerance=None),
         dict(groups="numeric", spherical_correction="rt"),
     ],
 )
 def test_arguments_of_the_right_type_are_accepted(arguments):
     monitor = SphereMonitor(**arguments)
-    assert monitor.tolerance == arguments.get("tolerance", 1e-3)
+    assert monitor.tolerance == arguments.get("tolerance")
+
+
+class Validated(Net):
+    """``Net`` with a bias on its first conv (cancelled by the BatchNorm after it, so not in its groups:
+    PyTorch's default) and a validation pass in eval mode after every epoch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        torch.manual_seed(1)
+        self.net[0] = nn.Conv2d(1, 6, 3).to(self.dtype_)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def val_dataloader(self):
+        return DataLoader(dataset(32), batch_size=16)
+
+
+def plain_and_corrected(make, tmp_path, fits=1, **options):
+    """The logged histories of a plain and a corrected SGD run of ``make()``, fitted ``fits`` times."""
+    histories = {}
+    for correction in (False, True):
+        module, logger, monitor = make(), MemoryLogger(), SphereMonitor(spherical_correction=correction)
+        for _ in range(fits):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fit(module, tmp_path, [monitor], logger=logger, **{"max_steps": 4} | options)
+        histories[correction] = logger.history
+    return histories
+
+
+def test_validation_is_plain_sgds_with_a_bias_before_the_norm(tmp_path):
+    """Trial finding: with the first conv's bias (outside the groups), rescaling the whole running mean made
+    eval mode drift from plain SGD (193 of 1,797 digits classified differently). The mean is now kept about
+    the bias, so every validation loss is plain SGD's."""
+    histories = plain_and_corrected(lambda: Validated(optimizer=OPTIMIZERS["sgd"], eps=1e-14), tmp_path, fits=3)
+    values = {c: torch.tensor([m["val_loss"] for _, m in h if "val_loss" in m]) for c, h in histories.items()}
+    assert len(values[True]) == 3
+    torch.testing.assert_close(values[True], values[False], rtol=1e-9, atol=0)
+
+
+def test_fitting_the_same_model_again_continues_plain_sgd(tmp_path):
+    """Trial finding: after fit the weights stayed at unit norm, so a second fit (same model, same monitor)
+    drifted from plain SGD by 6e-3. The model now leaves fit with its real weights."""
+    histories = plain_and_corrected(lambda: Net(optimizer=OPTIMIZERS["sgd"], eps=1e-14), tmp_path, fits=2)
+    losses = {c: torch.tensor([m["loss"] for _, m in h if "loss" in m]) for c, h in histories.items()}
+    assert len(losses[True]) == 8
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-10, atol=0)
+
+
+def test_a_monitor_reused_after_a_resumed_fit_forgets_the_old_radii(tmp_path):
+    """Trial finding: radii restored from a checkpoint stayed in the monitor and were applied to the next
+    model it saw (4.9e-3 off plain SGD)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    monitor = SphereMonitor(spherical_correction=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    sgd = OPTIMIZERS["sgd"]
+    fit(Net(optimizer=sgd, eps=1e-14), tmp_path, [monitor, checkpoint], max_steps=2, enable_checkpointing=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[monitor], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(Net(optimizer=sgd, eps=1e-14), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    logs = {}
+    for correction, callback in ((True, monitor), (False, SphereMonitor())):  # the same monitor on a new model
+        logs[correction] = MemoryLogger()
+        fit(Net(optimizer=sgd, eps=1e-14), tmp_path, [callback], max_steps=4, logger=logs[correction])
+    losses = {c: torch.tensor([m["loss"] for _, m in log.history if "loss" in m]) for c, log in logs.items()}
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-10, atol=0)

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_sphere import COSINE_TOLERANCE, SphereMonitor, find_invariant_groups
+from lightning_sphere import SphereMonitor, find_invariant_groups
 from lightning_sphere.groups import gradient_cosines
 from tests import zoo
 
@@ -41,7 +41,7 @@ def test_every_tracked_group_is_orthogonal_to_its_gradient_on_a_real_batch(name)
     for module, spec in expected.items():  # float32, as trained
         weights, grads = spec.rows(model, lambda p: p.detach()), spec.rows(model, lambda p: p.grad)
         cos = ((weights * grads).sum(1) / (weights.norm(dim=1) * grads.norm(dim=1))).abs()
-        assert cos.max() <= COSINE_TOLERANCE, module
+        assert cos.max() <= 1e-3, module  # invariant groups show 1e-7…1e-4 in float32
     model.double()
     real_gradients(model, x.double())
     for module, spec in expected.items():
