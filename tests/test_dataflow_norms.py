@@ -1,0 +1,357 @@
+"""Normalizations recognized by what they compute, and degree-one paths followed to them (issue 10, items 7
+and 13), each against a functional ground truth.
+
+The ground truth never asks the package: a float64 copy of the model with every ``eps`` set tiny is run
+with a group's rows scaled by ρ (2 and 0.5, and a different random factor per group at once); the groups
+are invariant iff the output does not move.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sphere import find_invariant_groups
+from lightning_sphere.detect import GroupFinder
+
+WIDTH, HEADS = 16, 4
+HEAD_DIM = WIDTH // HEADS
+
+
+# --- the ground truth -------------------------------------------------------------------------------------
+
+
+def output_moves(model: nn.Module, x: Tensor, params: list[str], num_groups: int) -> bool:
+    """Whether scaling the ``num_groups`` consecutive blocks of output channels of ``params`` together moves
+    the output of a float64 copy of ``model`` with tiny norm eps: by 2, by 0.5, and by a random factor per
+    group. Output channels are dim 0 of each tensor (dim 1 of a ConvTranspose weight)."""
+    torch.manual_seed(0)
+    twin = copy.deepcopy(model).double().train()
+    for module in twin.modules():
+        if isinstance(getattr(module, "eps", None), float):
+            module.eps = 1e-30
+    x = x.double()
+    tensors = []
+    for param in params:
+        owner = twin.get_submodule(param.rpartition(".")[0])
+        dim = 1 if isinstance(owner, nn.ConvTranspose2d) and param.endswith("weight") else 0
+        tensors.append((twin.get_parameter(param), dim))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        reference = twin(x)
+        saved = [t.clone() for t, _ in tensors]
+        for factors in (torch.full((num_groups,), 2.0), torch.full((num_groups,), 0.5), torch.rand(num_groups) + 0.5):
+            for t, dim in tensors:
+                shape = [1] * t.dim()
+                shape[dim] = t.shape[dim]
+                t.mul_(factors.double().repeat_interleave(t.shape[dim] // num_groups).view(shape))
+            torch.manual_seed(1)
+            moved = not torch.allclose(twin(x), reference, rtol=1e-9, atol=1e-12)
+            for (t, _), s in zip(tensors, saved, strict=True):
+                t.copy_(s)
+            if moved:
+                return True
+    return False
+
+
+def candidates(model: nn.Module, x: Tensor) -> GroupFinder:
+    """A finder that has read the candidates off the graph of one forward pass."""
+    finder = GroupFinder(model)
+    finder.start()
+    out = model(x)
+    finder.stop()
+    finder.analyze([out])
+    return finder
+
+
+def detected(model: nn.Module, x: Tensor) -> tuple[dict[str, tuple[int, list[str]]], dict[str, str]]:
+    """The candidates read off the graph: module → (groups, parameter names), and the rejected modules."""
+    finder = candidates(model, x)
+    return {g.module_name: (g.num_groups, [s.name for s in g.slices]) for g in finder.pending}, finder.rejected
+
+
+def check(model: nn.Module, x: Tensor, invariant: dict[str, tuple[int, list[str]]], rejected: dict[str, str]):
+    """Detection finds exactly ``invariant`` and rejects ``rejected`` with the given words; the ground truth
+    agrees: each detected group is invariant, and each rejected layer is not even as a whole."""
+    torch.manual_seed(0)
+    found, reasons = detected(model, x)
+    assert found == invariant
+    for name, words in rejected.items():
+        assert words in reasons[name], (name, reasons[name])
+    for name, (num_groups, params) in invariant.items():
+        assert not output_moves(model, x, params, num_groups), name
+    for name in rejected:
+        layer = model.get_submodule(name)
+        params = [f"{name}.weight"] + ([f"{name}.bias"] if getattr(layer, "bias", None) is not None else [])
+        assert output_moves(model, x, params, 1), name
+
+
+def assert_finer_groups_move(model: nn.Module, x: Tensor, params: list[str], num_groups: int) -> None:
+    """The detected groups are the finest: twice as many (when the rows allow) are not invariant."""
+    rows = model.get_parameter(params[0]).shape[0]
+    if rows % (2 * num_groups) == 0:
+        assert output_moves(model, x, params, 2 * num_groups)
+
+
+# --- normalizations written the ways users write them -----------------------------------------------------
+
+
+class HFRMSNorm(nn.Module):
+    """Hugging Face's LlamaRMSNorm / Qwen3RMSNorm, as written there."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32) if dtype != torch.float64 else x
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
+
+
+class FunctionalRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.size, self.eps = size, eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (self.size,), self.weight, self.eps)
+
+
+class FunctionalLayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.size, self.eps = size, eps
+        self.weight, self.bias = nn.Parameter(torch.ones(size)), nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.size,), self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    """Llama/Qwen3-style attention with QK-norm per head; ``post_norm`` adds OLMo2's post-attention norm."""
+
+    def __init__(self, norm: type[nn.Module], post_norm: bool = False, o_bias: bool = False) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(3))
+        self.o_proj = nn.Linear(WIDTH, WIDTH, bias=o_bias)
+        self.q_norm, self.k_norm = norm(HEAD_DIM), norm(HEAD_DIM)
+        self.post_attention_layernorm = norm(WIDTH) if post_norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+
+        def heads(y: Tensor) -> Tensor:
+            return y.view(b, t, HEADS, HEAD_DIM)
+
+        q = self.q_norm(heads(self.q_proj(x))).transpose(1, 2)
+        k = self.k_norm(heads(self.k_proj(x))).transpose(1, 2)
+        v = heads(self.v_proj(x)).transpose(1, 2)
+        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, WIDTH)
+        return x + self.post_attention_layernorm(self.o_proj(attention))
+
+
+TOKENS = torch.randn(4, 5, WIDTH, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("norm", [HFRMSNorm, nn.RMSNorm, FunctionalRMSNorm, FunctionalLayerNorm])
+def test_qk_norm_per_head_is_found_whatever_class_computes_it(norm):
+    """Before: HFRMSNorm's q_proj was rejected with "output is used besides the normalization"."""
+    model = Attention(norm)
+    check(
+        model,
+        TOKENS,
+        {"q_proj": (HEADS, ["q_proj.weight"]), "k_proj": (HEADS, ["k_proj.weight"])},
+        {"v_proj": "Add", "o_proj": "Add"},
+    )
+    assert_finer_groups_move(model, TOKENS, ["q_proj.weight"], HEADS)
+    norms = {g.module_name: (g.norm_name, g.norm_type) for g in candidates(model, TOKENS).pending}
+    assert norms["q_proj"] == ("q_norm", norm.__name__)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: permute, ``F.layer_norm`` over channels, permute back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class FunctionalGroupNorm(nn.Module):
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, self.groups, self.weight, self.bias, self.eps)
+
+
+class FunctionalBatchNorm(nn.Module):
+    """Batch statistics always (``training=True``, no running statistics), as some GAN codebases write it."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+
+
+class ConvNorm(nn.Module):
+    """conv → norm → ReLU → pooled linear head."""
+
+    def __init__(self, norm: nn.Module, bias: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=bias)
+        self.norm = norm
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+IMAGES = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("norm", "groups", "with_bias"),
+    [
+        (LayerNorm2d(8), 1, True),  # every channel of a pixel together: the whole layer
+        (FunctionalGroupNorm(2, 8), 2, True),
+        (FunctionalBatchNorm(8), 8, False),  # centres each channel: the bias cancels
+        (nn.InstanceNorm2d(8, affine=True), 8, False),
+    ],
+)
+def test_functional_norms_inside_user_modules(norm, groups, with_bias):
+    params = ["conv.weight", "conv.bias"] if with_bias else ["conv.weight"]
+    model = ConvNorm(norm)
+    check(model, IMAGES, {"conv": (groups, params)}, {"head": "not normalized"})
+    assert_finer_groups_move(model, IMAGES, params, groups)
+    (entry,) = candidates(model, IMAGES).pending
+    assert (entry.norm_name, entry.norm_type) == ("norm", type(norm).__name__)
+
+
+def test_layer_norm_2d_output_also_added_back_is_used_besides_the_normalization():
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(8, 8, 3, padding=1), LayerNorm2d(8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.conv(x)
+            return self.norm(y) + y
+
+    check(Residual(), torch.randn(4, 8, 6, 6), {}, {"conv": "used besides the normalization"})
+
+
+def test_batch_norm_in_eval_mode_is_named_with_its_module():
+    model = ConvNorm(nn.BatchNorm2d(8))
+    model.norm.eval()
+    _, rejected = detected(model, IMAGES)
+    assert rejected["conv"] == "norm (BatchNorm2d) uses running statistics (eval mode)"
+
+
+# --- weight standardization: the weight is normalized, whatever follows -----------------------------------
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight standardized per output channel by ``F.batch_norm``."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=self.eps
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d: a learned gain, and the fan-in folded into the standardization."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+        self.scale = self.weight[0].numel() ** -0.5
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=(self.gain * self.scale).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MeanStdConv2d(nn.Conv2d):
+    """Weight standardization written out: mean and std per output channel. ``whole``: over the whole
+    tensor instead (invariant as one group); ``center_only``: no division (not invariant)."""
+
+    def __init__(self, *args, whole: bool = False, center_only: bool = False, eps: float = 1e-5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.whole, self.center_only, self.eps = whole, center_only, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = (0, 1, 2, 3) if self.whole else (1, 2, 3)
+        weight = self.weight - self.weight.mean(dims, keepdim=True)
+        if not self.center_only:
+            weight = weight / (weight.std(dims, keepdim=True) + self.eps)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class NFBlock(nn.Module):
+    """NFNet-style: standardized convs, GELU, no activation normalization; a plain head."""
+
+    def __init__(self, conv: type[nn.Conv2d], **kwargs) -> None:
+        super().__init__()
+        self.conv1 = conv(3, 8, 3, padding=1, **kwargs)
+        self.conv2 = conv(8, 8, 3, padding=1, bias=False, **kwargs)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(self.conv2(F.gelu(self.conv1(x))))
+        return self.head(h.mean((2, 3)) + 0.5)
+
+
+@pytest.mark.parametrize("conv", [StdConv2d, ScaledStdConv2d, MeanStdConv2d])
+def test_weight_standardized_convs_are_invariant_per_output_channel(conv):
+    model = NFBlock(conv)
+    check(
+        model,
+        IMAGES,
+        {"conv1": (8, ["conv1.weight"]), "conv2": (8, ["conv2.weight"])},
+        {"head": "not normalized"},
+    )
+    entry = next(g for g in candidates(model, IMAGES).pending if g.module_name == "conv1")
+    assert (entry.norm_name, entry.norm_type, entry.granularity) == ("conv1", conv.__name__, "channel")
+
+
+def test_weight_standardized_over_the_whole_tensor_is_one_group_and_centering_alone_is_none():
+    whole = {"conv1": (1, ["conv1.weight"]), "conv2": (1, ["conv2.weight"])}
+    check(NFBlock(MeanStdConv2d, whole=True), IMAGES, whole, {})
+    assert output_moves(NFBlock(MeanStdConv2d, whole=True), IMAGES, ["conv1.weight"], 8)
+    check(NFBlock(MeanStdConv2d, center_only=True), IMAGES, {}, {"conv1": "Gelu", "conv2": "Gelu"})
+
+
+def test_weight_standardized_convs_pass_verification():
+    torch.manual_seed(0)
+    groups = find_invariant_groups(NFBlock(StdConv2d), IMAGES)
+    assert sorted(g.module_name for g in groups) == ["conv1", "conv2"]
+    assert all(g.cosine < 1e-3 for g in groups), [g.cosine for g in groups]
