@@ -496,20 +496,22 @@ class _Walk:
             ids = first.ids.expand(out) if op == "ExpandBackward0" else first.ids.reshape(out)
             return [self._moved(first, ids, op, keeps=op.startswith(("Squeeze", "Unsqueeze", "Expand")))]
         if op == "PermuteBackward0":
-            return [self._moved(first, first.ids.permute(node._saved_dims), op, keeps=False)]
+            return [self._moved(first, first.ids.permute([_signed(d) for d in node._saved_dims]), op, keeps=False)]
         if op == "TransposeBackward0":
-            ids = first.ids.transpose(node._saved_dim0, node._saved_dim1)
+            ids = first.ids.transpose(_signed(node._saved_dim0), _signed(node._saved_dim1))
             return [self._moved(first, ids, op, keeps=False)]
         if op == "TBackward0":
             return [self._moved(first, first.ids.t(), op, keeps=False)]
         if op == "SliceBackward0":
             index = [slice(None)] * first.ids.dim()
-            index[node._saved_dim] = slice(node._saved_start, node._saved_end, node._saved_step)
+            start, end = _signed(node._saved_start), _signed(node._saved_end)
+            index[_signed(node._saved_dim)] = slice(start, end, node._saved_step)
             return [self._moved(first, first.ids[tuple(index)], op, keeps=False)]
         if op == "SelectBackward0":
-            return [self._moved(first, first.ids.select(node._saved_dim, node._saved_index), op, keeps=False)]
+            ids = first.ids.select(_signed(node._saved_dim), _signed(node._saved_index))
+            return [self._moved(first, ids, op, keeps=False)]
         if op in ("SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0"):
-            dim = node._saved_dim
+            dim = _signed(node._saved_dim)
             if op == "UnbindBackward0":
                 parts = first.ids.unbind(dim)
             else:
@@ -598,7 +600,7 @@ class _Walk:
             return list(range(ndim))
         if isinstance(dims, int):
             dims = [dims]
-        return sorted({d % ndim for d in dims}) if ndim else []
+        return sorted({_signed(d) % ndim for d in dims}) if ndim else []
 
     def _reduce(self, node: Node, ids: Tensor, dims: Sequence[int]) -> Tensor:
         """Tie the channels met along ``dims``; the result keeps those dims with size 1. An entry that does
@@ -704,7 +706,7 @@ class _Walk:
 
     def _cat(self, node: Node, inputs: list[_Value | None]) -> _Value:
         out = self._shape(node)
-        dim = node._saved_dim % len(out)
+        dim = _signed(node._saved_dim) % len(out)
         sizes: list[int | None] = []
         for (child, nr), value in zip(node.next_functions, inputs, strict=True):
             if value is not None:
@@ -734,6 +736,11 @@ class _Walk:
             shift_free=all(v.shift_free for v in present),
             channels_kept=False,
         )
+
+
+def _signed(dim: int) -> int:
+    """A saved dimension as Python sees it: some nodes hand ``-1`` back as an unsigned 64-bit integer."""
+    return dim - 2**64 if dim >= 2**63 else dim
 
 
 def _rows(ids: Tensor, keep: Sequence[int]) -> Tensor:

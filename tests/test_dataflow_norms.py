@@ -355,3 +355,107 @@ def test_weight_standardized_convs_pass_verification():
     groups = find_invariant_groups(NFBlock(StdConv2d), IMAGES)
     assert sorted(g.module_name for g in groups) == ["conv1", "conv2"]
     assert all(g.cosine < 1e-3 for g in groups), [g.cosine for g in groups]
+
+
+# --- degree-one paths: bias-free linear maps, products with what does not depend on the layer -------------
+
+
+@pytest.mark.parametrize("norm", [HFRMSNorm, nn.RMSNorm])
+def test_post_attention_norm_makes_v_and_o_projections_whole_layer_invariant(norm):
+    """OLMo2: ``x + post_attention_layernorm(o_proj(attention(q, k, v)))``. v reaches the norm through the
+    attention probabilities (which do not depend on it) and the bias-free o_proj. Before: "reaches Sdpa"."""
+    model = Attention(norm, post_norm=True)
+    check(
+        model,
+        TOKENS,
+        {
+            "q_proj": (HEADS, ["q_proj.weight"]),
+            "k_proj": (HEADS, ["k_proj.weight"]),
+            "v_proj": (1, ["v_proj.weight"]),
+            "o_proj": (1, ["o_proj.weight"]),
+        },
+        {},
+    )
+    assert_finer_groups_move(model, TOKENS, ["v_proj.weight"], 1)
+    assert_finer_groups_move(model, TOKENS, ["o_proj.weight"], 1)
+
+
+def test_a_bias_on_the_way_to_the_post_norm_breaks_it():
+    model = Attention(nn.RMSNorm, post_norm=True, o_bias=True)
+    check(
+        model,
+        TOKENS,
+        {
+            "q_proj": (HEADS, ["q_proj.weight"]),
+            "k_proj": (HEADS, ["k_proj.weight"]),
+            "o_proj": (1, ["o_proj.weight", "o_proj.bias"]),
+        },
+        {"v_proj": "Addmm"},
+    )
+
+
+class SwiGLU(nn.Module):
+    """Gemma-style MLP with a post-feedforward norm: ``norm(down(silu(gate(x)) * up(x)))``."""
+
+    def __init__(self, down_bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(WIDTH, 32, bias=False), nn.Linear(WIDTH, 32, bias=False)
+        self.down_proj = nn.Linear(32, WIDTH, bias=down_bias)
+        self.post_feedforward_layernorm = HFRMSNorm(WIDTH)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return x + self.post_feedforward_layernorm(self.down_proj(h))
+
+
+def test_swiglu_up_projection_is_invariant_through_the_gate_and_the_bias_free_down_projection():
+    model = SwiGLU()
+    check(
+        model,
+        TOKENS,
+        {"up_proj": (1, ["up_proj.weight"]), "down_proj": (1, ["down_proj.weight"])},
+        {"gate_proj": "Silu"},
+    )
+    assert_finer_groups_move(model, TOKENS, ["up_proj.weight"], 1)
+
+
+def test_swiglu_with_a_biased_down_projection_leaves_up_out():
+    check(
+        SwiGLU(down_bias=True),
+        TOKENS,
+        {"down_proj": (1, ["down_proj.weight", "down_proj.bias"])},
+        {"up_proj": "Addmm", "gate_proj": "Silu"},
+    )
+
+
+@pytest.mark.parametrize(("down_bias", "tracked"), [(False, True), (True, False)])
+def test_rms_norm_after_two_linears(down_bias, tracked):
+    """``nn.RMSNorm(d)(down(up(x)))``: ``up`` is whole-layer invariant iff ``down`` has no bias."""
+    model = nn.Sequential()
+    model.up, model.down, model.norm = nn.Linear(WIDTH, 32), nn.Linear(32, WIDTH, bias=down_bias), nn.RMSNorm(WIDTH)
+    down = (1, ["down.weight", "down.bias"] if down_bias else ["down.weight"])
+    if tracked:
+        check(model, TOKENS, {"up": (1, ["up.weight", "up.bias"]), "down": down}, {})
+    else:
+        check(model, TOKENS, {"down": down}, {"up": "Addmm"})
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum and softmax (the math path), values per head, then a BatchNorm over
+    the value channels: each value channel reaches its own BatchNorm channel through ``probs @ v``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(3))
+        self.bn = nn.BatchNorm1d(WIDTH)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, HEADS, HEAD_DIM) for f in (self.q, self.k, self.v))
+        probs = torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, WIDTH)
+        return self.bn(out.transpose(1, 2))
+
+
+def test_einsum_attention_values_keep_their_channels():
+    check(EinsumAttention(), TOKENS, {"v": (WIDTH, ["v.weight"])}, {"q": "Softmax", "k": "Softmax"})
