@@ -292,12 +292,17 @@ class _Ties:
 
     def tie(self, ids: Tensor) -> None:
         """Tie together all the channels in each row of ``ids`` ``(P, R)``; -1 entries are ignored."""
-        for row in ids.unique(dim=0).tolist():
-            members = [c for c in row if c >= 0]
-            for c in members[1:]:
-                a, b = self.find(members[0]), self.find(c)
-                if a != b:
-                    self.parent[b] = a
+        high = ids.amax(1)
+        low = torch.where(ids >= 0, ids, high[:, None]).amin(1)
+        several = low != high
+        if not bool(several.any()):
+            return
+        ids, high = ids[several], high[several]
+        pairs = torch.stack([high[:, None].expand_as(ids), ids], -1).reshape(-1, 2)
+        for a, b in pairs[pairs[:, 1] >= 0].unique(dim=0).tolist():
+            a, b = self.find(a), self.find(b)
+            if a != b:
+                self.parent[b] = a
 
 
 def _layer_groups(
@@ -367,7 +372,7 @@ def _layer_groups(
 def _channel_ids(shape: Sequence[int], dim: int, channels: int) -> Tensor:
     view = [1] * len(shape)
     view[dim] = channels
-    return torch.arange(channels).view(view).expand(*shape)
+    return torch.arange(channels, dtype=torch.int32).view(view).expand(*shape)
 
 
 def _group_size(ties: _Ties, channels: int) -> int:
@@ -493,7 +498,7 @@ class _Walk:
             return [self._moved(first, first.ids, op)]
         if op in _RESHAPES or op == "ExpandBackward0":
             out = self._shape(node)
-            ids = first.ids.expand(out) if op == "ExpandBackward0" else first.ids.reshape(out)
+            ids = first.ids.expand(out) if op == "ExpandBackward0" else _reshape(first.ids, out)
             return [self._moved(first, ids, op, keeps=op.startswith(("Squeeze", "Unsqueeze", "Expand")))]
         if op == "PermuteBackward0":
             return [self._moved(first, first.ids.permute([_signed(d) for d in node._saved_dims]), op, keeps=False)]
@@ -523,24 +528,24 @@ class _Walk:
         if op in _SPATIAL:
             if scaled != [0]:
                 raise self._break(node, inputs)
-            flat = first.ids.flatten(2)
+            flat = _compact(first.ids).flatten(2)
             if not bool((flat == flat[:, :, :1]).all()):
                 raise self._break(node, inputs, " (mixing channels)")
             ids = flat[:, :, :1].reshape(*flat.shape[:2], *[1] * (first.ids.dim() - 2))
             return [self._moved(first, ids.expand(self._shape(node)), op)]
         if op in _REDUCTIONS:
             ids = self._reduce(node, first.ids, self._dims(node, first.ids.dim()))
-            return [self._moved(first, ids.reshape(self._shape(node)), op, keeps=False)]
+            return [self._moved(first, _reshape(ids, self._shape(node)), op, keeps=False)]
         if op in _STATISTICS:
             if scaled != [0]:
                 raise self._break(node, inputs)
             factor, reduces = _STATISTICS[op]
             ids = first.ids
             if reduces:
-                ids = self._reduce(node, ids, self._dims(node, ids.dim())).reshape(self._shape(node))
+                ids = _reshape(self._reduce(node, ids, self._dims(node, ids.dim())), self._shape(node))
             return [_Value(first.degree * factor, ids, statistic=True, shift_free=False, channels_kept=False)]
         if op in ("VarMeanBackward0", "StdMeanBackward0"):
-            ids = self._reduce(node, first.ids, self._dims(node, first.ids.dim())).reshape(self._shape(node))
+            ids = _reshape(self._reduce(node, first.ids, self._dims(node, first.ids.dim())), self._shape(node))
             factor = 2 if op.startswith("Var") else 1
             return [
                 _Value(first.degree * factor, ids, statistic=True, shift_free=False, channels_kept=False),
@@ -571,7 +576,7 @@ class _Walk:
         if op == "NativeGroupNormBackward0":
             if scaled != [0]:
                 raise self._break(node, inputs)
-            grouped = _Value(first.degree, first.ids.reshape(first.ids.shape[0], node._saved_group, -1))
+            grouped = _Value(first.degree, _reshape(first.ids, (first.ids.shape[0], node._saved_group, -1)))
             grouped.shift_free, grouped.channels_kept = first.shift_free, False
             return self._normalize(node, grouped, [2], fused=False)
         if op in _BATCH_NORMS:
@@ -606,19 +611,22 @@ class _Walk:
         """Tie the channels met along ``dims``; the result keeps those dims with size 1. An entry that does
         not depend on the layer summed with ones that do breaks the scaling."""
         keep = [d for d in range(ids.dim()) if d not in dims]
-        rows = _rows(ids, keep)
+        compact = _compact(ids)
+        rows = _rows(compact, keep)
         if bool(((rows < 0).any(1) & (rows >= 0).any(1)).any()):
             raise self._break(node, [], " (with entries that do not scale)")
         self.ties.tie(rows)
-        return rows.amax(1).reshape([ids.shape[d] if d in keep else 1 for d in range(ids.dim())])
+        reduced = rows.amax(1).reshape([compact.shape[d] if d in keep else 1 for d in range(ids.dim())])
+        return reduced.expand([ids.shape[d] if d in keep else 1 for d in range(ids.dim())])
 
     def _merge(self, a: Tensor, b: Tensor) -> Tensor:
         """Element-wise: entries of ``a`` and ``b`` that both scale scale together."""
-        a, b = torch.broadcast_tensors(a, b)
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        a, b = torch.broadcast_tensors(_compact(a), _compact(b))
         both = (a >= 0) & (b >= 0)
         if bool(both.any()):
             self.ties.tie(torch.stack([a[both], b[both]], 1))
-        return torch.where(a >= 0, a, b)
+        return torch.where(a >= 0, a, b).expand(shape)
 
     def _add(self, node: Node, inputs: list[_Value | None]) -> _Value:
         out = self._shape(node)
@@ -626,7 +634,8 @@ class _Walk:
         constant = [child for child, _ in node.next_functions if child is None] or len(node.next_functions) == 1
         if len(present) == 2 and present[0].degree == present[1].degree:
             a, b = present
-            if bool(((a.ids.expand(out) < 0) != (b.ids.expand(out) < 0)).any()):
+            a_ids, b_ids = torch.broadcast_tensors(_compact(a.ids.expand(out)), _compact(b.ids.expand(out)))
+            if bool(((a_ids < 0) != (b_ids < 0)).any()):
                 raise self._break(node, inputs, " (with entries that do not scale)")
             return _Value(
                 a.degree,
@@ -661,7 +670,7 @@ class _Walk:
     def _normalize(self, node: Node, value: _Value, dims: list[int], fused: bool) -> list[_Value | None]:
         """A fused normalization over ``dims`` of its input: the channels in each normalized set tie."""
         ids = value.ids
-        rows = _rows(ids, [d for d in range(ids.dim()) if d not in dims])
+        rows = _rows(_compact(ids), [d for d in range(ids.dim()) if d not in dims])
         if bool(((rows < 0).any(1) & (rows >= 0).any(1)).any()):
             raise self._break(node, [], " (with entries that do not scale)")
         single = bool((rows.amax(1) == rows.amin(1)).all())
@@ -724,7 +733,7 @@ class _Walk:
         for size, value in zip(sizes, inputs, strict=True):
             shape = list(out)
             shape[dim] = size
-            parts.append(value.ids.expand(shape) if value is not None else torch.full(shape, -1, dtype=torch.long))
+            parts.append(value.ids.expand(shape) if value is not None else torch.full(shape, -1, dtype=torch.int32))
         present = [v for v in inputs if v is not None]
         degrees = {v.degree for v in present}
         if len(degrees) > 1:
@@ -741,6 +750,23 @@ class _Walk:
 def _signed(dim: int) -> int:
     """A saved dimension as Python sees it: some nodes hand ``-1`` back as an unsigned 64-bit integer."""
     return dim - 2**64 if dim >= 2**63 else dim
+
+
+def _compact(ids: Tensor) -> Tensor:
+    """``ids`` without its broadcast dimensions (stride 0: every entry along them is the same), kept with
+    size 1: what every reduction and comparison needs, at a fraction of the size."""
+    return ids[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in ids.stride())]
+
+
+def _reshape(ids: Tensor, shape: Sequence[int]) -> Tensor:
+    """``ids.reshape(shape)``, without materializing leading broadcast dimensions that the reshape keeps."""
+    lead = 0
+    while lead < min(ids.dim(), len(shape)) and ids.shape[lead] == shape[lead] and ids.stride(lead) == 0:
+        lead += 1
+    if lead == 0:
+        return ids.reshape(shape)
+    inner = ids[(slice(0, 1),) * lead].reshape(*[1] * lead, *shape[lead:])
+    return inner.expand(*shape)
 
 
 def _rows(ids: Tensor, keep: Sequence[int]) -> Tensor:
