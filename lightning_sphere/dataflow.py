@@ -433,7 +433,7 @@ class _Walk:
             node = heapq.heappop(queue)[2]
             outputs = self._step(node)
             for nr, value in enumerate(outputs):
-                if value is None or value.degree == 0 or bool((value.ids < 0).all()):
+                if value is None or value.degree == 0 or bool((_compact(value.ids) < 0).all()):
                     continue  # no longer scales with the layer
                 self.values[(node, nr)] = value
                 self._push(node, queue, queued)
@@ -621,7 +621,7 @@ class _Walk:
 
     def _merge(self, a: Tensor, b: Tensor) -> Tensor:
         """Element-wise: entries of ``a`` and ``b`` that both scale scale together."""
-        shape = torch.broadcast_shapes(a.shape, b.shape)
+        shape = torch.broadcast_tensors(a, b)[0].shape  # torch.broadcast_shapes imports the fx machinery
         a, b = torch.broadcast_tensors(_compact(a), _compact(b))
         both = (a >= 0) & (b >= 0)
         if bool(both.any()):

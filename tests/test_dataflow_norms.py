@@ -459,3 +459,61 @@ class EinsumAttention(nn.Module):
 
 def test_einsum_attention_values_keep_their_channels():
     check(EinsumAttention(), TOKENS, {"v": (WIDTH, ["v.weight"])}, {"q": "Softmax", "k": "Softmax"})
+
+
+# --- channels followed through concatenations and splits (item 12) ----------------------------------------
+
+
+class DenseBlock(nn.Module):
+    """DenseNet: every layer normalizes the concatenation of all earlier features, channel by channel."""
+
+    def __init__(self, cin: int = 3, growth: int = 4, layers: int = 3) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.BatchNorm2d(cin + i * growth) for i in range(layers))
+        self.convs = nn.ModuleList(nn.Conv2d(cin + i * growth, growth, 3, padding=1) for i in range(layers))
+        self.final = nn.BatchNorm2d(cin + layers * growth)
+        self.head = nn.Linear(cin + layers * growth, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [x]
+        for norm, conv in zip(self.norms, self.convs, strict=True):
+            features.append(conv(F.relu(norm(torch.cat(features, 1)))))
+        return self.head(F.relu(self.final(torch.cat(features, 1))).mean((2, 3)))
+
+
+def test_densenet_convs_are_normalized_channel_by_channel_wherever_their_output_goes():
+    """Before: the first conv "is used besides the normalization", the last "reaches Cat"."""
+    model = DenseBlock()
+    convs = {f"convs.{i}": (4, [f"convs.{i}.weight"]) for i in range(3)}  # every BN centres: biases cancel
+    check(model, IMAGES, convs, {"head": "not normalized"})
+
+
+class SplitNorms(nn.Module):
+    """One conv, its channels split in two halves, each normalized by its own BatchNorm; ``group_norm``:
+    the second half goes through a GroupNorm together with channels from elsewhere instead."""
+
+    def __init__(self, group_norm: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.side = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(1, 8) if group_norm else None
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.conv(x).chunk(2, dim=1)
+        b = self.bn_b(b) if self.gn is None else self.gn(torch.cat([b, self.side(x)], 1))[:, :4]
+        return self.head(torch.cat([self.bn_a(a), b], 1).relu().mean((2, 3)))
+
+
+def test_channel_slices_feeding_per_channel_norms():
+    check(SplitNorms(), IMAGES, {"conv": (8, ["conv.weight"])}, {})
+
+
+def test_a_norm_that_mixes_the_layer_with_other_channels_breaks_it():
+    check(
+        SplitNorms(group_norm=True),
+        IMAGES,
+        {},
+        {"conv": "entries that do not scale", "side": "entries that do not scale"},
+    )
