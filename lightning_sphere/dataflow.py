@@ -325,32 +325,39 @@ def _layer_groups(
         with_bias = False
     else:
         ties = _Ties(channels)
-        norms = []
+        norms, broken, reasons = [], set(), []
         for call in calls:
             dim = 1 if isinstance(layer, _ConvNd) else len(call.shape) - 1
             if not call.shape or call.shape[dim] != channels:
                 return "its output does not hold its channels where expected"
             walk = _Walk(graph, ties, namer)
-            try:
-                norms += walk.run(call.output, _channel_ids(call.shape, dim, channels))
-            except _Broken as broken:
-                return str(broken)
+            norms += walk.run(call.output, _channel_ids(call.shape, dim, channels))
+            broken |= walk.broken
+            reasons.append(walk.reason)
         if not norms:
-            return "output is not normalized"
+            return next((r for r in reasons if r), "output is not normalized")
         with_bias = bias is not None and not all(n.cancels_shift for n in norms)
     reason = _check_params(layer, calls, graph, names, with_bias)
     if reason:
         return reason
-    per_group = _group_size(ties, channels)
-    num_groups = channels // per_group
-    if transposed:
+    kept = None
+    if standardized is None and broken:
+        kept = _kept_range(ties, channels, broken)
+        if kept is None or transposed or (isinstance(layer, _ConvNd) and layer.groups != 1):
+            return next(r for r in reasons if r)
+    start, stop = kept or (0, channels)
+    per_group = _group_size(ties, channels, start, stop)
+    num_groups = (stop - start) // per_group
+    if kept is not None:
+        pieces = [ParamSlice(names[weight], weight, channels=kept)]
+    elif transposed:
         # weight is (C_in, C_out / groups, *k): output channel (group, j) once dim 0 is split.
         split = layer.groups
         pieces = [ParamSlice(names[weight], weight, (0, 2) if split > 1 else (1,), split)]
     else:
         pieces = [ParamSlice(names[weight], weight)]
     if with_bias:
-        pieces.append(ParamSlice(names[bias], bias))
+        pieces.append(ParamSlice(names[bias], bias, channels=kept))
     norm_call = namer(norms[0].node)
     norm_modules = {id(namer(n.node).module) if namer(n.node) else None for n in norms}
     return InvariantGroups(
@@ -362,6 +369,7 @@ def _layer_groups(
         granularity="channel" if per_group == 1 else "layer" if num_groups == 1 else f"{per_group} channels",
         channels_aligned=per_group == 1
         and standardized is None
+        and kept is None
         and len(norm_modules) == 1
         and norm_call is not None
         and isinstance(norm_call.module, CHANNEL_NORMS)
@@ -375,16 +383,29 @@ def _channel_ids(shape: Sequence[int], dim: int, channels: int) -> Tensor:
     return torch.arange(channels, dtype=torch.int32).view(view).expand(*shape)
 
 
-def _group_size(ties: _Ties, channels: int) -> int:
-    """The smallest run of consecutive channels, dividing ``channels``, that holds every tied set whole."""
-    roots = [ties.find(c) for c in range(channels)]
-    for size in range(1, channels + 1):
-        if channels % size:
+def _group_size(ties: _Ties, channels: int, start: int = 0, stop: int | None = None) -> int:
+    """The smallest run of consecutive channels, dividing the channels ``start:stop``, that holds every tied
+    set among them whole."""
+    stop = channels if stop is None else stop
+    count = stop - start
+    roots = [ties.find(c) for c in range(start, stop)]
+    for size in range(1, count + 1):
+        if count % size:
             continue
         block: dict[int, int] = {}
         if all(block.setdefault(r, c // size) == c // size for c, r in enumerate(roots)):
             return size
-    return channels
+    return count
+
+
+def _kept_range(ties: _Ties, channels: int, broken: set[int]) -> tuple[int, int] | None:
+    """The channels whose scale never reaches the loss, when they are one run ``(start, stop)`` of at least
+    two channels not tied to a broken one (the q and k rows of a fused qkv projection); else ``None``."""
+    lost = {ties.find(c) for c in broken}
+    fine = [c for c in range(channels) if ties.find(c) not in lost]
+    if len(fine) < 2 or fine[-1] - fine[0] + 1 != len(fine):
+        return None
+    return fine[0], fine[-1] + 1
 
 
 def _standardized(
@@ -399,11 +420,8 @@ def _standardized(
     ties = _Ties(channels)
     walk = _Walk(graph, ties, lambda node: None, inside=inside)
     shape = tuple(layer.weight.shape)
-    try:
-        norms = walk.run(leaf, _channel_ids(shape, 1 if transposed else 0, shape[1 if transposed else 0]))
-    except _Broken:
-        return None
-    return (ties, norms) if norms else None
+    norms = walk.run(leaf, _channel_ids(shape, 1 if transposed else 0, shape[1 if transposed else 0]))
+    return (ties, norms) if norms and not walk.broken else None
 
 
 class _Walk:
@@ -420,28 +438,45 @@ class _Walk:
         self.values: dict[tuple[Node, int], _Value] = {}
         self.norms: list[_Norm] = []
         self.start: Node | None = None
+        self.broken: set[int] = set()
+        self.reason = ""
 
     def run(self, start: Node, ids: Tensor) -> list[_Norm]:
+        """Follow the layer's channels from ``start`` (whose value has channel ``ids``); the channels whose
+        scale reaches the loss end up in :attr:`broken`, the first reason in :attr:`reason`."""
         self.start = start
         self.values[(start, 0)] = _Value(Fraction(1), ids)
         queue: list[tuple[int, int, Node]] = []
         queued: set[Node] = set()
-        self._push(start, queue, queued, check=False)
+        self._push(start, queue, queued)
         for _ in range(_MAX_STEPS):
             if not queue:
                 return self.norms
             node = heapq.heappop(queue)[2]
-            outputs = self._step(node)
+            try:
+                outputs = self._step(node)
+            except _Broken as broken:
+                self._lose([v for v in self._inputs(node) if v is not None], str(broken))
+                continue
             for nr, value in enumerate(outputs):
                 if value is None or value.degree == 0 or bool((_compact(value.ids) < 0).all()):
                     continue  # no longer scales with the layer
                 self.values[(node, nr)] = value
-                self._push(node, queue, queued)
-        raise _Broken("output is not normalized within the operations followed")
+                if node in self.graph.roots or (self.inside is not None and node not in self.inside):
+                    self._lose([value], "output is not normalized")
+                else:
+                    self._push(node, queue, queued)
+        self._lose(list(self.values.values()), "output is not normalized within the operations followed")
+        return self.norms
 
-    def _push(self, node: Node, queue: list[tuple[int, int, Node]], queued: set[Node], check: bool = True) -> None:
-        if check and (node in self.graph.roots or (self.inside is not None and node not in self.inside)):
-            raise _Broken("output is not normalized")
+    def _lose(self, values: Sequence[_Value], reason: str) -> None:
+        """The channels of ``values`` reach the loss unnormalized."""
+        for value in values:
+            channels = _compact(value.ids).unique()
+            self.broken.update(channels[channels >= 0].tolist())
+        self.reason = self.reason or reason
+
+    def _push(self, node: Node, queue: list[tuple[int, int, Node]], queued: set[Node]) -> None:
         users = self.graph.consumers.get(node, [])
         for user in users:
             if user not in queued:

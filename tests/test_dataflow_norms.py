@@ -25,10 +25,13 @@ HEAD_DIM = WIDTH // HEADS
 # --- the ground truth -------------------------------------------------------------------------------------
 
 
-def output_moves(model: nn.Module, x: Tensor, params: list[str], num_groups: int) -> bool:
-    """Whether scaling the ``num_groups`` consecutive blocks of output channels of ``params`` together moves
-    the output of a float64 copy of ``model`` with tiny norm eps: by 2, by 0.5, and by a random factor per
-    group. Output channels are dim 0 of each tensor (dim 1 of a ConvTranspose weight)."""
+def output_moves(
+    model: nn.Module, x: Tensor, params: list[str], num_groups: int, rows: tuple[int, int] | None = None
+) -> bool:
+    """Whether scaling the ``num_groups`` consecutive blocks of output channels of ``params`` (only the
+    channels ``rows``, if given) together moves the output of a float64 copy of ``model`` with tiny norm
+    eps: by 2, by 0.5, and by a random factor per group. Output channels are dim 0 of each tensor (dim 1 of
+    a ConvTranspose weight)."""
     torch.manual_seed(0)
     twin = copy.deepcopy(model).double().train()
     for module in twin.modules():
@@ -39,7 +42,8 @@ def output_moves(model: nn.Module, x: Tensor, params: list[str], num_groups: int
     for param in params:
         owner = twin.get_submodule(param.rpartition(".")[0])
         dim = 1 if isinstance(owner, nn.ConvTranspose2d) and param.endswith("weight") else 0
-        tensors.append((twin.get_parameter(param), dim))
+        tensor = twin.get_parameter(param)
+        tensors.append((tensor if rows is None else tensor[rows[0] : rows[1]], dim))
     with torch.no_grad():
         torch.manual_seed(1)
         reference = twin(x)
@@ -68,13 +72,19 @@ def candidates(model: nn.Module, x: Tensor) -> GroupFinder:
     return finder
 
 
-def detected(model: nn.Module, x: Tensor) -> tuple[dict[str, tuple[int, list[str]]], dict[str, str]]:
-    """The candidates read off the graph: module → (groups, parameter names), and the rejected modules."""
+def detected(model: nn.Module, x: Tensor) -> tuple[dict[str, tuple], dict[str, str]]:
+    """The candidates read off the graph: module → (groups, parameter names[, channel range]), and the
+    rejected modules."""
     finder = candidates(model, x)
-    return {g.module_name: (g.num_groups, [s.name for s in g.slices]) for g in finder.pending}, finder.rejected
+    found = {}
+    for g in finder.pending:
+        found[g.module_name] = (g.num_groups, [s.name for s in g.slices])
+        if g.slices[0].channels is not None:
+            found[g.module_name] += (g.slices[0].channels,)
+    return found, finder.rejected
 
 
-def check(model: nn.Module, x: Tensor, invariant: dict[str, tuple[int, list[str]]], rejected: dict[str, str]):
+def check(model: nn.Module, x: Tensor, invariant: dict[str, tuple], rejected: dict[str, str]):
     """Detection finds exactly ``invariant`` and rejects ``rejected`` with the given words; the ground truth
     agrees: each detected group is invariant, and each rejected layer is not even as a whole."""
     torch.manual_seed(0)
@@ -82,8 +92,8 @@ def check(model: nn.Module, x: Tensor, invariant: dict[str, tuple[int, list[str]
     assert found == invariant
     for name, words in rejected.items():
         assert words in reasons[name], (name, reasons[name])
-    for name, (num_groups, params) in invariant.items():
-        assert not output_moves(model, x, params, num_groups), name
+    for name, (num_groups, params, *rows) in invariant.items():
+        assert not output_moves(model, x, params, num_groups, *rows), name
     for name in rejected:
         layer = model.get_submodule(name)
         params = [f"{name}.weight"] + ([f"{name}.bias"] if getattr(layer, "bias", None) is not None else [])
@@ -511,9 +521,8 @@ def test_channel_slices_feeding_per_channel_norms():
 
 
 def test_a_norm_that_mixes_the_layer_with_other_channels_breaks_it():
-    check(
-        SplitNorms(group_norm=True),
-        IMAGES,
-        {},
-        {"conv": "entries that do not scale", "side": "entries that do not scale"},
-    )
+    """The second half of conv is normalized together with side's channels: neither scales alone. The first
+    half still has its own BatchNorm: those rows are tracked, as a channel range."""
+    model = SplitNorms(group_norm=True)
+    check(model, IMAGES, {"conv": (4, ["conv.weight"], (0, 4))}, {"side": "entries that do not scale"})
+    assert output_moves(model, IMAGES, ["conv.weight"], 4, (4, 8))
