@@ -526,3 +526,94 @@ def test_a_norm_that_mixes_the_layer_with_other_channels_breaks_it():
     model = SplitNorms(group_norm=True)
     check(model, IMAGES, {"conv": (4, ["conv.weight"], (0, 4))}, {"side": "entries that do not scale"})
     assert output_moves(model, IMAGES, ["conv.weight"], 4, (4, 8))
+
+
+# --- fused qkv projections (item 11) ----------------------------------------------------------------------
+
+
+class FusedQKV(nn.Module):
+    """timm's ViT attention with ``qk_norm=True``: one Linear makes q, k and v, reshaped to
+    ``(3, B, heads, T, head_dim)`` and unbound; per-head LayerNorms on q and k. ``split``: the LLM way,
+    ``qkv.split(width, -1)`` then a view per head."""
+
+    def __init__(self, split: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.split = split
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH, bias=bias)
+        self.q_norm, self.k_norm = nn.LayerNorm(HEAD_DIM), HFRMSNorm(HEAD_DIM)
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        if self.split:
+            q, k, v = (y.view(b, t, HEADS, HEAD_DIM).transpose(1, 2) for y in self.qkv(x).split(WIDTH, -1))
+        else:
+            q, k, v = self.qkv(x).reshape(b, t, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attention = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, WIDTH)
+        return x + self.proj(attention)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_qkv_tracks_the_q_and_k_head_rows(split, bias):
+    """Before: the whole qkv layer was left out ("reaches Sdpa"). Its v rows are not invariant."""
+    model = FusedQKV(split, bias)
+    params = ["qkv.weight", "qkv.bias"] if bias else ["qkv.weight"]
+    check(model, TOKENS, {"qkv": (2 * HEADS, params, (0, 2 * WIDTH))}, {"proj": "Add"})
+    assert output_moves(model, TOKENS, params, 1, (2 * WIDTH, 3 * WIDTH))  # v rows
+    assert output_moves(model, TOKENS, params, 4 * HEADS, (0, 2 * WIDTH))  # half heads
+    (entry,) = find_invariant_groups(model, TOKENS)
+    assert (entry.module_name, entry.num_groups, entry.group_size) == ("qkv", 8, HEAD_DIM * (WIDTH + bias))
+    assert entry.numel == 2 * WIDTH * (WIDTH + bias)
+
+
+def test_the_rows_left_out_sit_between_invariant_ones_then_nothing_is_tracked():
+    """k, v, q order: the invariant rows are not one run; the layer is rejected with the first reason."""
+
+    class KVQ(FusedQKV):
+        def forward(self, x: Tensor) -> Tensor:
+            b, t, _ = x.shape
+            k, v, q = (y.view(b, t, HEADS, HEAD_DIM).transpose(1, 2) for y in self.qkv(x).split(WIDTH, -1))
+            attention = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+            return x + self.proj(attention.transpose(1, 2).reshape(b, t, WIDTH))
+
+    check(KVQ(), TOKENS, {}, {"qkv": "Addmm"})
+
+
+@pytest.mark.parametrize("correction", [None, "srt"])
+def test_fused_qkv_rows_are_measured_and_corrected_and_v_rows_step_plainly(correction):
+    """The tracker's angular updates of the q and k head groups against a float64 reference computed from
+    the rows of the weight and bias before and after the step; with the AdamSRT correction on, the v rows
+    still take Adam's plain step, bit for bit (first step: later the corrected q, k change v's gradient)."""
+    from lightning_sphere import SphereTracker
+    from tests import reference
+
+    torch.manual_seed(0)
+    model = FusedQKV().double()
+    x = TOKENS.double()
+    groups = find_invariant_groups(model, x)
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    plain = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    tracker = SphereTracker(groups, [optimizer], correction=correction, model=model)
+
+    def heads(m: nn.Module) -> Tensor:  # (2 * HEADS, d): weight rows and bias entries of each q/k head
+        w, b = m.qkv.weight.detach()[: 2 * WIDTH], m.qkv.bias.detach()[: 2 * WIDTH]
+        return torch.cat([w.reshape(2 * HEADS, -1), b.reshape(2 * HEADS, -1)], 1).clone()
+
+    for step in range(2):
+        tracker.arm(histograms=True)
+        before = heads(model)
+        for m, opt in ((model, optimizer), (twin, plain)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+        measurement = tracker.collect()
+        theta = reference.group_metrics(before, heads(model), before, 1e-2)["angular_update"]
+        torch.testing.assert_close(measurement.histograms["sphere_hist/angular_update/qkv"], theta, rtol=1e-9, atol=0)
+        if step == 0:
+            assert torch.equal(model.qkv.weight[2 * WIDTH :], twin.qkv.weight[2 * WIDTH :])
+            assert torch.equal(model.qkv.bias[2 * WIDTH :], twin.qkv.bias[2 * WIDTH :])
+    changed = not torch.equal(model.qkv.weight[: 2 * WIDTH], twin.qkv.weight[: 2 * WIDTH])
+    assert changed == (correction is not None)
