@@ -458,6 +458,10 @@ class _Walk:
             except _Broken as broken:
                 self._lose([v for v in self._inputs(node) if v is not None], str(broken))
                 continue
+            except Exception:  # an operation this walk misreads must cost the layer, never the training run
+                op = node.name().removesuffix("Backward0")
+                self._lose([v for v in self._inputs(node) if v is not None], f"output reaches {op}, not followed")
+                continue
             for nr, value in enumerate(outputs):
                 if value is None or value.degree == 0 or bool((_compact(value.ids) < 0).all()):
                     continue  # no longer scales with the layer
@@ -617,13 +621,25 @@ class _Walk:
         if op in _BATCH_NORMS:
             if scaled != [0]:
                 raise self._break(node, inputs)
-            if not getattr(node, "_saved_training", True):
+            if not self._batch_statistics(node):
                 call = self.namer(node)
                 what = f"{call.name} ({type(call.module).__name__})" if call else "a batch norm"
                 raise _Broken(f"{what} uses running statistics (eval mode)")
             dims = [d for d in range(first.ids.dim()) if d != 1]
             return self._normalize(node, first, dims, fused=True)
         raise self._break(node, inputs)
+
+    def _batch_statistics(self, node: Node) -> bool:
+        """Whether a batch norm node normalized with the statistics of its input. The native node says so;
+        cuDNN's does not save it: then its module's mode, or the batch statistics it saved, tell."""
+        training = getattr(node, "_saved_training", None)
+        if training is not None:
+            return bool(training)
+        call = self.namer(node)
+        if call is not None and isinstance(call.module, _BatchNorm):
+            return call.training or not call.module.track_running_stats
+        saved = getattr(node, "_saved_result1", None)
+        return saved is not None and saved.numel() > 0
 
     def _moved(self, value: _Value, ids: Tensor, op: str, keeps: bool = True) -> _Value:
         return _Value(
