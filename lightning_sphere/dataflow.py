@@ -91,7 +91,6 @@ _STATISTICS = {
     "SqrtBackward0": (Fraction(1, 2), False),
     "RsqrtBackward0": (Fraction(-1, 2), False),
     "ReciprocalBackward0": (-1, False),
-    "ClampMinBackward0": (1, False),  # F.normalize's clamp of the norm at eps
 }
 _BATCH_NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"})
 #: Operations after which channel c of the tensor is still output channel c of the layer.
@@ -575,6 +574,12 @@ class _Walk:
         if op in _REDUCTIONS:
             ids = self._reduce(node, first.ids, self._dims(node, first.ids.dim()))
             return [self._moved(first, _reshape(ids, self._shape(node)), op, keeps=False)]
+        if op == "ClampMinBackward0" and scaled == [0]:
+            if first.statistic:  # F.normalize's clamp of the norm at eps: the normalization's own approximation
+                return [self._moved(first, first.ids, op)]
+            if node._saved_min == 0:  # relu
+                return [self._moved(first, first.ids, "ReluBackward0")]
+            raise self._break(node, inputs)
         if op in _STATISTICS:
             if scaled != [0]:
                 raise self._break(node, inputs)
@@ -713,7 +718,7 @@ class _Walk:
         return _Value(
             Fraction(degree),
             ids.expand(out),
-            statistic=base.statistic,
+            statistic=all(v.statistic for v in (a, b) if v is not None),
             shift_free=False,
             channels_kept=(a is None or a.channels_kept) and (b is None or b.channels_kept),
         )

@@ -617,3 +617,25 @@ def test_fused_qkv_rows_are_measured_and_corrected_and_v_rows_step_plainly(corre
             assert torch.equal(model.qkv.bias[2 * WIDTH :], twin.qkv.bias[2 * WIDTH :])
     changed = not torch.equal(model.qkv.weight[: 2 * WIDTH], twin.qkv.weight[: 2 * WIDTH])
     assert changed == (correction is not None)
+
+
+class Normalized(nn.Module):
+    """``F.normalize`` over the features (cosine classifiers, SimCLR heads); ``floor``: a clamp at a
+    non-zero floor before a BatchNorm instead (not homogeneous)."""
+
+    def __init__(self, floor: float | None = None) -> None:
+        super().__init__()
+        self.floor = floor
+        self.proj = nn.Linear(WIDTH, 8)
+        self.bn = nn.BatchNorm1d(5)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        h = F.normalize(h, dim=-1) if self.floor is None else self.bn(h.clamp_min(self.floor))
+        return self.head(h)
+
+
+def test_f_normalize_makes_the_layer_one_group_and_a_clamp_above_zero_breaks_a_path():
+    check(Normalized(), TOKENS, {"proj": (1, ["proj.weight", "proj.bias"])}, {"head": "not normalized"})
+    check(Normalized(floor=0.1), TOKENS, {}, {"proj": "ClampMin"})
