@@ -153,7 +153,7 @@ class DataflowRecorder:
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             first = args[0] if args and isinstance(args[0], Tensor) else None
-            if isinstance(output, Tensor) and output.grad_fn is not None:
+            if isinstance(output, Tensor):
                 grad_fn = first.grad_fn if first is not None else None
                 self.calls.append(_Call(name, module, grad_fn, output.grad_fn, module.training, tuple(output.shape)))
 
