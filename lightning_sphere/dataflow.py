@@ -465,7 +465,8 @@ class _Walk:
                 if value is None or value.degree == 0 or bool((_compact(value.ids) < 0).all()):
                     continue  # no longer scales with the layer
                 self.values[(node, nr)] = value
-                if node in self.graph.roots or (self.inside is not None and node not in self.inside):
+                users = self.graph.consumers.get(node, [])
+                if node in self.graph.roots or (self.inside is not None and not set(users) <= self.inside):
                     self._lose([value], "output is not normalized")
                 else:
                     self._push(node, queue, queued)

@@ -639,3 +639,11 @@ class Normalized(nn.Module):
 def test_f_normalize_makes_the_layer_one_group_and_a_clamp_above_zero_breaks_a_path():
     check(Normalized(), TOKENS, {"proj": (1, ["proj.weight", "proj.bias"])}, {"head": "not normalized"})
     check(Normalized(floor=0.1), TOKENS, {}, {"proj": "ClampMin"})
+
+
+def test_a_plain_bias_free_conv_is_not_mistaken_for_a_standardized_one():
+    """Its weight reaches the BatchNorm only through the conv itself: the BatchNorm names the groups, and its
+    running statistics are one per group."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    (entry,) = candidates(model, IMAGES).pending
+    assert (entry.norm_name, entry.norm_type, entry.channels_aligned) == ("1", "BatchNorm2d", True)
