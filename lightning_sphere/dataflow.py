@@ -790,14 +790,20 @@ class _Walk:
         for size, value in zip(sizes, inputs, strict=True):
             shape = list(out)
             shape[dim] = size
-            parts.append(value.ids.expand(shape) if value is not None else torch.full(shape, -1, dtype=torch.int32))
+            parts.append(
+                value.ids.expand(shape) if value is not None else torch.tensor(-1, dtype=torch.int32).expand(shape)
+            )
+        # dimensions broadcast in every part stay broadcast: concatenate one slice of them
+        flat = [d for d in range(len(out)) if d != dim and all(p.stride(d) == 0 for p in parts)]
+        index = tuple(slice(0, 1) if d in flat else slice(None) for d in range(len(out)))
+        joined = torch.cat([p[index] for p in parts], dim).expand(out)
         present = [v for v in inputs if v is not None]
         degrees = {v.degree for v in present}
         if len(degrees) > 1:
             raise self._break(node, inputs)
         return _Value(
             degrees.pop(),
-            torch.cat(parts, dim),
+            joined,
             statistic=all(v.statistic for v in present),
             shift_free=all(v.shift_free for v in present),
             channels_kept=False,
