@@ -237,18 +237,23 @@ class _NormNamer:
         seq = node._sequence_nr()
         best: _Call | None = None
         for call in self.calls:
-            low = call.input._sequence_nr() if call.input is not None else -1
-            if not low < seq <= call.output._sequence_nr():
+            if not _first(call) < seq <= _last(call):
                 continue
-            if best is not None and call.output._sequence_nr() - low >= best.output._sequence_nr() - _low(best):
-                continue
+            if best is not None and _last(call) - _first(call) >= _last(best) - _first(best):
+                continue  # not inside the best one found so far
             if node in call.interior():
                 best = call
         return best
 
 
-def _low(call: _Call) -> int:
+def _first(call: _Call) -> int:
+    """Sequence numbers: the nodes a call created come after its input's node, up to its output's."""
     return call.input._sequence_nr() if call.input is not None else -1
+
+
+def _last(call: _Call) -> int:
+    assert call.output is not None
+    return call.output._sequence_nr()
 
 
 @dataclass
