@@ -61,20 +61,39 @@ class ParamSlice:
             ``split``); empty when the whole tensor is one channel.
         split: if above 1, dimension 0 is first unflattened into ``(split, -1)``: the layout of a
             grouped ConvTranspose weight, whose output channel is ``(group, dim 1)``.
+        channels: ``(start, stop)``: only these output channels (rows of dimension 0) belong to the groups,
+            the q and k rows of a fused qkv projection, say; ``None``: all of them.
+
+    Raises:
+        ValueError: for a channel range with other channel dimensions than ``(0,)``, or out of bounds.
     """
 
     name: str
     param: nn.Parameter
     channel_dims: tuple[int, ...] = (0,)
     split: int = 1
+    channels: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.channels is not None:
+            start, stop = self.channels
+            if self.channel_dims != (0,) or self.split != 1 or not 0 <= start < stop <= self.param.shape[0]:
+                raise ValueError(f"{self.name}: channels {self.channels} must be a range of the rows of dim 0")
 
     def _shaped(self, t: Tensor) -> Tensor:
+        if self.channels is not None:
+            return t[self.channels[0] : self.channels[1]]
         return t.unflatten(0, (self.split, -1)) if self.split > 1 else t
 
     @property
     def num_channels(self) -> int:
         shape = self._shaped(self.param).shape
         return math.prod(shape[d] for d in self.channel_dims)
+
+    @property
+    def numel(self) -> int:
+        """Entries of the parameter that belong to the groups."""
+        return self._shaped(self.param).numel()
 
     def rows(self, t: Tensor) -> Tensor:
         """``t`` (shaped like the parameter) as one row per output channel, ``(C, n)``.
@@ -129,7 +148,7 @@ class InvariantGroups:
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+        return sum(s.numel for s in self.slices)
 
     @property
     def group_size(self) -> int:

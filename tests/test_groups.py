@@ -319,3 +319,48 @@ def test_row_index_sums_spreads_and_selects_by_hand(modules):
     assert [e.module_name for e in part.entries] == ["b", "c"] and part.num_groups == 4
     assert part.group_of_row.tolist() == [0, 1, 2, 3] and part.groups == [slice(0, 3), slice(3, 4)]
     torch.testing.assert_close(part.sum_rows(per_row[2:]), want[2:], rtol=1e-15, atol=0)
+
+
+# ---------------------------------------------------------------------- ParamSlice.channels (row ranges)
+
+
+def test_a_channel_range_is_a_view_of_those_rows_and_counts_only_them():
+    weight = nn.Parameter(randn(6, 3, seed=7))
+    piece = ParamSlice("qkv.weight", weight, channels=(0, 4))
+    rows = piece.rows(weight.detach())
+    assert piece.num_channels == 4 and piece.numel == 12
+    assert torch.equal(rows, weight.detach()[:4]) and rows.data_ptr() == weight.data_ptr()
+    entry = InvariantGroups(
+        "qkv", (piece, ParamSlice("qkv.bias", nn.Parameter(randn(6, seed=8)), channels=(0, 4))), 2, "", ""
+    )
+    assert (entry.numel, entry.group_size) == (16, 8)
+
+
+def test_write_rows_of_a_channel_range_leaves_the_other_rows_alone():
+    weight = randn(6, 3, seed=9).t().contiguous().t()  # column-major: rows are a copy
+    piece = ParamSlice("qkv.weight", nn.Parameter(weight.clone()), channels=(2, 5))
+    rows = piece.rows(weight)
+    assert rows.data_ptr() != weight.data_ptr()
+    expected = weight.clone()
+    expected[2:5] = 7.0
+    piece.write_rows(weight, torch.full_like(rows, 7.0))
+    assert torch.equal(weight, expected)
+
+
+def test_row_index_and_cosines_of_a_channel_range_match_the_hand_computation():
+    weight = nn.Parameter(randn(6, 3, seed=10))
+    grad = randn(6, 3, seed=11)
+    entry = InvariantGroups("qkv", (ParamSlice("qkv.weight", weight, channels=(2, 6)),), 2, "", "")
+    index = RowIndex([entry], torch.device("cpu"))
+    assert index.rows_per_slice == [4] and index.group_of_row.tolist() == [0, 0, 1, 1]
+    x, g = weight.detach()[2:].reshape(2, 6), grad[2:].reshape(2, 6)
+    expected = ((x * g).sum(1) / (x.norm(dim=1) * g.norm(dim=1))).abs().max().item()
+    assert gradient_cosines([entry], {weight: grad})[0] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"channels": (0, 7)}, {"channels": (3, 3)}, {"channels": (0, 2), "channel_dims": (1,)}]
+)
+def test_an_invalid_channel_range_is_refused(kwargs):
+    with pytest.raises(ValueError, match="range of the rows"):
+        ParamSlice("w", nn.Parameter(torch.ones(6, 3)), **kwargs)
