@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_sphere.dataflow import NORMS, DataflowRecorder, find_candidates
+from lightning_sphere.dataflow import DataflowRecorder, find_candidates
 from lightning_sphere.groups import (
     GRADIENT_TEST,
     InvariantGroups,
@@ -234,7 +234,7 @@ def find_invariant_groups(
     hooks = [
         m.register_forward_hook(lambda module, args, output: norm_inputs.append((module, args[0])))
         for m in model.modules()
-        if isinstance(m, NORMS)
+        if isinstance(m, _PROBED)
     ]
     modes = {module: module.training for module in model.modules()}
     buffers = {buffer: buffer.clone() for buffer in model.buffers()}
@@ -281,6 +281,10 @@ def _verify_with(finder: GroupFinder, function: Any, retain_graph: bool = False)
         return []
     grads = torch.autograd.grad(function, params, allow_unused=True, retain_graph=retain_graph)
     return finder.verify({p: g for p, g in zip(params, grads, strict=True) if g is not None})
+
+
+#: The normalization modules a probe can reproduce (:func:`_normalized`).
+_PROBED = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 def _normalized(norm: nn.Module, x: Tensor) -> Tensor | None:
