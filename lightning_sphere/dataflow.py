@@ -113,17 +113,23 @@ class _Call:
 
 
 class DataflowRecorder:
-    """Records the calls of the layers and normalizations of ``model`` while active (a context manager)."""
+    """Records the calls of the layers and normalizations of ``model`` while active (a context manager).
 
-    def __init__(self, model: nn.Module) -> None:
+    ``layers``: only these layers, e.g. those not analyzed yet; default all. The normalizations are hooked
+    once one of them has been called (only the normalizations that follow a layer can be its own): until
+    then, a forward pass that calls none of them runs no recording code at all.
+    """
+
+    def __init__(self, model: nn.Module, layers: Collection[nn.Module] | None = None) -> None:
         self.model = model
+        self.layers = None if layers is None else set(layers)
         self.calls: list[_Call] = []
         self._handles: list[Any] = []
+        self._norms_hooked = False
 
     def __enter__(self) -> DataflowRecorder:
-        names = {module: name for name, module in self.model.named_modules()}
-        for module, name in names.items():
-            if isinstance(module, LAYERS + NORMS):
+        for name, module in self.model.named_modules():
+            if isinstance(module, LAYERS) and (self.layers is None or module in self.layers):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
 
@@ -131,12 +137,21 @@ class DataflowRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._norms_hooked = False
+
+    def _hook_norms(self) -> None:
+        self._norms_hooked = True
+        for name, module in self.model.named_modules():
+            if isinstance(module, NORMS):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             first = args[0] if args and isinstance(args[0], Tensor) else None
             if isinstance(output, Tensor) and first is not None:
                 self.calls.append(_Call(name, module, first.grad_fn, output.grad_fn, module.training))
+                if not self._norms_hooked and self._handles:
+                    self._hook_norms()
 
         return record
 
