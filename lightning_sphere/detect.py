@@ -187,6 +187,25 @@ class GroupFinder:
             roots = [_Root(c.output) for c in self._recorder.calls if c.output is not None]
             self.analyze(roots)
 
+    def analyze_recomputed(self) -> bool:
+        """Read the layers that ran without a graph and then again with one (the forward of
+        ``torch.utils.checkpoint(use_reentrant=True)``, recomputed during the backward pass) off the recomputed
+        graph, up to the recorded modules' outputs. Only candidates are taken from it (what leaves the
+        checkpointed segment is not in it): the gradient test decides. Returns whether there were any."""
+        if self._recorder is None:
+            return False
+        calls = self._recorder.calls
+        blind = {c.name for c in calls if c.output is None} & {c.name for c in calls if c.output is not None}
+        blind -= self.decided()
+        if not blind:
+            return False
+        chosen = [c for c in calls if not isinstance(c.module, LAYERS) or (c.name in blind and c.output is not None)]
+        roots = [_Root(c.output) for c in chosen if c.output is not None]
+        found = find_candidates(chosen, roots, self.model, exclude=self._weight_normed)
+        self.pending += [g for g in found.groups if g.module_name in blind]
+        calls[:] = [c for c in calls if c.name not in blind]
+        return True
+
     def reexamine(self) -> None:
         """The set of trainable, stepped parameters changed: examine again the layers found unused."""
         self._unused.clear()
@@ -362,25 +381,25 @@ def find_invariant_groups(
                 finder.start()
             try:
                 outputs = _call(model, example_input)
+                roots = [t for t in _tensors(outputs) if t.requires_grad and t.is_floating_point()]
+                if finder.auto:
+                    finder.analyze(roots)
+                if (finder.pending or finder.has_layer_calls()) and roots:
+                    torch.manual_seed(0)
+                    projection = sum((t * torch.randn_like(t)).sum() for t in roots)
+                    for p in grads:
+                        p.grad = None
+                    # .backward(), not autograd.grad(): torch.utils.checkpoint(use_reentrant=True) supports only
+                    # it, and recomputes its forward during it, with a graph that can be read.
+                    projection.backward()
+                    finder.analyze_recomputed()
+                    found = {p: p.grad for entry in finder.pending for p in entry.params if p.grad is not None}
+                    for entry in finder.verify(found):
+                        warnings.warn(
+                            f"{entry.module_name}: {finder.rejected[entry.module_name]}; not tracked", stacklevel=2
+                        )
             finally:
-                finder.stop()
-            roots = [t for t in _tensors(outputs) if t.requires_grad and t.is_floating_point()]
-            if finder.auto:
-                finder.analyze(roots)
                 finder.finish()
-            if finder.pending and roots:
-                torch.manual_seed(0)
-                projection = sum((t * torch.randn_like(t)).sum() for t in roots)
-                for p in grads:
-                    p.grad = None
-                # .backward(), not autograd.grad(): torch.utils.checkpoint(use_reentrant=True) supports only it.
-                projection.backward()
-                found = {p: p.grad for entry in finder.pending for p in entry.params if p.grad is not None}
-                rejected = finder.verify(found)
-                for entry in rejected:
-                    warnings.warn(
-                        f"{entry.module_name}: {finder.rejected[entry.module_name]}; not tracked", stacklevel=2
-                    )
     finally:
         for p, grad in grads.items():
             p.grad = grad

@@ -295,6 +295,8 @@ class SphereMonitorLogic:
         self._steps_seen += 1
         if self._recording and not self._backward_seen and finder.has_layer_calls():
             self._read_unseen_backward()
+        if self._recording and finder.analyze_recomputed():
+            self._changed = True
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
         if not finder.pending:
             return

@@ -1,6 +1,8 @@
 """Detection that follows real training code (issue 10): every layer tracked or listed with a true reason,
 examined again when training changes what is trainable or called."""
 
+import logging
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -184,15 +186,18 @@ class Finetuned(pl.LightningModule):
         return torch.utils.data.DataLoader(dataset(32), batch_size=16)  # 2 steps per epoch
 
 
-def test_a_layer_unfrozen_later_is_tracked_from_then_on(tmp_path):
+def test_a_layer_unfrozen_later_is_tracked_from_then_on(tmp_path, caplog):
     """Before: "backbone.0: weight is frozen" for good, and never measured."""
     monitor, logger = SphereMonitor(), MemoryLogger()
     snap = Summaries(monitor)
     capture = Capture({"backbone.0": (0, False), "head.0": (0, False)})
     model = Finetuned()
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)
-    fit(model, tmp_path, [finetuning, monitor, capture, snap], max_steps=4, logger=logger)
+    with caplog.at_level(logging.INFO):
+        fit(model, tmp_path, [finetuning, monitor, capture, snap], max_steps=4, logger=logger)
     assert "backbone.0: weight is frozen" in snap.at[1]
+    announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SphereMonitor: ")]
+    assert announced == ["SphereMonitor: now tracking backbone.0: 4 groups of 9 (channel), backbone.1 (BatchNorm2d)"]
     assert [g.module_name for g in monitor.groups] == ["head.0", "backbone.0"]
     assert "frozen" not in monitor.summary()
     records = logger.sphere()
@@ -201,6 +206,29 @@ def test_a_layer_unfrozen_later_is_tracked_from_then_on(tmp_path):
         want = {k: v for k, v in expected({"backbone.0": capture.steps[step]["backbone.0"]}).items() if "backbone" in k}
         assert_scalars_match(records[step], want)
     assert_contract(monitor, model)
+
+
+class FreezeFirstConv(pl.Callback):
+    """Freezes net.0 from step 2 on (a requires_grad flip, the optimizer unchanged)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            pl_module.net[0].weight.requires_grad_(False)
+
+
+def test_a_tracked_layer_frozen_later_leaves_the_table(tmp_path, caplog):
+    """Before: net.0 stayed in the table, called invariant and trained, while frozen."""
+    monitor, capture, logger = SphereMonitor(), Capture(), MemoryLogger()
+    with caplog.at_level(logging.INFO):
+        fit(Net(), tmp_path, [FreezeFirstConv(), monitor, capture], max_steps=4, logger=logger)
+    assert [g.module_name for g in monitor.groups] == ["net.3"]
+    assert "net.0: weight is frozen" in monitor.summary()
+    announced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SphereMonitor: net.0")]
+    assert announced == ["SphereMonitor: net.0 is not tracked any more: weight is frozen"]
+    records = logger.sphere()
+    assert "sphere/norm/net.0" in records[1] and not any("net.0" in k for k in records[2] | records[3])
+    for step in (2, 3):  # net.3 alone, as a plain capture of the step sees it
+        assert_scalars_match(records[step], expected({"net.3": capture.steps[step]["net.3"]}))
 
 
 def test_resuming_with_another_groups_setting_verifies_afresh(tmp_path):
@@ -268,36 +296,42 @@ def test_invariance_lost_later_is_announced_once_and_marked(tmp_path, model, los
 
 
 class Checkpointed(nn.Module):
+    """A stem, then a block (conv → BN → ReLU) under torch.utils.checkpoint, then a head."""
+
     def __init__(self, reentrant):
         super().__init__()
         torch.manual_seed(0)
-        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
-        self.head = nn.Sequential(nn.Conv2d(4, 5, 3, bias=False), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(80, 2))
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(80, 2))
         self.reentrant = reentrant
 
     def forward(self, x):
-        if self.reentrant is None:
-            return self.head(self.block(x))
-        return self.head(checkpoint(self.block, x, use_reentrant=self.reentrant))
+        hidden = self.stem(x)
+        hidden = (
+            self.block(hidden)
+            if self.reentrant is None
+            else checkpoint(self.block, hidden, use_reentrant=self.reentrant)
+        )
+        return self.head(hidden)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_never_crashes_the_plain_api(reentrant):
-    """Before: use_reentrant=True raised RuntimeError (incompatible with .grad())."""
+def test_activation_checkpointing_in_the_plain_api(reentrant):
+    """Before: use_reentrant=True raised RuntimeError (incompatible with .grad()); the same groups as without."""
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     plain = find_invariant_groups(Checkpointed(None), x)
     model = Checkpointed(reentrant)
     found = find_invariant_groups(model, x)
-    if reentrant:  # the checkpointed forward builds no graph to read: listed with the reason and the fix
-        assert [g.module_name for g in found] == ["head.0"]
-        assert "use_reentrant=False" in found.rejected["block.0"]
-    else:  # the same groups as without checkpointing
-        assert [(g.module_name, g.num_groups) for g in found] == [(g.module_name, g.num_groups) for g in plain]
+    assert [(g.module_name, g.num_groups) for g in plain] == [("stem.0", 4), ("block.0", 5)]
+    assert [(g.module_name, g.num_groups, g.cosine) for g in found] == [
+        (g.module_name, g.num_groups, pytest.approx(g.cosine, rel=1e-5)) for g in plain
+    ]
     assert layers(model) == {g.module_name for g in found} | set(found.rejected)
 
 
 class CheckpointedNet(Net):
-    """bn_net with its first block (conv → BN → ReLU) under torch.utils.checkpoint."""
+    """bn_net with its second block (conv → ReLU → BN) under torch.utils.checkpoint."""
 
     def __init__(self, reentrant):
         super().__init__()
@@ -305,22 +339,21 @@ class CheckpointedNet(Net):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return F.cross_entropy(self.net[3:](checkpoint(self.net[:3], x, use_reentrant=self.reentrant)), y)
+        hidden = checkpoint(self.net[3:6], self.net[:3](x), use_reentrant=self.reentrant)
+        return F.cross_entropy(self.net[6:](hidden), y)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_in_training(tmp_path, reentrant):
-    """Before: net.0 (checkpointed) in neither list under use_reentrant=True."""
+    """Before: net.3 (checkpointed) in neither list under use_reentrant=True; the same groups as without."""
     monitor = SphereMonitor()
     model = CheckpointedNet(reentrant)
     fit(model, tmp_path, [monitor], max_steps=2)
     plain = [("net.0", 6, 9), ("net.3", 8, 55)]  # bn_net's structure: conv → BN per channel, bias joins after ReLU
     got = [(g.module_name, g.num_groups, g.group_size) for g in monitor.groups]
     listed = assert_contract(monitor, model)
-    if reentrant:  # its forward builds no graph to read: listed, with the fix
-        assert got == plain[1:] and "use_reentrant=False" in listed["net.0"]
-    else:
-        assert got == plain
+    assert got == plain  # reentrant: read off the forward recomputed during the backward pass
+    assert "net.7" in listed
 
 
 def test_a_model_compiled_earlier_is_detected_and_compiles_as_without_the_monitor(tmp_path):
