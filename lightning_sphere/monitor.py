@@ -339,13 +339,13 @@ class SphereMonitorLogic:
                 self._check_gradients(trainer, measurement.scalars)
         if finder is None or not self._changed:
             return
-        self._changed = False
         if not self._summarized:
-            if finder.analyzed and self._steps_seen and not finder.retrying:
-                self._summarized = True
+            if finder.analyzed and self._steps_seen and not finder.retrying:  # else wait for the verdicts
+                self._summarized, self._changed = True, False
                 self._announced = self._statuses()
                 self._report()
         else:
+            self._changed = False
             self._announce()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

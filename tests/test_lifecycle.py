@@ -379,3 +379,32 @@ def test_a_model_compiled_earlier_is_detected_and_compiles_as_without_the_monito
     torch._dynamo.reset()
     fit(Compiled(), tmp_path, [SphereMonitor()], max_steps=3)
     assert graphs == without  # the same graphs as a run without the monitor: no break at the hooks
+
+
+class Waiting(Net):
+    """A branch never called, and a conv → BN that no optimizer steps: both stay undecided on every step."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self.never = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)).double()
+        self.ignored = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.BatchNorm2d(3)).double()
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + self.ignored(batch[0]).mean()
+
+    def configure_optimizers(self):
+        return self.make_optimizer([p for n, p in self.named_parameters() if not n.startswith("ignored")])
+
+
+def test_undecided_layers_cost_no_host_sync(tmp_path, monkeypatch):
+    from tests.test_host_sync import OPTIMIZERS, SyncCounter, fit_windowed
+
+    counts = []
+    for monitors in ([], [SphereMonitor(log_every_n_steps=1000)]):
+        counter = SyncCounter(monkeypatch)
+        fit_windowed(tmp_path, counter, OPTIMIZERS["sgd-momentum"], monitors, module=Waiting)
+        counts.append(counter.calls)
+        monkeypatch.undo()
+    assert counts[0] == counts[1]
+    listed = assert_contract(monitors[0], Waiting(None))
+    assert listed["never.0"] == "not called yet" and listed["ignored.0"] == "not stepped by any optimizer"
