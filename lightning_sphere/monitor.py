@@ -52,9 +52,10 @@ class SphereMonitorLogic:
 
     Finds the radially invariant groups of the model on the first training step (each output channel
     of a layer followed by BatchNorm or InstanceNorm, …), verifies them by gradient orthogonality, prints
-    a summary, then measures every logging step on the device: effective learning rate, angular update,
-    radial and tangential updates, the Riemannian gradient and, for Adam, its deformation (THEORY.md
-    §2–§5, §7). Keys are ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all``.
+    a summary, and keeps following training: a layer first called, or first trainable, later is examined
+    then, and every change is announced once. Measures every logging step on the device: effective
+    learning rate, angular update, radial and tangential updates, the Riemannian gradient and, for Adam,
+    its deformation (THEORY.md §2–§5, §7). Keys are ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all``.
 
     Args:
         groups: which groups to track. ``"auto"``: every layer whose output only feeds a normalization
