@@ -81,11 +81,12 @@ class GroupFinder:
         self._unused: dict[str, str] = {}
         self._tries: dict[str, int] = {}
         self.auto = groups == "auto"
+        # Frozen tensors are candidates too: they wait, listed as frozen, until they train (and get a gradient).
         if groups == "auto":
-            self.pending = weight_norm_groups(model)
+            self.pending = weight_norm_groups(model, trainable_only=False)
             self.analyzed = False
         elif groups == "numeric":
-            pairs = numeric_candidates(model)
+            pairs = numeric_candidates(model, trainable_only=False)
             self.pending = [per_channel for per_channel, _ in pairs]
             self._fallback = {whole.module_name: whole for _, whole in pairs}
             self.analyzed = True
@@ -346,7 +347,10 @@ def find_invariant_groups(
     Runs one forward pass in training mode on ``example_input`` (a tensor, a tuple of positional
     arguments or a dict of keyword arguments) and one backward pass of a fixed random projection of
     the outputs, then leaves the model exactly as it found it: weights, gradients, buffers (BatchNorm
-    running statistics), train/eval modes and the global random state.
+    running statistics), train/eval modes and the global random state. Layers under
+    ``torch.utils.checkpoint`` are found in both of its modes (with ``use_reentrant=True``, from the forward
+    it recomputes during the backward pass). The layers left out are in ``rejected``, with the reason: also
+    those not called on ``example_input`` (``"not called yet"``) and frozen ones.
 
     ``groups`` chooses the candidates (see :class:`GroupFinder`). Candidates whose gradient is not
     orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``) are dropped with a warning.
@@ -408,7 +412,9 @@ def find_invariant_groups(
         with torch.no_grad():
             for buffer, saved in buffers.items():
                 buffer.copy_(saved)
-    finder.reject(finder.pending, "no gradient on the example input to verify it with")
+    finder.reject(
+        [e for e in finder.pending if finder.eligible(e)], "no gradient on the example input to verify it with"
+    )
     return FoundGroups(finder.accepted, finder.untracked(tracked={g.module_name for g in finder.accepted}))
 
 

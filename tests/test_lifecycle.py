@@ -231,6 +231,34 @@ def test_a_tracked_layer_frozen_later_leaves_the_table(tmp_path, caplog):
         assert_scalars_match(records[step], expected({"net.3": capture.steps[step]["net.3"]}))
 
 
+class FrozenFirstConv(Net):
+    """net.0 starts frozen (in the optimizer all along) and is unfrozen at step 2: a requires_grad flip only."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].weight.requires_grad_(False)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == 2:
+            self.net[0].weight.requires_grad_(True)
+
+
+@pytest.mark.parametrize("groups", ["auto", "numeric"])
+def test_a_requires_grad_flip_is_seen(tmp_path, groups):
+    """Before: "net.0: weight is frozen" for good ("auto"), or net.0 in neither list ("numeric")."""
+    monitor, capture, logger = SphereMonitor(groups=groups), Capture(), MemoryLogger()
+    snap = Summaries(monitor)
+    model = FrozenFirstConv()
+    fit(model, tmp_path, [monitor, capture, snap], max_steps=4, logger=logger)
+    assert "net.0: weight is frozen" in snap.at[1]
+    assert [(g.module_name, g.num_groups) for g in monitor.groups][-1] == ("net.0", 6)  # per channel either way
+    records = logger.sphere()
+    assert "sphere/norm/net.0" not in records.get(1, {})
+    want = {k: v for k, v in expected({"net.0": capture.steps[3]["net.0"]}).items() if k.endswith("/net.0")}
+    assert_scalars_match(records[3], want)
+    assert_contract(monitor, model)
+
+
 def test_resuming_with_another_groups_setting_verifies_afresh(tmp_path):
     """Before: net.3 (weight and bias under "auto", weight alone under "numeric") kept the stored cosine."""
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
