@@ -31,6 +31,7 @@ class Run:
 
     log_every_n_steps: int
     monitor: bool
+    compiled: bool = False  # the network under torch.compile (the warm-up steps compile it)
 
 
 class StepTimer(pl.Callback):
@@ -64,6 +65,9 @@ def time_steps(run: Run, settings: Settings) -> list[float]:
     """
     torch.manual_seed(0)
     model = Classifier(ResNet18())
+    if run.compiled:
+        torch._dynamo.reset()  # each run compiles afresh, as a new process would
+        model.net = torch.compile(model.net)
     batches = settings.warmup + settings.steps + 1  # the last batch only ends the last timed step
     loader = DataLoader(synthetic_cifar(batches * settings.batch_size), batch_size=settings.batch_size)
     timer = StepTimer()
@@ -107,18 +111,21 @@ def step_time_ratios(settings: Settings) -> list[Row]:
 
     Each pair of Trainers differs only by the monitor: on logging steps both log the loss to TensorBoard
     every step and the monitor measures and logs every step (scalars; histograms off); on non-logging steps
-    neither logs and the monitor is attached but never measures. Each value is the ratio of the two runs'
-    median step times within one repeat.
+    neither logs and the monitor is attached but never measures; the compiled pair is the non-logging one
+    with the network under ``torch.compile`` (detection's step runs eagerly, the graphs compiled after it
+    must be those of the run without the monitor). Each value is the ratio of the two runs' median step
+    times within one repeat.
     """
     pairs = {
-        "non-logging steps: step time with SphereMonitor / without": (NEVER, "≤ 1.01"),
-        "logging steps (monitor measures every step): step time with / without": (1, ""),
+        "non-logging steps: step time with SphereMonitor / without": (NEVER, "≤ 1.01", False),
+        "logging steps (monitor measures every step): step time with / without": (1, "", False),
+        "non-logging steps, torch.compile'd network: step time with / without": (NEVER, "≤ 1.01", True),
     }
-    runs = [Run(every, monitor) for every, _ in pairs.values() for monitor in (False, True)]
+    runs = [Run(every, monitor, compiled) for every, _, compiled in pairs.values() for monitor in (False, True)]
     medians = measure(runs, settings)
     rows = []
-    for name, (every, target) in pairs.items():
-        without, with_ = medians[Run(every, False)], medians[Run(every, True)]
+    for name, (every, target, compiled) in pairs.items():
+        without, with_ = medians[Run(every, False, compiled)], medians[Run(every, True, compiled)]
         ratios = [a / b for a, b in zip(with_, without, strict=True)]
         detail = f"{1e3 * statistics.median(with_):.1f} ms / {1e3 * statistics.median(without):.1f} ms"
         rows.append(Row(name, ratios, target, detail))

@@ -132,23 +132,39 @@ class _Call:
 
 
 class DataflowRecorder:
-    """Records every module call of ``model`` while active (a context manager): the layers to analyse, and
-    the modules that name the normalizations found inside them."""
+    """Records the module calls of ``model`` while active (a context manager): the layers to analyse, and
+    every other module, which names the normalizations found inside them.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``layers``: only these layers, e.g. those not analyzed yet; default all. The other modules are hooked
+    once one of them has been called (only what follows a layer can normalize it): until then, a forward
+    pass that calls none of them runs no recording code at all.
+    """
+
+    def __init__(self, model: nn.Module, layers: Collection[nn.Module] | None = None) -> None:
         self.model = model
+        self.layers = None if layers is None else set(layers)
         self.calls: list[_Call] = []
         self._handles: list[Any] = []
+        self._norms_hooked = False
 
     def __enter__(self) -> DataflowRecorder:
         for name, module in self.model.named_modules():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            if isinstance(module, LAYERS) and (self.layers is None or module in self.layers):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._norms_hooked = False
+
+    def _hook_norms(self) -> None:
+        """Hook every module but the layers: what computes a normalization is named after it."""
+        self._norms_hooked = True
+        for name, module in self.model.named_modules():
+            if not isinstance(module, LAYERS):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -156,6 +172,8 @@ class DataflowRecorder:
             if isinstance(output, Tensor):
                 grad_fn = first.grad_fn if first is not None else None
                 self.calls.append(_Call(name, module, grad_fn, output.grad_fn, module.training, tuple(output.shape)))
+                if not self._norms_hooked and self._handles:
+                    self._hook_norms()
 
         return record
 
@@ -211,7 +229,7 @@ def find_candidates(
             continue
         if parametrize.is_parametrized(call.module, "weight") or not isinstance(call.module.weight, nn.Parameter):
             found.rejected[call.name] = "weight is computed by a parametrization other than weight_norm"
-        elif call.output in graph.nodes:
+        elif call.output is not None and call.output in graph.nodes:
             layer_calls[call.module].append(call)
         elif not call.module.weight.requires_grad:
             found.rejected[call.name] = "weight is frozen"

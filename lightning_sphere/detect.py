@@ -9,8 +9,8 @@ extra cost; :func:`find_invariant_groups` feeds it an example input, for plain P
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_sphere.dataflow import DataflowRecorder, find_candidates
+from lightning_sphere.dataflow import LAYERS, DataflowRecorder, find_candidates
 from lightning_sphere.groups import (
     GRADIENT_TEST,
     InvariantGroups,
@@ -30,14 +30,24 @@ from lightning_sphere.groups import (
     verify,
 )
 from lightning_sphere.layouts import mapped_groups, numeric_candidates, weight_norm_groups
+from lightning_sphere.tracker import UNOPTIMIZED
 
 #: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
 #: or more dimensions, from its gradient alone) or a mapping from module or parameter names to a granularity.
 GroupsSpec = str | Mapping[str, str | int]
 
+#: Steps a candidate may show a gradient that cannot judge it (zero, not finite) before it is rejected.
+MAX_TRIES = 50
+
 
 class GroupFinder:
-    """Candidates from real forward passes, verified by the gradients of real steps.
+    """Candidates from real forward passes, verified by the gradients of real steps, for as long as training
+    runs: a layer first called, or first trainable, on a later step is examined then.
+
+    Every *watched* module (each Conv, ConvTranspose and Linear layer, each weight-normalized tensor, each
+    candidate of ``"numeric"`` or of a mapping) is at any time accepted, pending (a structural candidate
+    waiting for a gradient to verify it), rejected for good (with the reason), or not seen yet; the last two
+    kinds are listed with a true reason by :meth:`untracked`.
 
     Args:
         model: the model whose groups to find.
@@ -51,6 +61,8 @@ class GroupFinder:
             ``None``: 0.1 for candidates the structure vouches for, 0.01 for numeric ones.
         compute_dtype: the dtype gradients are computed in under mixed precision, if 16-bit: the
             threshold is at least a few of its ulps (:func:`~lightning_sphere.groups.noise_floor`).
+        max_tries: steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips
+            the first few) before it is rejected. Steps without any gradient for it do not count.
 
     Raises:
         ValueError: for a mapping that names what the model does not have, or a granularity it cannot take.
@@ -62,21 +74,32 @@ class GroupFinder:
         groups: GroupsSpec = "auto",
         tolerance: float | None = None,
         compute_dtype: torch.dtype | None = None,
+        max_tries: int = MAX_TRIES,
     ) -> None:
         self.model = model
         self.tolerance = tolerance
         self.compute_dtype = compute_dtype
+        self.max_tries = max_tries
         self.accepted: list[InvariantGroups] = []
-        #: Modules left out, with the reason.
+        #: Modules left out for good, with the reason.
         self.rejected: dict[str, str] = {}
+        #: The gradient test's verdicts, by :func:`verdict_key`: the cosine of accepted candidates, the reason
+        #: of rejected ones (what a checkpoint keeps, :meth:`restore`).
+        self.verdicts: dict[str, float | str] = {}
         self._recorder: DataflowRecorder | None = None
         #: Coarser candidates to try when a finer one fails its test (numeric: per channel, then whole).
         self._fallback: dict[str, InvariantGroups] = {}
+        #: Modules called during a recorded step whose output reached no analyzed backward pass (reset by
+        #: :meth:`reexamine`): not recorded again until then.
+        self._unused: dict[str, str] = {}
+        self._tries: dict[str, int] = {}
+        self.auto = groups == "auto"
+        # Frozen tensors are candidates too: they wait, listed as frozen, until they train (and get a gradient).
         if groups == "auto":
-            self.pending = weight_norm_groups(model)
+            self.pending = weight_norm_groups(model, trainable_only=False)
             self.analyzed = False
         elif groups == "numeric":
-            pairs = numeric_candidates(model)
+            pairs = numeric_candidates(model, trainable_only=False)
             self.pending = [per_channel for per_channel, _ in pairs]
             self._fallback = {whole.module_name: whole for _, whole in pairs}
             self.analyzed = True
@@ -85,49 +108,169 @@ class GroupFinder:
             self.analyzed = True
         else:
             raise ValueError(f'groups must be "auto", "numeric" or a mapping of names to granularities, got {groups!r}')
+        declared = {p for g in self.pending for p in g.params}
+        self._weight_normed = [m for m in model.modules() if any(p in declared for p in m.parameters())]
+        #: Module name → the parameters whose trainability decides whether it can be examined.
+        self.watched: dict[str, tuple[nn.Parameter, ...]] = {g.module_name: g.params for g in self.pending}
+        if self.auto:
+            for name, module in model.named_modules():
+                layer = isinstance(module, LAYERS) and module not in self._weight_normed
+                if layer and isinstance(module.weight, nn.Parameter):
+                    self.watched.setdefault(name, (module.weight,))
+        self._layers = {name: m for name, m in model.named_modules() if name in self.watched}
 
     @property
     def done(self) -> bool:
         """Whether every candidate is decided (for ``"auto"``, once a graph was analyzed)."""
         return self.analyzed and not self.pending
 
-    def start(self) -> None:
-        """Record the layer and normalization calls of the forward passes that follow."""
+    def decided(self) -> set[str]:
+        return {g.module_name for g in self.accepted} | set(self.rejected) | {g.module_name for g in self.pending}
+
+    def unseen_layers(self) -> list[nn.Module]:
+        """Layers whose structure is not known yet, trainable, and not found unused: what to record."""
+        if not self.auto:
+            return []
+        decided = self.decided()
+        return [
+            m
+            for name, m in self._layers.items()
+            if name not in decided and name not in self._unused and self.watched[name][0].requires_grad
+        ]
+
+    def start(self, layers: Collection[nn.Module] | None = None) -> None:
+        """Record the calls of ``layers`` (default: :meth:`unseen_layers`) and of every normalization in the
+        forward passes that follow, until :meth:`stop`; forget what an earlier recording kept."""
         self.stop()
-        self._recorder = DataflowRecorder(self.model).__enter__()
+        self._recorder = DataflowRecorder(self.model, self.unseen_layers() if layers is None else layers).__enter__()
 
     def stop(self) -> None:
         """Stop recording; what was recorded stays available to :meth:`analyze`."""
         if self._recorder is not None:
             self._recorder.__exit__()
 
+    def finish(self) -> None:
+        """Stop recording and drop what was recorded (the end of a step): a trainable layer called during it
+        whose output reached none of its analyzed backward passes is not recorded again until
+        :meth:`reexamine`."""
+        self.stop()
+        if self._recorder is not None:
+            decided = self.decided()
+            for call in self._recorder.calls:
+                if call.name in self.watched and call.name not in decided:
+                    self._unused.setdefault(call.name, _NO_GRAPH if call.output is None else _NO_BACKWARD)
+            self._recorder = None
+
+    def has_layer_calls(self) -> bool:
+        """Whether the recording holds a call of a layer not analyzed yet."""
+        return self._recorder is not None and any(isinstance(c.module, LAYERS) for c in self._recorder.calls)
+
     def analyze(self, roots: Sequence[Tensor]) -> None:
         """Read candidates off the graph that produced ``roots`` (its nodes must still be alive).
 
-        A module already decided keeps its decision; one found invalid in any analyzed graph is rejected.
+        May be called after every backward pass of a step: each analyzes the recorded layer calls its graph
+        holds, and keeps the others for the next. A module already decided keeps its decision; one found
+        invalid in any analyzed graph is rejected. A frozen layer is not decided: it is examined again once
+        trainable (:meth:`reexamine`).
         """
         if self._recorder is None:
             raise RuntimeError("GroupFinder.analyze() needs a recorded forward pass: call start() first")
-        declared = {s.param for g in self.pending for s in g.slices}
-        weight_normed = [m for m in self.model.modules() if any(p in declared for p in m.parameters())]
-        found = find_candidates(self._recorder.calls, roots, self.model, exclude=weight_normed)
-        self._recorder.calls.clear()  # drop the references to the graph
+        self.analyzed = True
+        calls = self._recorder.calls
+        if not any(isinstance(c.module, LAYERS) for c in calls):
+            return  # nothing new to learn from this graph: no walk
+        found = find_candidates(calls, roots, self.model, exclude=self._weight_normed)
+        final = {name: reason for name, reason in found.rejected.items() if "frozen" not in reason}
         decided = {g.module_name for g in self.accepted} | set(self.rejected)
-        for name, reason in found.rejected.items():
+        for name, reason in final.items():
             if name not in decided:
                 self.rejected[name] = reason
         self.pending = [g for g in self.pending if g.module_name not in self.rejected]
-        known = decided | {g.module_name for g in self.pending} | set(self.rejected)
+        known = self.decided()
         self.pending += [g for g in found.groups if g.module_name not in known]
-        self.analyzed = True
+        seen = set(final) | {g.module_name for g in found.groups}
+        # Normalization calls stay: a later backward of this step may reach them through another layer.
+        calls[:] = [c for c in calls if not isinstance(c.module, LAYERS) or c.name not in seen]
 
-    def verify(self, grads: Mapping[nn.Parameter, Tensor]) -> list[InvariantGroups]:
-        """Decide the pending candidates whose gradients are in ``grads``; return those rejected.
+    def analyze_outputs(self) -> None:
+        """Analyze with the recorded calls' own outputs as roots, for a backward pass that was not seen
+        (``loss.backward()`` in manual optimization): the graph of everything up to the last recorded module.
+        A use of a layer's output that bypasses every recorded module is invisible here; the gradient test
+        that follows still catches what it breaks."""
+        if self._recorder is not None:
+            self.analyze(_terminal_roots(self._recorder.calls))
 
-        One device-to-host transfer (two when coarser fallbacks are tried). Candidates without a usable
-        gradient stay pending.
+    def analyze_recomputed(self) -> bool:
+        """Read the layers that ran without a graph and then again with one (the forward of
+        ``torch.utils.checkpoint(use_reentrant=True)``, recomputed during the backward pass) off the recomputed
+        graph, up to the recorded modules' outputs. Only candidates are taken from it (what leaves the
+        checkpointed segment is not in it): the gradient test decides. Returns whether there were any."""
+        if self._recorder is None:
+            return False
+        calls = self._recorder.calls
+        blind = {c.name for c in calls if c.output is None} & {c.name for c in calls if c.output is not None}
+        blind -= self.decided()
+        if not blind:
+            return False
+        chosen = [c for c in calls if not isinstance(c.module, LAYERS) or (c.name in blind and c.output is not None)]
+        roots = _terminal_roots(chosen)
+        found = find_candidates(chosen, roots, self.model, exclude=self._weight_normed)
+        self.pending += [g for g in found.groups if g.module_name in blind]
+        calls[:] = [c for c in calls if c.name not in blind]
+        return True
+
+    def reexamine(self) -> None:
+        """The set of trainable, stepped parameters changed: examine again the layers found unused."""
+        self._unused.clear()
+
+    def eligible(self, entry: InvariantGroups, stepped: Collection[Tensor] | None = None) -> bool:
+        """Whether every parameter of ``entry`` is in ``stepped`` (the trainable parameters some optimizer
+        steps), or, without it, trainable."""
+        return all(p.requires_grad if stepped is None else p in stepped for p in entry.params)
+
+    def untracked(self, stepped: Collection[Tensor] | None = None, tracked: Collection[str] = ()) -> dict[str, str]:
+        """Module name → why it is not tracked now, for every watched module not in ``tracked``.
+
+        ``stepped``: the parameters some optimizer steps (``None``: not asked, as for plain PyTorch).
         """
-        accepted, rejected, self.pending = verify(self.pending, grads, self.tolerance, self.compute_dtype)
+        out: dict[str, str] = {}
+        accepted = {g.module_name: g.params for g in self.accepted}
+        pending = {g.module_name: g.params for g in self.pending}
+        for name in dict.fromkeys([*self.watched, *self.rejected, *pending, *accepted]):
+            if name in tracked:
+                continue
+            params = accepted.get(name) or pending.get(name) or self.watched.get(name, ())
+            if name in self.rejected:
+                out[name] = self.rejected[name]
+            elif not all(p.requires_grad for p in params):
+                out[name] = "weight is frozen"
+            elif stepped is not None and not all(p in stepped for p in params):
+                out[name] = UNOPTIMIZED
+            elif name in pending:
+                out[name] = "waiting for a gradient to verify it"
+            elif name in accepted:
+                out[name] = "verified, tracked from its next step"
+            elif name in self._unused:
+                out[name] = self._unused[name]
+            else:
+                out[name] = "not called yet"
+        return out
+
+    def verify(
+        self, grads: Mapping[nn.Parameter, Tensor], entries: Sequence[InvariantGroups] | None = None
+    ) -> list[InvariantGroups]:
+        """Decide the pending candidates (``entries`` of them, if given) whose gradients are in ``grads``;
+        return those rejected.
+
+        One device-to-host transfer (two when coarser fallbacks are tried), none when no candidate has a
+        gradient. Candidates without a usable gradient stay pending; after ``max_tries`` steps with an
+        unusable one they are rejected.
+        """
+        chosen = self.pending if entries is None else [e for e in self.pending if e in entries]
+        if not any(all(p in grads for p in e.params) for e in chosen):
+            return []
+        others = [e for e in self.pending if e not in chosen]
+        accepted, rejected, waiting = verify(chosen, grads, self.tolerance, self.compute_dtype)
         retry = [self._fallback.pop(entry.module_name) for entry in rejected if entry.module_name in self._fallback]
         if retry:
             accepted_again, rejected_again, _ = verify(retry, grads, self.tolerance, self.compute_dtype)
@@ -135,9 +278,22 @@ class GroupFinder:
             retried = {entry.module_name for entry in retry}
             rejected = [e for e in rejected if e.module_name not in retried] + rejected_again
         self.accepted += accepted
+        self.verdicts |= {verdict_key(e): e.cosine for e in accepted}
         for entry in rejected:
-            self.rejected[entry.module_name] = self._why(entry)
+            self.rejected[entry.module_name] = self.verdicts[verdict_key(entry)] = self._why(entry)
+        self.pending = others + waiting
+        for entry in waiting:
+            if all(p in grads for p in entry.params):
+                self._tries[entry.module_name] = self._tries.get(entry.module_name, 0) + 1
+                if self._tries[entry.module_name] >= self.max_tries:
+                    self.reject([entry], f"no usable gradient to verify it in {self.max_tries} steps")
         return rejected
+
+    @property
+    def retrying(self) -> bool:
+        """Whether a pending candidate has shown a gradient that could not judge it (it will be tried again)."""
+        names = {g.module_name for g in self.pending}
+        return any(name in names for name in self._tries)
 
     def _why(self, entry: InvariantGroups) -> str:
         """The true reason a candidate failed the gradient test."""
@@ -168,22 +324,56 @@ class GroupFinder:
         except AttributeError:
             return None
 
-    def restore(self, accepted: Mapping[str, float], rejected: Mapping[str, str]) -> None:
-        """Decide pending candidates as an earlier run did (module name → cosine, or → reason), so that a
-        resumed run tracks the same groups without testing them again."""
+    def restore(self, verdicts: Mapping[str, float | str]) -> None:
+        """Decide pending candidates as an earlier run did (:func:`verdict_key` → cosine, or → reason), so that
+        a resumed run tracks the same groups without testing them again. Only the identical candidate (module,
+        parameters, granularity) reuses a verdict: anything else is verified afresh."""
+        keep = []
         for entry in self.pending:
-            if entry.module_name in accepted:
-                self.accepted.append(replace(entry, cosine=accepted[entry.module_name]))
-            elif entry.module_name in rejected:
-                self.rejected[entry.module_name] = rejected[entry.module_name]
-        decided = set(accepted) | set(rejected)
-        self.pending = [entry for entry in self.pending if entry.module_name not in decided]
+            verdict = verdicts.get(verdict_key(entry))
+            if isinstance(verdict, str):
+                self.rejected[entry.module_name] = verdict
+            elif verdict is not None:
+                self.accepted.append(replace(entry, cosine=float(verdict)))
+            else:
+                keep.append(entry)
+                continue
+            self.verdicts[verdict_key(entry)] = verdict
+            self._fallback.pop(entry.module_name, None)
+        self.pending = keep
 
     def reject(self, entries: Sequence[InvariantGroups], why: str) -> None:
         """Reject pending candidates without a verdict from their gradient, with the reason ``why``."""
         for entry in entries:
             self.rejected[entry.module_name] = why
         self.pending = [entry for entry in self.pending if entry not in entries]
+
+
+_NO_BACKWARD = "called, but its output reached no backward pass"
+_NO_GRAPH = (
+    "called with gradients off (torch.no_grad, or inside torch.utils.checkpoint(use_reentrant=True), whose "
+    "graph cannot be read: use use_reentrant=False)"
+)
+
+
+def verdict_key(entry: InvariantGroups) -> str:
+    """What identifies a candidate across runs: its module, parameters and granularity."""
+    params = ",".join(f"{s.name}{list(s.channel_dims)}" for s in entry.slices)
+    return f"{entry.module_name}|{params}|{entry.granularity}|{entry.num_groups}"
+
+
+def _terminal_roots(calls: Sequence[Any]) -> list[_Root]:
+    """The outputs of the recorded calls that no other recorded call takes in: where a walk from a layer may
+    end (a layer's own output, or its activation's, is on the way, not a use of it)."""
+    inputs = {c.input for c in calls if c.input is not None}
+    return [_Root(c.output) for c in calls if c.output is not None and c.output not in inputs]
+
+
+@dataclass(frozen=True)
+class _Root:
+    """A graph root given by its node (what :func:`find_candidates` reads of a root tensor)."""
+
+    grad_fn: Any
 
 
 class FoundGroups(list):
@@ -203,7 +393,10 @@ def find_invariant_groups(
     Runs one forward pass in training mode on ``example_input`` (a tensor, a tuple of positional
     arguments or a dict of keyword arguments) and one backward pass of a fixed random projection of
     the outputs, then leaves the model exactly as it found it: weights, gradients, buffers (BatchNorm
-    running statistics), train/eval modes and the global random state.
+    running statistics), train/eval modes and the global random state. Layers under
+    ``torch.utils.checkpoint`` are found in both of its modes (with ``use_reentrant=True``, from the forward
+    it recomputes during the backward pass). The layers left out are in ``rejected``, with the reason: also
+    those not called on ``example_input`` (``"not called yet"``) and frozen ones.
 
     ``groups`` chooses the candidates (see :class:`GroupFinder`). Candidates whose gradient is not
     orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``/√d) are dropped with a warning.
@@ -238,49 +431,61 @@ def find_invariant_groups(
     ]
     modes = {module: module.training for module in model.modules()}
     buffers = {buffer: buffer.clone() for buffer in model.buffers()}
+    grads = {p: p.grad for p in model.parameters()}
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             model.train()
-            recording = not finder.analyzed
-            if recording:
+            if finder.auto:
                 finder.start()
             try:
                 outputs = _call(model, example_input)
+                roots = [t for t in _tensors(outputs) if t.requires_grad and t.is_floating_point()]
+                if finder.auto:
+                    finder.analyze(roots)
+                if (finder.pending or finder.has_layer_calls()) and roots:
+                    torch.manual_seed(0)
+                    projection = sum((t * torch.randn_like(t)).sum() for t in roots)
+                    for p in grads:
+                        p.grad = None
+                    # .backward(), not autograd.grad(): torch.utils.checkpoint(use_reentrant=True) supports only
+                    # it, and recomputes its forward during it, with a graph that can be read.
+                    projection.backward(retain_graph=bool(norm_inputs))
+                    finder.analyze_recomputed()
+                    rejected = finder.verify(_gradients(finder))
+                    if finder.pending and norm_inputs:  # no gradient from the outputs: probe the normalizations
+                        normalized = [_normalized(norm, x) for norm, x in norm_inputs if x.requires_grad]
+                        probe = sum((n * torch.randn_like(n)).sum() for n in normalized if n is not None)
+                        if isinstance(probe, Tensor) and probe.requires_grad:
+                            for p in grads:
+                                p.grad = None
+                            probe.backward()
+                            rejected += finder.verify(_gradients(finder))
+                    for entry in rejected:
+                        warnings.warn(
+                            f"{entry.module_name}: {finder.rejected[entry.module_name]}; not tracked", stacklevel=2
+                        )
             finally:
-                finder.stop()
-            roots = [t for t in _tensors(outputs) if t.requires_grad and t.is_floating_point()]
-            if recording:
-                finder.analyze(roots)
-            torch.manual_seed(0)
-            projection = sum((t * torch.randn_like(t)).sum() for t in roots)
-            rejected = _verify_with(finder, projection, retain_graph=bool(norm_inputs))
-            if finder.pending and norm_inputs:  # no gradient from the outputs: probe the normalizations
-                probe = [(_normalized(norm, x), x) for norm, x in norm_inputs]
-                probe = sum((n * torch.randn_like(n)).sum() for n, x in probe if n is not None and x.requires_grad)
-                rejected += _verify_with(finder, probe)
-            for entry in rejected:
-                warnings.warn(f"{entry.module_name}: {finder.rejected[entry.module_name]}; not tracked", stacklevel=2)
+                finder.finish()
     finally:
         for handle in hooks:
             handle.remove()
+        for p, grad in grads.items():
+            p.grad = grad
         for module, training in modes.items():
             module.train(training)
         with torch.no_grad():
             for buffer, saved in buffers.items():
                 buffer.copy_(saved)
-    finder.reject(finder.pending, "no gradient on the example input to verify it with")
-    return FoundGroups(finder.accepted, finder.rejected)
+    finder.reject(
+        [e for e in finder.pending if finder.eligible(e)], "no gradient on the example input to verify it with"
+    )
+    return FoundGroups(finder.accepted, finder.untracked(tracked={g.module_name for g in finder.accepted}))
 
 
-def _verify_with(finder: GroupFinder, function: Any, retain_graph: bool = False) -> list[InvariantGroups]:
-    """Verify the pending candidates on the gradient of ``function`` (a scalar tensor, or 0 when nothing
-    could be built); return those rejected."""
-    params = [p for entry in finder.pending for p in entry.params]
-    if not params or not isinstance(function, Tensor) or not function.requires_grad:
-        return []
-    grads = torch.autograd.grad(function, params, allow_unused=True, retain_graph=retain_graph)
-    return finder.verify({p: g for p, g in zip(params, grads, strict=True) if g is not None})
+def _gradients(finder: GroupFinder) -> dict[Tensor, Tensor]:
+    """The gradients the pending candidates' parameters hold."""
+    return {p: p.grad for entry in finder.pending for p in entry.params if p.grad is not None}
 
 
 #: The normalization modules a probe can reproduce (:func:`_normalized`).

@@ -24,7 +24,7 @@ from lightning_sphere.groups import GRADIENT_TEST, InvariantGroups, ParamSlice
 GRANULARITIES = ("channel", "layer")
 
 
-def weight_norm_groups(model: nn.Module) -> list[InvariantGroups]:
+def weight_norm_groups(model: nn.Module, trainable_only: bool = True) -> list[InvariantGroups]:
     """One group per row of each weight-normalized direction tensor (whole tensor for ``dim=None``).
 
     Covers ``torch.nn.utils.parametrizations.weight_norm`` and the older ``torch.nn.utils.weight_norm``.
@@ -41,7 +41,7 @@ def weight_norm_groups(model: nn.Module) -> list[InvariantGroups]:
             if isinstance(hook, WeightNorm):
                 directions.append((hook.name, getattr(module, f"{hook.name}_v"), hook.dim))
         for tensor_name, direction, dim in directions:
-            if not direction.requires_grad:
+            if trainable_only and not direction.requires_grad:
                 continue
             whole = dim is None or dim == -1
             piece = ParamSlice(names[direction], direction, () if whole else (dim % direction.dim(),))
@@ -58,11 +58,12 @@ def weight_norm_groups(model: nn.Module) -> list[InvariantGroups]:
     return found
 
 
-def numeric_candidates(model: nn.Module) -> list[tuple[InvariantGroups, InvariantGroups]]:
-    """For every trainable parameter of two or more dimensions: (one group per row of dim 0, one whole group)."""
+def numeric_candidates(model: nn.Module, trainable_only: bool = True) -> list[tuple[InvariantGroups, InvariantGroups]]:
+    """For every trainable parameter of two or more dimensions (every one, unless ``trainable_only``): (one group
+    per row of dim 0, one whole group)."""
     pairs = []
     for name, p in model.named_parameters():
-        if p.requires_grad and p.dim() >= 2:
+        if (p.requires_grad or not trainable_only) and p.dim() >= 2:
             entry = name.removesuffix(".weight")
             per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", GRADIENT_TEST, "channel")
             whole = InvariantGroups(entry, (ParamSlice(name, p, ()),), 1, "", GRADIENT_TEST, "layer")

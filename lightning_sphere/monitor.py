@@ -1,17 +1,20 @@
 """The SphereMonitor callback logic, shared by the ``pytorch_lightning`` and ``lightning.pytorch`` classes.
 
-Hook order this relies on (Lightning 2.x, see the developers' notes): the first training batch's
-forward pass is recorded and its loss graph analysed in ``on_before_backward``; candidates are
-verified on the gradients of ``on_before_optimizer_step`` (weights still ``x_k``); the torch optimizer
-step hooks measure armed steps (they do not fire on AMP-skipped steps); ``on_train_batch_end`` collects
-and logs at Lightning's own step and cadence.
+Hook order this relies on (Lightning 2.x, see the developers' notes): a batch whose forward passes are
+recorded (the first, and any that may call a layer not analysed yet) has the graph of each of its backward
+passes analysed in ``on_before_backward`` (a backward Lightning does not see is caught at the optimizer
+step); candidates are verified on the gradients of ``on_before_optimizer_step`` (weights still ``x_k``);
+the torch optimizer step hooks measure armed steps (they do not fire on AMP-skipped steps);
+``on_train_batch_end`` collects and logs at Lightning's own step and cadence. ``on_train_batch_start``
+compares the set of trainable parameters the optimizers step with the last batch's (a Python pass over
+their flags): when it changed, layers are examined again and the tracker is rebuilt.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +26,15 @@ from lightning_sphere.groups import InvariantGroups
 from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported
 from lightning_sphere.sinks import LoggerSink
 from lightning_sphere.summary import summarize
-from lightning_sphere.tracker import UNOPTIMIZED, SphereTracker
+from lightning_sphere.tracker import SphereTracker
 
-#: Steps a candidate may wait for a finite, non-zero gradient (AMP skips the first few) before it is dropped.
+#: Steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips the first few)
+#: before it is dropped. Steps on which it gets no gradient at all (a branch not used yet) do not count.
 MAX_VERIFICATION_STEPS = 50
+
+#: Measurement only: a tracked group whose |cos(g, x)| exceeds this on a logging step, a gradient more radial
+#: than tangential, has lost its invariance (an L2 term on its weights in the loss, say).
+RADIAL = math.sqrt(0.5)
 
 
 @dataclass(frozen=True)
@@ -44,9 +52,10 @@ class SphereMonitorLogic:
 
     Finds the radially invariant groups of the model on the first training step (each output channel
     of a layer followed by BatchNorm or InstanceNorm, …), verifies them by gradient orthogonality, prints
-    a summary, then measures every logging step on the device: effective learning rate, angular update,
-    radial and tangential updates, the Riemannian gradient and, for Adam, its deformation (THEORY.md
-    §2–§5, §7). Keys are ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all``.
+    a summary, and keeps following training: a layer first called, or first trainable, later is examined
+    then, and every change is announced once. Measures every logging step on the device: effective
+    learning rate, angular update, radial and tangential updates, the Riemannian gradient and, for Adam,
+    its deformation (THEORY.md §2–§5, §7). Keys are ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all``.
 
     Args:
         groups: which groups to track. ``"auto"``: every layer whose output only feeds a normalization
@@ -145,13 +154,31 @@ class SphereMonitorLogic:
         self._metrics: dict[str, float] = {}
         self._finder: GroupFinder | None = None
         self._tracker: SphereTracker | None = None
+        self._tracker_input: list[str] = []  # the modules the tracker was built for
         self._recording = False
+        self._record_next = True  # some trainable layer's structure is not known yet
+        self._eager_next = True  # run the next recorded step eagerly (torch.compile)
+        self._eager: Any = None  # the compiler's stance to restore
+        self._backward_seen = False
+        self._warned_direct_backward = False
         self._summarized = False
-        self._verification_steps = 0
+        self._steps_seen = 0
+        self._stepped_in_batch: set[Any] = set()
         self._cadence = (0, 0)
-        # Restored from a checkpoint: the verification verdicts (so that a resumed run tracks the same
-        # groups) and the AdamG rewrite's virtual radii.
-        self._verdicts: tuple[dict[str, float], dict[str, str]] = ({}, {})
+        # The trainable parameters the optimizers step (→ which one), as at the start of the batch (a
+        # toggle_optimizer freezes some during a step), and what they looked like at the last check: when
+        # that changes (a layer unfrozen, a param group added), layers are examined again.
+        self._stepped: dict[Tensor, Any] = {}
+        self._signature: tuple[Any, ...] | None = None
+        self._changed = False  # membership may have changed on this batch: announce at its end
+        self._announced: dict[str, str] = {}  # module → "tracked" or why not, as last told
+        # Measurement only: tracked modules whose invariance was lost later, with why; the tracked
+        # modules' normalizations that keep running statistics.
+        self._lost: dict[str, str] = {}
+        self._norms: list[tuple[str, str, torch.nn.Module]] = []
+        # Restored from a checkpoint: the verification verdicts by candidate (so that a resumed run tracks
+        # the same groups) and the AdamG rewrite's virtual radii.
+        self._verdicts: dict[str, float | str] = {}
         self._radii: dict[str, Tensor] = {}
 
     @property
@@ -165,16 +192,23 @@ class SphereMonitorLogic:
         return dict(self._metrics)
 
     def summary(self) -> str:
-        """The table printed at the start of training: tracked modules, and those left out with the reason."""
+        """The table printed at the start of training: tracked modules, and every other layer with the reason
+        it is not tracked now; tracked modules whose invariance was lost later (measurement only)."""
         if self._finder is None:
             return "lightning_sphere: no training step seen yet"
-        untracked = dict(self._finder.rejected)
-        untracked |= {g.module_name: "waiting for a gradient to verify it" for g in self._finder.pending}
-        corrections = {}
+        corrections = {} if self._tracker is None else self._tracker.corrections
+        text = summarize(self.groups, self._finder.model, self._untracked(), corrections)
+        if self._lost:
+            text += "\ninvariance lost (still measured, no longer on a sphere):\n"
+            text += "\n".join(f"  {name}: {why}" for name, why in self._lost.items())
+        return text
+
+    def _untracked(self) -> dict[str, str]:
+        tracked = {g.module_name for g in self.groups}
+        untracked = self._finder.untracked(self._stepped if self._signature is not None else None, tracked)
         if self._tracker is not None:
             untracked |= self._tracker.untracked
-            corrections = self._tracker.corrections
-        return summarize(self.groups, self._finder.model, untracked, corrections)
+        return untracked
 
     # ------------------------------------------------------------------ hooks
 
@@ -197,7 +231,9 @@ class SphereMonitorLogic:
                 "since histograms are taken on logging steps; or 0 to turn them off."
             )
         try:
-            self._finder = GroupFinder(pl_module, self.groups_spec, self.tolerance, _compute_dtype(trainer))
+            self._finder = GroupFinder(
+                pl_module, self.groups_spec, self.tolerance, _compute_dtype(trainer), MAX_VERIFICATION_STEPS
+            )
         except ValueError as err:
             raise error(f"SphereMonitor(groups=...): {err}") from err
         if not every:
@@ -212,9 +248,11 @@ class SphereMonitorLogic:
                 reason = unsupported(optimizer, self.correction) or cannot_invert(optimizer, self.correction)
                 if reason:
                     raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {reason}")
-        self._verification_steps = 0
         self._close_tracker()
         self._summarized = False
+        self._signature = None
+        self._record_next = self._eager_next = True
+        self._steps_seen = 0
         if not trainer.loggers:
             self._framework.warn(
                 "SphereMonitor: the Trainer has no logger; metrics are still measured and kept in "
@@ -222,37 +260,158 @@ class SphereMonitorLogic:
             )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._finder is not None and not self._finder.analyzed:
-            self._finder.start()  # record this batch's forward passes, until one reaches a backward
-            self._recording = True
+        finder = self._finder
+        if finder is None:
+            return
+        signature = _signature(trainer.optimizers)
+        if signature != self._signature:  # one pass over the parameters' flags: a cheap Python check
+            if self._signature is not None:
+                finder.reexamine()
+                self._record_next = self._eager_next = True
+            self._signature = signature
+            self._stepped = {
+                p: opt for opt in trainer.optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad
+            }
+            self._changed = True
+            self._update_tracker(trainer)
+        self._stepped_in_batch = set()
+        if self._record_next:
+            finder.start()  # record this batch's forward passes: every backward pass of it is analyzed
+            self._recording, self._backward_seen = True, False
+            if self._eager_next:
+                # torch.compile'd code would skip the recording hooks (a model compiled earlier) or break its
+                # graphs at them for good: this one step runs eagerly, later ones compile without the hooks.
+                self._eager_next = False
+                self._eager = torch.compiler.set_stance("force_eager")
         if self._tracker is not None:
             self._arm(trainer)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         if self._recording:
             self._finder.analyze([loss])
+            self._backward_seen = self._changed = True
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         finder = self._finder
-        if finder is None or not finder.pending:
+        if finder is None:
             return
-        finder.restore(*self._verdicts)
-        stepped = {p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        finder.reject([e for e in finder.pending if not all(p in stepped for p in e.params)], UNOPTIMIZED)
-        grads = {p: p.grad for entry in finder.pending for p in entry.params if p.grad is not None}
-        waiting = len(finder.pending)
-        for entry in finder.verify(grads):
-            self._framework.warn(
-                f"SphereMonitor: {entry.module_name} is not tracked: {finder.rejected[entry.module_name]}"
-            )
-        self._verification_steps += 1
-        if finder.pending and self._verification_steps >= MAX_VERIFICATION_STEPS:
-            finder.reject(finder.pending, f"no usable gradient to verify it in {MAX_VERIFICATION_STEPS} steps")
-        if len(finder.pending) == waiting and self._tracker is not None:
-            return  # nothing decided on this step
+        self._steps_seen += 1
+        if self._recording and not self._backward_seen and finder.has_layer_calls():
+            self._read_unseen_backward()
+        if self._recording and finder.analyze_recomputed():
+            self._changed = True
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        if not finder.pending:
+            return
+        before = len(finder.accepted)
+        if self._verdicts:
+            finder.restore(self._verdicts)
+        # Only modules of optimizers that have not stepped yet in this batch: after its step, an optimizer's
+        # gradients no longer belong to its weights.
+        stepped_before, self._stepped_in_batch = self._stepped_in_batch, self._stepped_in_batch | {optimizer}
+        entries = [
+            e
+            for e in finder.pending
+            if all(p.requires_grad and p in self._stepped and self._stepped[p] not in stepped_before for p in e.params)
+        ]
+        grads = {p: p.grad for entry in entries for p in entry.params if p.grad is not None}
+        if grads:  # else nothing to decide on this step: no host sync
+            for entry in finder.verify(grads, entries):
+                self._framework.warn(
+                    f"SphereMonitor: {entry.module_name} is not tracked: {finder.rejected[entry.module_name]}"
+                )
+                self._announced[entry.module_name] = finder.rejected[entry.module_name]
+            self._changed = True
+        if len(finder.accepted) != before or grads:
+            self._update_tracker(trainer, optimizer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        finder = self._finder
+        if self._recording:
+            finder.finish()
+            self._recording = False
+            self._record_next = bool(finder.unseen_layers())
+        self._compile_again()
+        if self._norms and self.correction is None:
+            self._check_norms(trainer)
+        measurement = None if self._tracker is None else self._tracker.collect()
+        if measurement is not None:
+            self._metrics = measurement.scalars
+            self._sink.write(trainer.loggers, measurement, trainer.fit_loop.epoch_loop._batches_that_stepped)
+            if self.correction is None:
+                self._check_gradients(trainer, measurement.scalars)
+        if finder is None or not self._changed:
+            return
+        if not self._summarized:
+            if finder.analyzed and self._steps_seen and not finder.retrying:  # else wait for the verdicts
+                self._summarized, self._changed = True, False
+                self._announced = self._statuses()
+                self._report()
+        else:
+            self._changed = False
+            self._announce()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._compile_again()
+        if self._finder is not None:
+            self._finder.finish()
+        self._recording = False
+        if self._tracker is not None:
+            # The model leaves fit as plain SGD would have it (the AdamG rewrite's real weights); the groups
+            # stay inspectable.
+            self._tracker.close()
+        if stage == "fit":  # what a checkpoint restored was for this fit, not for the next model
+            self._verdicts, self._radii = {}, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The verification verdicts, by candidate (module, parameters, granularity: a resumed run reuses one
+        only for the identical candidate), and the AdamG rewrite's virtual radii (the optimizer's own
+        checkpoint carries the moments the correction rescales and transports)."""
+        verdicts = self._verdicts | ({} if self._finder is None else self._finder.verdicts)
+        radii = self._radii | (self._tracker.state_dict() if self._tracker is not None else {})
+        return {
+            "accepted": {k: v for k, v in verdicts.items() if not isinstance(v, str)},
+            "rejected": {k: v for k, v in verdicts.items() if isinstance(v, str)},
+            "radii": radii,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._verdicts = dict(state_dict.get("accepted", {})) | dict(state_dict.get("rejected", {}))
+        self._radii = dict(state_dict.get("radii", {}))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _arm(self, trainer: Any) -> None:
+        every, hist = self._cadence
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # the step this batch will log at, plus one
+        if every and step % every == 0:
+            self._tracker.arm(histograms=bool(hist) and step % hist == 0)
+        else:
+            self._tracker.disarm()
+
+    def _compile_again(self) -> None:
+        if self._eager is not None:
+            self._eager.__exit__(None, None, None)  # the compiler's stance as it was
+            self._eager = None
+
+    def _close_tracker(self, release: bool = True) -> None:
+        if self._tracker is not None:
+            self._tracker.close(release)
+            self._tracker = None
+        self._tracker_input = []
+
+    def _update_tracker(self, trainer: Any, stepping: torch.optim.Optimizer | None = None) -> None:
+        """Track the verified modules that are trainable and stepped now, if that changed (a new tracker;
+        ``stepping``: the optimizer whose step is under way, whose weights to copy now)."""
+        finder = self._finder
+        eligible = [e for e in finder.accepted if finder.eligible(e, self._stepped)]
+        if self._tracker is not None and [e.module_name for e in eligible] == self._tracker_input:
+            return
+        if self._tracker is None and not eligible:
+            return
         radii = self._radii | self.state_dict()["radii"]
         self._close_tracker(release=False)  # the radii go on in the new tracker
-        accepted = _agree_across_ranks(trainer, finder.accepted) if self.correction else finder.accepted
+        accepted = _agree_across_ranks(trainer, eligible) if self.correction else eligible
         try:
             self._tracker = SphereTracker(
                 accepted,
@@ -266,61 +425,85 @@ class SphereMonitorLogic:
             )
         except ValueError as err:
             raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {err}") from err
+        self._tracker_input = [e.module_name for e in eligible]
         self._tracker.load_state_dict(radii)
+        self._norms = [
+            (g.module_name, g.norm_name, norm)
+            for g in self._tracker.groups
+            if g.norm_name and getattr(norm := finder.model.get_submodule(g.norm_name), "track_running_stats", False)
+        ]
+        self._changed = True
         self._arm(trainer)
-        self._tracker.snapshot(optimizer)  # this step's pre-hook ran before the groups were known
+        if stepping is not None:
+            self._tracker.snapshot(stepping)  # this step's pre-hook ran before the tracker existed
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._recording:
-            self._finder.stop()
-            self._recording = False
-        if not self._summarized and self._finder is not None and self._finder.done:
-            self._summarized = True
-            self._report()
-        measurement = None if self._tracker is None else self._tracker.collect()
-        if measurement is not None:
-            self._metrics = measurement.scalars
-            self._sink.write(trainer.loggers, measurement, trainer.fit_loop.epoch_loop._batches_that_stepped)
+    def _read_unseen_backward(self) -> None:
+        """A backward pass ran that Lightning did not announce (``loss.backward()`` in manual optimization):
+        read the layers off the graph up to the recorded modules' outputs, and say how to do better."""
+        self._finder.analyze_outputs()
+        self._changed = True
+        if not self._warned_direct_backward:
+            self._warned_direct_backward = True
+            self._framework.warn(
+                "SphereMonitor: an optimizer stepped after a backward pass that Lightning did not run "
+                "(`loss.backward()` in manual optimization?), so the loss's graph could not be read. Layers were "
+                "found from the graph up to the modules' own outputs instead; a use of a layer's output that "
+                "bypasses every layer and normalization is missed there (the gradient test still catches what it "
+                "breaks). Call `self.manual_backward(loss)` instead of `loss.backward()`."
+            )
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._finder is not None:
-            self._finder.stop()
-        self._recording = False
-        if self._tracker is not None:
-            # The model leaves fit as plain SGD would have it (the AdamG rewrite's real weights); the groups
-            # stay inspectable.
-            self._tracker.close()
-        if stage == "fit":  # what a checkpoint restored was for this fit, not for the next model
-            self._verdicts, self._radii = ({}, {}), {}
+    def _check_norms(self, trainer: Any) -> None:
+        """Measurement only: a tracked module whose normalization left training mode is not invariant."""
+        for name, norm_name, norm in self._norms:
+            if not norm.training and name not in self._lost:
+                self._lose(
+                    name,
+                    f"{norm_name} ({type(norm).__name__}) is in eval mode: it normalizes with running statistics",
+                )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Which modules were tracked or left out, and the AdamG rewrite's virtual radii (the optimizer's
-        own checkpoint carries the moments the correction rescales and transports)."""
-        accepted, rejected = self._verdicts
-        if self._finder is not None:
-            accepted = accepted | {g.module_name: g.cosine for g in self._finder.accepted}
-            rejected = rejected | self._finder.rejected
-        radii = self._radii | (self._tracker.state_dict() if self._tracker is not None else {})
-        return {"accepted": accepted, "rejected": rejected, "radii": radii}
+    def _check_gradients(self, trainer: Any, scalars: Mapping[str, float]) -> None:
+        """Measurement only: a tracked module with a group whose gradient is more radial than tangential
+        (|cos(g, x)| > 1/√2) on a logging step. Not the verification's test: a channel whose pre-norm variance
+        is small next to the norm's eps reads 1e-2 and more on an invariant module, and the logged value is
+        the module's largest."""
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for entry in self._tracker.groups:
+            cos = scalars.get(f"sphere/grad_cos/{entry.module_name}")
+            if cos is not None and abs(cos) > RADIAL and entry.module_name not in self._lost:
+                self._lose(
+                    entry.module_name,
+                    f"its gradient is mostly radial on the step logged at {step}: max |cos(g, x)| = {abs(cos):.2f}",
+                )
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._verdicts = (dict(state_dict.get("accepted", {})), dict(state_dict.get("rejected", {})))
-        self._radii = dict(state_dict.get("radii", {}))
+    def _lose(self, name: str, why: str) -> None:
+        self._lost[name] = why
+        self._framework.warn(
+            f"SphereMonitor: {name} is not radially invariant any more: {why}. It is still measured, but its "
+            "metrics no longer describe a step on the sphere."
+        )
 
-    # ------------------------------------------------------------------ helpers
+    def _statuses(self) -> dict[str, str]:
+        return {g.module_name: "tracked" for g in self.groups} | self._untracked()
 
-    def _arm(self, trainer: Any) -> None:
-        every, hist = self._cadence
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # the step this batch will log at, plus one
-        if every and step % every == 0:
-            self._tracker.arm(histograms=bool(hist) and step % hist == 0)
-        else:
-            self._tracker.disarm()
-
-    def _close_tracker(self, release: bool = True) -> None:
-        if self._tracker is not None:
-            self._tracker.close(release)
-            self._tracker = None
+    def _announce(self) -> None:
+        """One line per module whose membership changed since the last announcement."""
+        now = self._statuses()
+        for name, status in now.items():
+            before = self._announced.get(name)
+            if status == before or status == "waiting for a gradient to verify it":
+                continue
+            if status == "tracked":
+                entry = next(g for g in self.groups if g.module_name == name)
+                norm = f"{entry.norm_name} ({entry.norm_type})" if entry.norm_name else entry.norm_type
+                self._framework.info(
+                    f"SphereMonitor: now tracking {name}: {entry.num_groups} groups of {entry.group_size} "
+                    f"({entry.granularity}), {norm}"
+                )
+            elif before == "tracked":
+                self._framework.info(f"SphereMonitor: {name} is not tracked any more: {status}")
+            else:
+                self._framework.info(f"SphereMonitor: {name} is not tracked: {status}")
+            self._announced[name] = status
 
     def _report(self) -> None:
         if self.groups:
@@ -330,6 +513,11 @@ class SphereMonitorLogic:
                 "SphereMonitor found no radially invariant group (a Conv/Linear layer whose output only feeds "
                 "a normalization in training mode); training continues unmonitored.\n" + self.summary()
             )
+
+
+def _signature(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[Any, ...]:
+    """What the optimizers step: the parameters and whether each is trainable (identity, not values)."""
+    return tuple((id(p), p.requires_grad) for opt in optimizers for g in opt.param_groups for p in g["params"])
 
 
 def _check_arguments(error: type[Exception], **arguments: Any) -> None:

@@ -113,7 +113,7 @@ class Capture(pl.Callback):
             record = {}
             for name, (module, bias) in layers.items():
                 group = next((g for g in optimizer.param_groups if any(p is module.weight for p in g["params"])), None)
-                if group is None:  # another optimizer's module
+                if group is None or module.weight.grad is None:  # another optimizer's module, or not used
                     continue
                 record[name] = {
                     "x0": self._before[name],

@@ -79,12 +79,15 @@ def test_detection_in_training_costs_no_extra_pass_and_nothing_per_step(name, tm
             return torch.utils.data.DataLoader(data, batch_size=len(x))
 
     class HooksGone(pl.Callback):
-        """After the first step, no module carries a forward hook but the counter on the root."""
+        """After the first step, no module carries a forward hook but the counter on the root and the layers
+        not called yet, whose hook never runs (the first call is recorded, issue 10)."""
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx > 0:
                 hooks = {n: len(m._forward_hooks) for n, m in pl_module.named_modules() if m._forward_hooks}
-                assert hooks == {"model": 1}, hooks
+                lines = monitor.summary().splitlines()
+                waiting = {line.split(": ")[0].strip() for line in lines if line.endswith(": not called yet")}
+                assert hooks == {"model": 1} | dict.fromkeys(waiting, 1), hooks
 
     module = Module()
     monitor = SphereMonitor(log_every_n_steps=1)
