@@ -16,10 +16,11 @@ model's real eps, ``REAL_EPS_TOLERANCE = 1e-3`` separates "invariant up to eps" 
 normalization is dominated by eps on this input (torchvision's MobileNetV3/EfficientNet depthwise convs
 with ``BatchNorm2d(eps=1e-3)`` move the output by 1–3 %).
 
-Groups tried per layer, finest first: each output channel (random factors in [0.5, 2] for every channel at
-once), each run of ``k`` channels for ``k`` a head size or a GroupNorm's channels per group, the whole
-layer (ρ = 2 and 0.5). A fused projection whose output is several heads' worth of q, k and v (timm's
-``qkv``) is then tried head by head, each alone.
+Groups tried per layer, finest first, each with the layer's bias scaled alike and then without it (weight
+standardization makes the weight alone invariant, not its bias): each output channel (random factors in
+[0.5, 2] for every channel at once), each run of ``k`` channels for ``k`` a head size or a GroupNorm's
+channels per group, the whole layer (ρ = 2 and 0.5). A fused projection whose output is several heads'
+worth of q, k and v (timm's ``qkv``) is then tried head by head, each alone.
 """
 
 from __future__ import annotations
@@ -44,14 +45,19 @@ _RANDOM_CLASSES = ("Dropout", "DropPath", "StochasticDepth", "DropBlock")
 _DRAWS = 2  # random per-group factor draws, besides ρ = 2 and 0.5
 
 
+#: Parameters whose entries are all below this in magnitude count as zero-initialized: ConvNeXt's layer
+#: scale starts at 1e-6, which hides its whole residual branch below any output tolerance.
+VANISHING = 1e-4
+
+
 def randomize_zero_parameters(model: nn.Module, seed: int = 0) -> list[str]:
-    """Give every all-zero parameter random values (zero-initialized residual branches, heads and biases
-    make scaling tests and gradients meaningless); return their names."""
+    """Give every all-zero (or all below :data:`VANISHING`) parameter random values: zero-initialized residual
+    branches, layer scales, heads and biases make scaling tests and gradients meaningless. Returns their names."""
     gen = torch.Generator().manual_seed(seed)
     names = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.numel() and not p.any():
+            if p.numel() and p.abs().max() < VANISHING:
                 scale = 1 / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.1
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
                 names.append(name)
@@ -137,8 +143,10 @@ def out_channels(layer: nn.Module) -> int:
     return layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
 
 
-def scale_layer(layer: nn.Module, factors: Tensor) -> list[tuple[Tensor, Callable[[Tensor], Tensor]]]:
-    """Multiply output channel c of ``layer`` (weight and bias) by ``factors[c]``."""
+def scale_layer(
+    layer: nn.Module, factors: Tensor, with_bias: bool = True
+) -> list[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+    """Multiply output channel c of ``layer`` (the weight, and the bias if ``with_bias``) by ``factors[c]``."""
     if isinstance(layer, _ConvTransposeNd):
         # (C_in, C_out / groups, *k): output channel (g, j) is dim 1 of group g's block of dim 0.
         g = layer.groups
@@ -152,7 +160,7 @@ def scale_layer(layer: nn.Module, factors: Tensor) -> list[tuple[Tensor, Callabl
             return w * factors.view((-1,) + (1,) * (w.dim() - 1))
 
     scalings = [(layer.weight, scale_weight)]
-    if getattr(layer, "bias", None) is not None:
+    if with_bias and getattr(layer, "bias", None) is not None:
         scalings.append((layer.bias, lambda b: b * factors))
     return scalings
 
@@ -167,6 +175,7 @@ class Verdict:
     real_eps: bool = False  # still invariant with the model's own eps
     real_change: float = math.nan
     heads: tuple[int, ...] = ()
+    with_bias: bool = True  # the bias scaled with the weight (False: the weight alone, weight standardization)
 
     @property
     def structural(self) -> bool:
@@ -185,11 +194,13 @@ def _factor_sets(channels: int, block: int, gen: torch.Generator) -> list[Tensor
     return [*draws, *(torch.full((channels,), rho, dtype=torch.float64) for rho in (2.0, 0.5))]
 
 
-def _worst(probe: Probe, layer: nn.Module, factor_sets: Sequence[Tensor], tolerance: float) -> float:
+def _worst(
+    probe: Probe, layer: nn.Module, factor_sets: Sequence[Tensor], tolerance: float, with_bias: bool = True
+) -> float:
     """The largest output change over ``factor_sets``, stopping at the first above ``tolerance``."""
     worst = 0.0
     for factors in factor_sets:
-        worst = max(worst, probe.change(scale_layer(layer, factors)))
+        worst = max(worst, probe.change(scale_layer(layer, factors, with_bias)))
         if worst > tolerance:
             break
     return worst
@@ -247,12 +258,15 @@ def ground_truth(model: nn.Module, example: Any, head_dim: int | None = None, se
     for name, layer in tiny_layers.items():
         channels = out_channels(layer)
         verdict = Verdict(None, math.inf)
-        for block in block_sizes(tiny.model, layer, head_dim):
+        # With the bias (it joins after a ReLU, is cancelled by BatchNorm), else without (weight standardization).
+        biases = (True, False) if getattr(layer, "bias", None) is not None else (True,)
+        tries = [(block, b) for block in block_sizes(tiny.model, layer, head_dim) for b in biases]
+        for block, with_bias in tries:
             sets = _factor_sets(channels, block, gen)
-            change = _worst(tiny, layer, sets, STRUCTURAL_TOLERANCE)
+            change = _worst(tiny, layer, sets, STRUCTURAL_TOLERANCE, with_bias)
             if change <= STRUCTURAL_TOLERANCE:
-                real_change = _worst(real, real_layers[name], sets[-3:], REAL_EPS_TOLERANCE)
-                verdict = Verdict(block, change, real_change <= REAL_EPS_TOLERANCE, real_change)
+                real_change = _worst(real, real_layers[name], sets[-3:], REAL_EPS_TOLERANCE, with_bias)
+                verdict = Verdict(block, change, real_change <= REAL_EPS_TOLERANCE, real_change, with_bias=with_bias)
                 break
             verdict.change = min(verdict.change, change)
         if not verdict.structural and head_dim and channels > head_dim and channels % head_dim == 0:

@@ -91,6 +91,23 @@ def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     return build
 
 
+def _timm_bit() -> nn.Module:
+    """timm's ResNetV2-50x1 BiT (weight-standardized convs, GroupNorm), one block per stage."""
+    define_torchvision_op_schemas()
+    from functools import partial
+
+    from timm.layers import GroupNormAct, StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(
+        layers=(1, 1, 1, 1),
+        num_classes=10,
+        stem_type="fixed",
+        conv_layer=partial(StdConv2d, eps=1e-8),
+        norm_layer=partial(GroupNormAct, num_groups=32),
+    )
+
+
 def _hf(config: str, model: str, **kwargs: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         define_torchvision_op_schemas()
@@ -110,6 +127,9 @@ _LLM = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 64,
+    # 10x the default 0.02: attention logits of 1e-3 make q and k nearly invariant to anything (a scaled
+    # q_proj would move the output by 2e-5), and 1e-6 eps would dominate the variance of 2e-3 activations.
+    "initializer_range": 0.2,
 }
 _ENCODER = {
     "hidden_size": 32,
@@ -118,6 +138,7 @@ _ENCODER = {
     "intermediate_size": 64,
     "hidden_dropout_prob": 0.0,
     "attention_probs_dropout_prob": 0.0,
+    "initializer_range": 0.2,
 }
 
 MODELS: dict[str, RealModel] = {
@@ -130,6 +151,8 @@ MODELS: dict[str, RealModel] = {
     "tv_regnet_y_400mf": RealModel("torchvision", _tv("regnet_y_400mf"), image(64)),
     "tv_densenet121": RealModel("torchvision", _tv("densenet121"), image(64)),
     "tv_vgg11_bn": RealModel("torchvision", _tv_vgg11_bn, image(32)),
+    "tv_shufflenet_v2": RealModel("torchvision", _tv("shufflenet_v2_x0_5"), image(64)),
+    "tv_mnasnet": RealModel("torchvision", _tv("mnasnet0_5"), image(64)),
     "tv_vit": RealModel(
         "torchvision",
         _tv_class(
@@ -153,9 +176,9 @@ MODELS: dict[str, RealModel] = {
     "timm_test_resnet": RealModel("timm", _timm("test_resnet"), image(32)),
     "timm_convnext_ln2d": RealModel("timm", _timm("test_convnext"), image(32)),
     "timm_nfnet": RealModel("timm", _timm("test_nfnet"), image(32)),
-    "timm_resnetv2_stdconv": RealModel(
-        "timm", _timm("resnetv2_50", layers=(1, 1, 1, 1), stem_type="fixed", num_classes=10), image(64)
-    ),
+    "timm_resnetv2_stdconv": RealModel("timm", _timm_bit, image(64)),
+    "timm_efficientnet": RealModel("timm", _timm("test_efficientnet"), image(32)),
+    "timm_byobnet": RealModel("timm", _timm("test_byobnet"), image(32)),
     "timm_efficientnet_gn": RealModel("timm", _timm("test_efficientnet_gn"), image(32)),
     "timm_vit_qk_norm": RealModel(
         "timm",
@@ -183,7 +206,9 @@ MODELS: dict[str, RealModel] = {
     ),
     "hf_convnext": RealModel(
         "transformers",
-        _hf("ConvNextConfig", "ConvNextModel", hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
+        _hf(
+            "ConvNextConfig", "ConvNextModel", hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, initializer_range=0.2
+        ),
         lambda gen: {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)},
     ),
 }

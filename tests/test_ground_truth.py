@@ -88,3 +88,25 @@ def test_randomizes_only_all_zero_parameters():
     assert gt.randomize_zero_parameters(model) == ["0.bias", "1.weight", "1.bias"]
     assert torch.equal(model[0].weight, before)
     assert all(p.abs().min() > 0 for p in model.parameters())
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization (timm's StdConv2d): each filter centred and scaled to unit variance."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        w = self.weight
+        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), unbiased=False, keepdim=True)
+        return self._conv_forward(x, (w - mean) / (var + self.eps).sqrt(), self.bias)
+
+
+def test_weight_standardization_makes_the_weight_alone_invariant():
+    torch.manual_seed(0)
+    model = nn.Sequential(StandardizedConv(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        model[0].bias.uniform_(0.5, 1.0)
+    verdict = gt.ground_truth(model, torch.randn(2, 2, 6, 6)).verdicts["0"]
+    assert verdict.block == 1 and not verdict.with_bias and verdict.real_eps
