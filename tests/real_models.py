@@ -174,7 +174,7 @@ MODELS: dict[str, RealModel] = {
     # timm
     "timm_resnet50d": RealModel("timm", _timm("resnet50d"), image(64)),
     "timm_test_resnet": RealModel("timm", _timm("test_resnet"), image(32)),
-    "timm_convnext_ln2d": RealModel("timm", _timm("test_convnext"), image(32)),
+    "timm_convnext_ln2d": RealModel("timm", _timm("test_convnext", conv_mlp=True), image(32)),
     "timm_nfnet": RealModel("timm", _timm("test_nfnet"), image(32)),
     "timm_resnetv2_stdconv": RealModel("timm", _timm_bit, image(64)),
     "timm_efficientnet": RealModel("timm", _timm("test_efficientnet"), image(32)),
