@@ -16,7 +16,7 @@ positives) and what it only reports (recall). Columns:
 Usage::
 
     python benchmarks/detection_table.py                   # all models, ~10 minutes on 2 cores
-    python benchmarks/detection_table.py tv_resnet50 hf_qwen3
+    python benchmarks/detection_table.py tv_resnet50 hf_qwen3 --modules   # name every missed module
 """
 
 from __future__ import annotations
@@ -60,15 +60,17 @@ def table(rows: list[Comparison]) -> str:
     return "\n".join(lines)
 
 
-def details(rows: list[Comparison]) -> str:
-    """False negatives grouped by reason (with a count per model), then every false positive and wrong grouping."""
+def details(rows: list[Comparison], modules: bool = False) -> str:
+    """False negatives grouped by reason (with a count per model, or every module), then every false positive
+    and wrong grouping."""
     out = ["", "False negatives by reason:"]
     reasons: dict[str, Counter] = {}
     for r in rows:
-        for reason in r.false_negatives.values():
-            reasons.setdefault(reason, Counter())[r.model] += 1
+        for module, reason in r.false_negatives.items():
+            reasons.setdefault(reason, Counter())[f"{r.model}:{module}" if modules else r.model] += 1
     for reason, models in sorted(reasons.items(), key=lambda kv: -sum(kv[1].values())):
-        out.append(f"- {sum(models.values())} × {reason}: " + ", ".join(f"{m} {n}" for m, n in models.items()))
+        listed = ", ".join(m if modules else f"{m} {n}" for m, n in models.items())
+        out.append(f"- {sum(models.values())} × {reason}: {listed}")
     for r in rows:
         for module, change in {**r.false_positives, **r.built_false_positives}.items():
             out.append(f"FALSE POSITIVE {r.model} {module}: scaling its groups moves the output by {change:.1e}")
@@ -80,6 +82,7 @@ def details(rows: list[Comparison]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help=f"default: all of {', '.join(MODELS)}")
+    parser.add_argument("--modules", action="store_true", help="name every false negative, not a count per model")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = []
@@ -90,7 +93,7 @@ def main() -> None:
         rows.append(compare(name))
         print(f"{name}: done", file=sys.stderr, flush=True)
     print(table(rows))
-    print(details(rows))
+    print(details(rows, args.modules))
 
 
 if __name__ == "__main__":
