@@ -5,6 +5,11 @@ import torch
 from hypothesis import settings
 from torch import nn
 
+from tests.torchvision_ops import define_torchvision_op_schemas
+
+# Before any test module imports Lightning, which imports torchvision when it is installed.
+define_torchvision_op_schemas()
+
 # Property tests: 60 examples by default, HYPOTHESIS_PROFILE=thorough for 2,000; no example database on disk.
 settings.register_profile("default", max_examples=60, deadline=None, database=None)
 settings.register_profile("thorough", max_examples=2000, deadline=None, database=None)

@@ -1,0 +1,33 @@
+"""Detection on real model definitions (torchvision, timm, transformers) against the functional ground truth.
+
+Zero false positives is asserted: a group the package tracks must leave the output unchanged when scaled
+(:mod:`tests.ground_truth`), on the model as built and with its zero-initialized parameters randomized.
+Recall is reported, not asserted (``benchmarks/detection_table.py`` prints the table). Needs the ``zoo``
+extra; each test skips when its library is missing. The models in ``FAST`` run by default, the rest
+with ``pytest -m slow``.
+"""
+
+import pytest
+
+from tests.real_models import FAST, MODELS, compare
+
+
+def _cases():
+    for name, entry in MODELS.items():
+        yield pytest.param(name, entry.library, id=name, marks=() if name in FAST else pytest.mark.slow)
+
+
+@pytest.mark.parametrize(("name", "library"), list(_cases()))
+def test_every_detected_group_is_invariant(name, library, record_property):
+    pytest.importorskip(library)
+    result = compare(name)
+    record_property("recall", result.recall)
+    print(
+        f"{name}: {len(result.detected)} detected, recall {result.recall:.0%} of {len(result.invariant_real)}; "
+        f"missed: {result.false_negatives}"
+    )
+    assert result.false_positives == {}
+    assert result.built_false_positives == {}
+    # The ground truth separates its verdicts by orders of magnitude on every model, or it proves nothing.
+    invariant_max, failed_min = result.gap
+    assert invariant_max < 1e-6 < 1e-4 < failed_min
