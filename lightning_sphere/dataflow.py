@@ -634,7 +634,11 @@ class _Walk:
             if scaled != [2]:
                 raise self._break(node, inputs, " as a query or key")
             ids = self._reduce(node, first.ids, [first.ids.dim() - 2])
-            out = _Value(first.degree, ids.expand(self._shape(node)), shift_free=False, channels_kept=False)
+            shape = self._shape(node)
+            if ids.dim() >= 3 and ids.shape[-3] < shape[-3] and shape[-3] % ids.shape[-3] == 0:
+                # grouped-query attention (enable_gqa): each key/value head serves consecutive query heads
+                ids = ids.repeat_interleave(shape[-3] // ids.shape[-3], dim=-3)
+            out = _Value(first.degree, ids.expand(shape), shift_free=False, channels_kept=False)
             return [out]
         if op == "NativeLayerNormBackward0":
             if scaled != [0]:

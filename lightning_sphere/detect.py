@@ -402,7 +402,8 @@ def find_invariant_groups(
     orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``/√d) are dropped with a warning.
     Candidates the projection gives no gradient (a zero-initialized BatchNorm weight downstream, a zero
     residual branch) are verified with a probe: a random cotangent on their normalization's output before
-    its affine part, which any invariant group's gradient is orthogonal to as well.
+    its affine part (on a weight-standardized layer's own output), which any invariant group's gradient is
+    orthogonal to as well.
 
     >>> import torch
     >>> from torch import nn
@@ -424,10 +425,16 @@ def find_invariant_groups(
     """
     finder = GroupFinder(model, groups, tolerance)
     norm_inputs: list[tuple[nn.Module, Tensor]] = []
+    layer_outputs: dict[str, Tensor] = {}  # a weight-standardized layer is its own normalization
     hooks = [
         m.register_forward_hook(lambda module, args, output: norm_inputs.append((module, args[0])))
         for m in model.modules()
         if isinstance(m, _PROBED)
+    ]
+    hooks += [
+        m.register_forward_hook(lambda module, args, output, name=name: layer_outputs.setdefault(name, output))
+        for name, m in model.named_modules()
+        if isinstance(m, LAYERS)
     ]
     modes = {module: module.training for module in model.modules()}
     buffers = {buffer: buffer.clone() for buffer in model.buffers()}
@@ -450,12 +457,21 @@ def find_invariant_groups(
                         p.grad = None
                     # .backward(), not autograd.grad(): torch.utils.checkpoint(use_reentrant=True) supports only
                     # it, and recomputes its forward during it, with a graph that can be read.
-                    projection.backward(retain_graph=bool(norm_inputs))
+                    projection.backward(retain_graph=bool(norm_inputs or layer_outputs))
                     finder.analyze_recomputed()
                     rejected = finder.verify(_gradients(finder))
-                    if finder.pending and norm_inputs:  # no gradient from the outputs: probe the normalizations
+                    if finder.pending:  # no gradient from the outputs: probe the normalizations
                         normalized = [_normalized(norm, x) for norm, x in norm_inputs if x.requires_grad]
-                        probe = sum((n * torch.randn_like(n)).sum() for n in normalized if n is not None)
+                        normalized += [
+                            layer_outputs[e.module_name]
+                            for e in finder.pending
+                            if e.norm_name == e.module_name and e.module_name in layer_outputs
+                        ]
+                        probe = sum(
+                            (n * torch.randn_like(n)).sum()
+                            for n in normalized
+                            if isinstance(n, Tensor) and n.requires_grad
+                        )
                         if isinstance(probe, Tensor) and probe.requires_grad:
                             for p in grads:
                                 p.grad = None

@@ -390,6 +390,41 @@ def test_post_attention_norm_makes_v_and_o_projections_whole_layer_invariant(nor
     assert_finer_groups_move(model, TOKENS, ["o_proj.weight"], 1)
 
 
+class GroupedQueryAttention(Attention):
+    """``Attention`` with half as many key/value heads as query heads, SDPA repeating each (``enable_gqa``),
+    as Gemma 3 and OLMo2 configurations with ``num_key_value_heads < num_attention_heads`` run it."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.RMSNorm, post_norm=True)
+        self.k_proj, self.v_proj = (nn.Linear(WIDTH, WIDTH // 2, bias=False) for _ in range(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, HEADS, HEAD_DIM)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, HEADS // 2, HEAD_DIM)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, HEADS // 2, HEAD_DIM).transpose(1, 2)
+        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return x + self.post_attention_layernorm(self.o_proj(attention.transpose(1, 2).reshape(b, t, WIDTH)))
+
+
+def test_grouped_query_attention_repeats_the_value_heads():
+    """Before: the walk's channel map did not follow SDPA's repetition of the key/value heads, and v_proj was
+    left out ("reaches ScaledDotProductFlashAttentionForCpu, not followed") in HF OLMo2 and Gemma 3."""
+    model = GroupedQueryAttention()
+    check(
+        model,
+        TOKENS,
+        {
+            "q_proj": (HEADS, ["q_proj.weight"]),
+            "k_proj": (HEADS // 2, ["k_proj.weight"]),
+            "v_proj": (1, ["v_proj.weight"]),
+            "o_proj": (1, ["o_proj.weight"]),
+        },
+        {},
+    )
+    assert_finer_groups_move(model, TOKENS, ["v_proj.weight"], 1)
+
+
 def test_a_bias_on_the_way_to_the_post_norm_breaks_it():
     model = Attention(nn.RMSNorm, post_norm=True, o_bias=True)
     check(
@@ -647,3 +682,28 @@ def test_a_plain_bias_free_conv_is_not_mistaken_for_a_standardized_one():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
     (entry,) = candidates(model, IMAGES).pending
     assert (entry.norm_name, entry.norm_type, entry.channels_aligned) == ("1", "BatchNorm2d", True)
+
+
+class SkipInitBlock(nn.Module):
+    """NFNet's residual block as built: ``x + gain · conv2(gelu(conv1(x)))`` with the gain zero-initialized
+    (skipinit), weight-standardized convs: the output gives them no gradient on the first batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = ScaledStdConv2d(3, 3, 3, padding=1), ScaledStdConv2d(3, 3, 3, padding=1)
+        self.gain = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.gain * self.conv2(F.gelu(self.conv1(x)))
+
+
+def test_a_weight_standardized_layer_is_probed_on_its_own_output():
+    """timm's NFNet as built: 9 of its 21 invariant convs were found, the others had "no gradient on the
+    example input". A weight-standardized layer normalizes its own weight, so a random cotangent on its
+    output verifies it (and the gain's zero keeps the model's output independent of both convs)."""
+    torch.manual_seed(0)
+    model = SkipInitBlock()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    found = find_invariant_groups(model, x)
+    assert sorted(g.module_name for g in found) == ["conv1", "conv2"]
+    assert all(g.num_groups == 3 and g.cosine < 1e-4 for g in found)  # float32; a random direction: 0.19
