@@ -427,15 +427,18 @@ def find_invariant_groups(
     norm_inputs: list[tuple[nn.Module, Tensor]] = []
     layer_outputs: dict[str, Tensor] = {}  # a weight-standardized layer is its own normalization
     hooks = [
-        m.register_forward_hook(lambda module, args, output: norm_inputs.append((module, args[0])))
+        m.register_forward_hook(lambda module, args, output: norm_inputs.append((module, args[0])) and None)
         for m in model.modules()
         if isinstance(m, _PROBED)
     ]
-    hooks += [
-        m.register_forward_hook(lambda module, args, output, name=name: layer_outputs.setdefault(name, output))
-        for name, m in model.named_modules()
-        if isinstance(m, LAYERS)
-    ]
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output stays as it is
+            layer_outputs.setdefault(name, output)
+
+        return hook
+
+    hooks += [m.register_forward_hook(keep(name)) for name, m in model.named_modules() if isinstance(m, LAYERS)]
     modes = {module: module.training for module in model.modules()}
     buffers = {buffer: buffer.clone() for buffer in model.buffers()}
     grads = {p: p.grad for p in model.parameters()}
