@@ -26,7 +26,7 @@ from lightning_sphere.groups import InvariantGroups
 from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported
 from lightning_sphere.sinks import LoggerSink
 from lightning_sphere.summary import summarize
-from lightning_sphere.tracker import SphereTracker
+from lightning_sphere.tracker import Measurement, SphereTracker
 
 #: Steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips the first few)
 #: before it is dropped. Steps on which it gets no gradient at all (a branch not used yet) do not count.
@@ -34,7 +34,6 @@ MAX_VERIFICATION_STEPS = 50
 
 #: Measurement only: a tracked group whose |cos(g, x)| exceeds this on a logging step, a gradient more radial
 #: than tangential, has lost its invariance (an L2 term on its weights in the loss, say).
-RADIAL = math.sqrt(0.5)
 
 
 @dataclass(frozen=True)
@@ -339,7 +338,7 @@ class SphereMonitorLogic:
             self._metrics = measurement.scalars
             self._sink.write(trainer.loggers, measurement, trainer.fit_loop.epoch_loop._batches_that_stepped)
             if self.correction is None:
-                self._check_gradients(trainer, measurement.scalars)
+                self._check_gradients(trainer, measurement)
         if finder is None or not self._changed:
             return
         if not self._summarized:
@@ -461,18 +460,19 @@ class SphereMonitorLogic:
                     f"{norm_name} ({type(norm).__name__}) is in eval mode: it normalizes with running statistics",
                 )
 
-    def _check_gradients(self, trainer: Any, scalars: Mapping[str, float]) -> None:
-        """Measurement only: a tracked module with a group whose gradient is more radial than tangential
-        (|cos(g, x)| > 1/√2) on a logging step. Not the verification's test: a channel whose pre-norm variance
-        is small next to the norm's eps reads 1e-2 and more on an invariant module, and the logged value is
-        the module's largest."""
+    def _check_gradients(self, trainer: Any, measurement: Measurement) -> None:
+        """Measurement only: a tracked module most of whose groups showed a radial gradient on a logging step
+        (|cos(g, x)| above the gradient test's δ/√d; the correction's own rule): a path around its norm, an
+        L2 term on it. One eps-dominated channel alone, whose pre-norm variance is small next to the norm's
+        eps, does not count."""
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for entry in self._tracker.groups:
-            cos = scalars.get(f"sphere/grad_cos/{entry.module_name}")
-            if cos is not None and abs(cos) > RADIAL and entry.module_name not in self._lost:
+        for name in measurement.radial:
+            if name not in self._lost:
+                cos = measurement.scalars.get(f"sphere/grad_cos/{name}", float("nan"))
                 self._lose(
-                    entry.module_name,
-                    f"its gradient is mostly radial on the step logged at {step}: max |cos(g, x)| = {abs(cos):.2f}",
+                    name,
+                    f"most of its groups' gradients are radial on the step logged at {step} (max |cos(g, x)| "
+                    f"{abs(cos):.2g}, above the gradient test's δ/√d)",
                 )
 
     def _lose(self, name: str, why: str) -> None:

@@ -82,10 +82,14 @@ class Measurement:
             Adam diagnostics for other optimizers, the equilibrium where §7 predicts none, gradient metrics
             when every gradient is zero.
         histograms: ``sphere_hist/<metric>/<module name>`` → the per-group values (CPU, 1-D), when asked for.
+        radial: the modules most of whose measured groups showed a radial gradient on the step (|cos(g, x_k)|
+            above the gradient test's δ/√d, :func:`~lightning_sphere.groups.tolerance_for`): not invariant
+            any more (one eps-dominated channel alone does not count).
     """
 
     scalars: dict[str, float]
     histograms: dict[str, Tensor] = field(default_factory=dict)
+    radial: list[str] = field(default_factory=list)
 
 
 class _Transfer(NamedTuple):
@@ -96,6 +100,7 @@ class _Transfer(NamedTuple):
     skipped: Tensor  # (1,)
     histograms: Tensor  # (histogrammed metrics, M), or (0, M)
     stops: Tensor  # (2, groups of all rewrites): stopped (0/1) and the |cos| that stopped each
+    radial: Tensor  # (L,): 1 for the modules most of whose measured groups showed a radial gradient
 
 
 @dataclass(eq=False)
@@ -199,6 +204,10 @@ class SphereTracker:
         self._measured = torch.zeros(offset, dtype=torch.bool, device=self.device)
         sizes = torch.tensor([g.num_groups for g in self.groups], dtype=torch.long)
         self._segment = torch.repeat_interleave(torch.arange(len(self.groups)), sizes).to(self.device)
+        #: each group's gradient-test threshold δ/√d, to tell on logging steps whether a module stays invariant
+        self._radial_tolerance = torch.repeat_interleave(
+            torch.tensor([self._safeguards.tolerance(g) for g in self.groups], dtype=torch.float64), sizes
+        ).to(self.device, self._stats.dtype)
         self._probes = [self._probe(optimizers[i], modules, correction) for i, modules in stepped.items()]
         self._handles = []
         for probe in self._probes:
@@ -367,7 +376,13 @@ class SphereTracker:
             rows = [list(METRICS).index(name) for name in HISTOGRAMS] if self._histograms else []
             stops = [torch.stack(r.stopped()).to(values) for r in self._rewrites]
             stops = torch.cat(stops, 1) if stops else values.new_zeros(2, 0)
-            transfer = _Transfer(result, count, skipped[None], values[rows], stops)
+            cos = values[list(METRICS).index("grad_cos")].abs()
+            judged = cos.isfinite()
+            votes = values.new_zeros(len(self.groups), 2).index_add_(
+                0, self._segment, torch.stack([judged & (cos > self._radial_tolerance), judged], 1).to(values.dtype)
+            )
+            radial = (2 * votes[:, 0] > votes[:, 1]).to(values.dtype)
+            transfer = _Transfer(result, count, skipped[None], values[rows], stops, radial)
             host = torch.cat([part.flatten() for part in transfer]).cpu()
             self._measured.zero_()
         pieces = host.split([part.numel() for part in transfer])
@@ -393,7 +408,8 @@ class SphereTracker:
                 values = values[values.isfinite()]
                 if values.numel():
                     histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
-        return Measurement(scalars, histograms)
+        radial = [entry.module_name for entry, flag in zip(self.groups, host.radial.tolist(), strict=True) if flag]
+        return Measurement(scalars, histograms, radial)
 
 
 def _running_statistics(model: nn.Module | None, entry: InvariantGroups) -> tuple[nn.Module, ...] | None:
