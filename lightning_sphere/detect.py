@@ -216,6 +216,11 @@ class GroupFinder:
         roots = _terminal_roots(chosen)
         found = find_candidates(chosen, roots, self.model, exclude=self._weight_normed)
         self.pending += [g for g in found.groups if g.module_name in blind]
+        candidates = {g.module_name for g in found.groups}
+        for name in sorted(blind - candidates):
+            why = found.rejected.get(name, "")
+            # Inside the segment the graph tells; where the output leaves it, the graph ends: say so.
+            self._unused[name] = why if why and "not normalized" not in why else _CHECKPOINTED
         calls[:] = [c for c in calls if c.name not in blind]
         return True
 
@@ -350,6 +355,10 @@ class GroupFinder:
 
 
 _NO_BACKWARD = "called, but its output reached no backward pass"
+_CHECKPOINTED = (
+    "inside torch.utils.checkpoint(use_reentrant=True), and its output leaves the checkpointed part, past which "
+    "the recomputed graph cannot be read: use use_reentrant=False"
+)
 _NO_GRAPH = (
     "called with gradients off (torch.no_grad, or inside torch.utils.checkpoint(use_reentrant=True), whose "
     "graph cannot be read: use use_reentrant=False)"

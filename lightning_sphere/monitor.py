@@ -262,17 +262,7 @@ class SphereMonitorLogic:
         finder = self._finder
         if finder is None:
             return
-        signature = _signature(trainer.optimizers)
-        if signature != self._signature:  # one pass over the parameters' flags: a cheap Python check
-            if self._signature is not None:
-                finder.reexamine()
-                self._record_next = self._eager_next = True
-            self._signature = signature
-            self._stepped = {
-                p: opt for opt in trainer.optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad
-            }
-            self._changed = True
-            self._update_tracker(trainer)
+        self._follow_trainable(trainer)
         self._stepped_in_batch = set()
         if self._record_next:
             finder.start()  # record this batch's forward passes: every backward pass of it is analyzed
@@ -324,6 +314,22 @@ class SphereMonitorLogic:
         if len(finder.accepted) != before or grads:
             self._update_tracker(trainer, optimizer)
 
+    def _follow_trainable(self, trainer: Any) -> None:
+        """Re-examine when the set of trainable parameters the optimizers step changed: one pass over their
+        flags, a cheap Python check, at the start of a batch and at its end (``training_step`` may flip them)."""
+        signature = _signature(trainer.optimizers)
+        if signature == self._signature:
+            return
+        if self._signature is not None:
+            self._finder.reexamine()
+            self._record_next = self._eager_next = True
+        self._signature = signature
+        self._stepped = {
+            p: opt for opt in trainer.optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad
+        }
+        self._changed = True
+        self._update_tracker(trainer)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         finder = self._finder
         if self._recording:
@@ -339,6 +345,8 @@ class SphereMonitorLogic:
             self._sink.write(trainer.loggers, measurement, trainer.fit_loop.epoch_loop._batches_that_stepped)
             if self.correction is None:
                 self._check_gradients(trainer, measurement)
+        if finder is not None and self._signature is not None:
+            self._follow_trainable(trainer)  # a flag flipped in training_step: the summary says so now
         if finder is None or not self._changed:
             return
         if not self._summarized:

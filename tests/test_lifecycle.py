@@ -2,6 +2,7 @@
 examined again when training changes what is trainable or called."""
 
 import logging
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -453,3 +454,54 @@ def test_undecided_layers_cost_no_host_sync(tmp_path, monkeypatch):
     assert counts[0] == counts[1]
     listed = assert_contract(monitors[0], Waiting(None))
     assert listed["never.0"] == "not called yet" and listed["ignored.0"] == "not stepped by any optimizer"
+
+
+class WholeCheckpointed(Net):
+    """The whole of bn_net, head included, under torch.utils.checkpoint(use_reentrant=True)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(checkpoint(self.net, x.requires_grad_(), use_reentrant=True), y)
+
+
+def test_a_layer_whose_output_leaves_a_reentrant_checkpoint_gets_a_true_reason(tmp_path):
+    """A new user's trial: the head inside a whole-model reentrant checkpoint ran every step and was listed
+    as "not called yet". The recomputed graph ends where the segment does; the reason says so."""
+    monitor, model = SphereMonitor(), WholeCheckpointed()
+    fit(model, tmp_path, [monitor], max_steps=3)
+    listed = assert_contract(monitor, model)
+    assert [g.module_name for g in monitor.groups] == ["net.0", "net.3"]
+    assert listed["net.7"].startswith("inside torch.utils.checkpoint(use_reentrant=True), and its output leaves")
+
+
+class SummaryAfterBatch(pl.Callback):
+    """``monitor.summary()`` after each batch (placed after the monitor in the callbacks)."""
+
+    def __init__(self, monitor):
+        self.monitor, self.seen = monitor, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.seen.append(assert_contract(self.monitor, pl_module))
+
+
+class FlipInStep(Net):
+    """net.0 frozen by training_step on batch 2, trainable again on batch 4."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx in (2, 4):
+            self.net[0].requires_grad_(batch_idx == 4)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_flag_flipped_in_training_step_is_in_the_summary_by_the_end_of_that_batch(tmp_path):
+    """A new user's trial: one step late, net.0 was still listed as tracked while frozen, then as "not
+    stepped by any optimizer" once trainable again. The flags are read again at the end of the batch."""
+    monitor = SphereMonitor(log_every_n_steps=1)
+    summaries = SummaryAfterBatch(monitor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(FlipInStep(), tmp_path, [monitor, summaries], max_steps=6, limit_train_batches=6)
+    assert "net.0" not in summaries.seen[1]  # tracked
+    assert summaries.seen[2]["net.0"] == "weight is frozen"  # the batch that froze it
+    assert summaries.seen[3]["net.0"] == "weight is frozen"
+    assert summaries.seen[4].get("net.0") != "not stepped by any optimizer"  # the batch that unfroze it
