@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +170,7 @@ class SphereMonitorLogic:
         # that changes (a layer unfrozen, a param group added), layers are examined again.
         self._stepped: dict[Tensor, Any] = {}
         self._signature: tuple[Any, ...] | None = None
+        self._signatures = _Signature()
         self._changed = False  # membership may have changed on this batch: announce at its end
         self._announced: dict[str, str] = {}  # module → "tracked" or why not, as last told
         # Measurement only: tracked modules whose invariance was lost later, with why; the tracked
@@ -317,7 +319,7 @@ class SphereMonitorLogic:
     def _follow_trainable(self, trainer: Any) -> None:
         """Re-examine when the set of trainable parameters the optimizers step changed: one pass over their
         flags, a cheap Python check, at the start of a batch and at its end (``training_step`` may flip them)."""
-        signature = _signature(trainer.optimizers)
+        signature = self._signatures(trainer.optimizers)
         if signature == self._signature:
             return
         if self._signature is not None:
@@ -523,9 +525,23 @@ class SphereMonitorLogic:
             )
 
 
-def _signature(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[Any, ...]:
-    """What the optimizers step: the parameters and whether each is trainable (identity, not values)."""
-    return tuple((id(p), p.requires_grad) for opt in optimizers for g in opt.param_groups for p in g["params"])
+class _Signature:
+    """What the optimizers step, cheaply: which parameter lists they hold (rebuilt only when those change,
+    e.g. by ``add_param_group``), and whether each parameter is trainable (identity and flags, not values)."""
+
+    def __init__(self) -> None:
+        self._lists: tuple[tuple[int, int], ...] = ()
+        self._params: list[Tensor] = []
+
+    def __call__(self, optimizers: Sequence[torch.optim.Optimizer]) -> tuple[Any, ...]:
+        lists = tuple((id(g["params"]), len(g["params"])) for opt in optimizers for g in opt.param_groups)
+        if lists != self._lists:
+            self._lists = lists
+            self._params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        return lists, tuple(map(_REQUIRES_GRAD, self._params))
+
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def _check_arguments(error: type[Exception], **arguments: Any) -> None:
