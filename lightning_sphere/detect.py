@@ -423,7 +423,7 @@ def find_invariant_groups(
     ... )
     >>> groups = find_invariant_groups(model, torch.randn(4, 3, 8, 8))
     >>> print(summarize(groups, model, groups.rejected))  # doctest: +ELLIPSIS
-    lightning_sphere: 1 modules, 8 radially invariant groups, 216 of 3,122 trainable parameters tracked (6.9%)
+    lightning_sphere: 1 module, 8 radially invariant groups, 216 of 3,122 trainable parameters tracked (6.9%)
     module  granularity  groups   d  normalization    max|cos(g,x)|
     0       channel           8  27  1 (BatchNorm2d)        ...
     not tracked:

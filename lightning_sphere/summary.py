@@ -45,7 +45,8 @@ def summarize(
     tracked = sum(g.numel for g in groups)
     share = f"{100 * tracked / total:.1f}%" if total else "-"
     lines = [
-        f"lightning_sphere: {len(groups)} modules, {sum(g.num_groups for g in groups):,} radially invariant groups, "
+        f"lightning_sphere: {_count(len(groups), 'module')}, "
+        f"{_count(sum(g.num_groups for g in groups), 'radially invariant group')}, "
         f"{tracked:,} of {total:,} trainable parameters tracked ({share})"
     ]
     columns = _COLUMNS
@@ -63,3 +64,8 @@ def summarize(
         lines.append("not tracked:")
         lines += [f"  {name}: {why}" for name, why in untracked.items()]
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is one: "1 module", "4,800 groups"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

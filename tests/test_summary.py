@@ -1,6 +1,7 @@
 """The table printed at the start of training, against hand-counted parameters and hand-laid columns."""
 
 import pytest
+import torch
 from torch import nn
 
 from lightning_sphere.groups import InvariantGroups, ParamSlice
@@ -111,3 +112,14 @@ def test_no_trainable_parameters():
     line = "lightning_sphere: 0 modules, 0 radially invariant groups, 0 of 0 trainable parameters tracked (-)"
     assert summarize([], nn.Linear(3, 2).requires_grad_(False)) == line
     assert summarize([], nn.ReLU(), {"relu": "no parameters"}) == f"{line}\nnot tracked:\n  relu: no parameters"
+
+
+def test_one_module_of_one_group_is_said_in_the_singular():
+    """Issue 11: the summary said "1 modules"."""
+    from lightning_sphere import find_invariant_groups
+
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.LayerNorm(3))
+    groups = find_invariant_groups(model, torch.randn(8, 4))
+    assert summarize(groups, model).splitlines()[0] == (
+        "lightning_sphere: 1 module, 1 radially invariant group, 12 of 18 trainable parameters tracked (66.7%)"
+    )
