@@ -428,9 +428,9 @@ class AdamRewrite(Rewrite):
         mask = self.verdict(plan, RewriteSums(*sums.unbind(1)), _finite(sums) & _finite_root(root))
         step = AdamStep(RewriteSums(*sums.unbind(1)), mask, root, plan, pending=measured and self.mode != "s")
         if measured and "s" in self.mode:
-            self._apply(step, transport=False)  # the measurement reads x_{k+1} rewritten, moments as they are
+            self._apply(step, args, transport=False)  # the measurement reads x_{k+1} rewritten, moments as they are
         elif not measured:
-            self._apply(step, transport=self.mode != "s", rewritten=False)
+            self._apply(step, args, transport=self.mode != "s")
         return step
 
     def view(self, step: AdamStep) -> StepView:
@@ -440,11 +440,14 @@ class AdamRewrite(Rewrite):
         return StepView(b=torch.where(step.mask, step.root + eps, float("nan")))
 
     def transport(self, step: AdamStep) -> None:
-        if step.pending:
-            self._apply(step, transport=True, rewritten=True)
+        if step.pending:  # rows read afresh: S may have written x_{k+1} through a copy
+            self._apply(step, self._args(step.plan, step.root), transport=True, rewritten=True)
 
-    def _apply(self, step: AdamStep, transport: bool, rewritten: bool = False) -> None:
-        """One pass over the allowed rows: S (unless ``rewritten`` already) and, if ``transport``, R and T."""
+    def _apply(
+        self, step: AdamStep, args: dict[ParamSlice, tuple[Any, ...]], transport: bool, rewritten: bool = False
+    ) -> None:
+        """One pass over the allowed rows (``args``, from :meth:`_args`): S (unless ``rewritten`` already) and, if
+        ``transport``, R and T."""
         s = step.sums
         keep = along = ratio = None
         if transport:
@@ -452,7 +455,6 @@ class AdamRewrite(Rewrite):
             ratio = torch.where(s.x1x1 > 0, s.xx / s.x1x1, 1)  # (r_k/r_{k+1})²
         spread = self.index.spread
         columns = [spread(c) if c is not None else [None] * len(self.slices) for c in (keep, along, ratio)]
-        args = self._args(step.plan, step.root)
         for j, ((s, _), mask) in enumerate(zip(self.slices, spread(step.mask), strict=True)):
             if s not in args:
                 continue
