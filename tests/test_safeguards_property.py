@@ -114,8 +114,9 @@ def set_gradients(module: Module, pattern: str, gen: torch.Generator) -> None:
             part = cut(grad, i)
             part.copy_(g[start : start + part.numel()].view(part.shape))
             start += part.numel()
-    if pattern == "zero rows":
-        grads[0].reshape(grads[0].shape[0], -1)[0] = 0
+    if pattern == "zero rows":  # group 0's rows get no gradient (zeroing part of a group would make it radial)
+        for cut, grad in zip(module.cut, grads, strict=True):
+            cut(grad, 0).zero_()
     if pattern == "nan":
         grads[0].view(-1)[int(torch.randint(grads[0].numel(), (1,), generator=gen))] = float("nan")
     for p, grad in zip(module.params, grads, strict=True):
