@@ -179,7 +179,7 @@ METRICS: dict[str, Metric] = {
         Metric(
             "angular_update_equilibrium",
             lambda st, sp: st.equilibrium,
-            "mean",
+            "rms",
             "rad",
             "§7",
             "the angular update §7 predicts at equilibrium",

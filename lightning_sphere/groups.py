@@ -80,6 +80,19 @@ class ParamSlice:
             if self.channel_dims != (0,) or self.split != 1 or not 0 <= start < stop <= self.param.shape[0]:
                 raise ValueError(f"{self.name}: channels {self.channels} must be a range of the rows of dim 0")
 
+    def __repr__(self) -> str:  # the parameter by name and shape, not its values
+        extras = "".join(
+            f", {name}={value!r}"
+            for name, value, default in (
+                ("channel_dims", self.channel_dims, (0,)),
+                ("split", self.split, 1),
+                ("channels", self.channels, None),
+            )
+            if value != default
+        )
+        shape = "×".join(map(str, self.param.shape)) or "scalar"
+        return f"ParamSlice({self.name!r}, {shape} {str(self.param.dtype).removeprefix('torch.')}{extras})"
+
     def _shaped(self, t: Tensor) -> Tensor:
         if self.channels is not None:
             return t[self.channels[0] : self.channels[1]]

@@ -25,7 +25,7 @@ from torch import Tensor
 from lightning_sphere.detect import GroupFinder
 from lightning_sphere.groups import InvariantGroups
 from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported
-from lightning_sphere.sinks import LoggerSink
+from lightning_sphere.sinks import PER_LAYER, LoggerSink, Selection
 from lightning_sphere.summary import summarize
 from lightning_sphere.tracker import Measurement, SphereTracker
 
@@ -67,7 +67,14 @@ class SphereMonitorLogic:
             ``Trainer(log_every_n_steps=...)``.
         histogram_every_n_steps: also log per-group histograms (TensorBoard only) every this many steps, a
             multiple of the logging cadence; ``None`` means every 10th logging step, ``0`` never.
-        custom_scalars: write a TensorBoard custom-scalars layout with one multi-line chart per metric.
+        custom_scalars: write a TensorBoard custom-scalars layout with one multi-line chart per metric, the same
+            for every run with the same ``metrics`` (so that runs compare chart by chart).
+        metrics: the metrics to log (names of :data:`~lightning_sphere.METRICS`, or ``"skipped_groups"``);
+            ``None``: all. Each is logged over all groups, ``sphere/<metric>/all``.
+        per_layer: the metrics also logged per tracked module, ``sphere/<metric>/<module name>``: by default
+            ``("effective_lr", "angular_update", "norm")``; ``True``: every logged metric; ``False``: none.
+            The equilibrium angular update (§7) follows ``angular_update``, and is logged per module only when
+            the modules' equilibria differ.
         tolerance: δ of the gradient test: a candidate module is tracked while ``max |cos(g, x)|`` over its
             groups on its first step is at most δ/√d, a share of what a random direction shows (d the group
             size; :func:`~lightning_sphere.groups.tolerance_for`). ``None``: 0.1 for candidates the graph or
@@ -127,6 +134,8 @@ class SphereMonitorLogic:
         tolerance: float | None = None,
         spherical_correction: bool | str = False,
         compile: bool | None = None,
+        metrics: Sequence[str] | None = None,
+        per_layer: bool | Sequence[str] = PER_LAYER,
     ) -> None:
         _check_arguments(
             self._framework.misconfiguration,
@@ -136,8 +145,14 @@ class SphereMonitorLogic:
             custom_scalars=custom_scalars,
             tolerance=tolerance,
             compile=compile,
+            metrics=metrics,
+            per_layer=per_layer,
         )
         error = self._framework.misconfiguration
+        try:
+            self.selection = Selection.of(metrics, per_layer)
+        except ValueError as err:
+            raise error(f"SphereMonitor: {err}") from None
         self.groups_spec = groups
         try:
             self.correction = correction_mode(spherical_correction)
@@ -150,8 +165,10 @@ class SphereMonitorLogic:
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.tolerance = tolerance
-        self._sink = LoggerSink(custom_scalars)
+        self._sink = LoggerSink(custom_scalars, self.selection.metrics)
         self._metrics: dict[str, float] = {}
+        self._last_step: int | None = None  # the step fit ends at, when the Trainer knows it
+        self._histogram_due: int | None = None  # the last logged step, if its histograms were not written
         self._finder: GroupFinder | None = None
         self._tracker: SphereTracker | None = None
         self._tracker_input: list[str] = []  # the modules the tracker was built for
@@ -237,6 +254,8 @@ class SphereMonitorLogic:
             )
         except ValueError as err:
             raise error(f"SphereMonitor(groups=...): {err}") from err
+        if hist and not self.selection.histograms:
+            hist = 0  # no histogrammed metric selected
         if not every:
             self._framework.warn(
                 "SphereMonitor: `log_every_n_steps=0` on the Trainer turns logging off; nothing is measured."
@@ -259,6 +278,21 @@ class SphereMonitorLogic:
                 "SphereMonitor: the Trainer has no logger; metrics are still measured and kept in "
                 "`SphereMonitor.metrics`. Pass `logger=TensorBoardLogger(...)` to see them in charts."
             )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # The last step of fit is measured too (charts end where training ends, and `metrics` holds values
+        # after any fit of at least one step); unknown for iterable data with no max_steps, or a max_time.
+        total = trainer.estimated_stepping_batches
+        self._last_step = int(total) if math.isfinite(total) and total > 0 else None
+        self._histogram_due = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Histograms of the last logged step, when fit ended before the cadence took them (early stopping,
+        ``max_time``): one more device→host transfer, at the end of fit only."""
+        if self._histogram_due is not None and self._tracker is not None:
+            histograms = self.selection(Measurement({}, self._tracker.last_histograms())).histograms
+            self._sink.write_histograms(trainer.loggers, histograms, self._histogram_due)
+        self._histogram_due = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         finder = self._finder
@@ -343,8 +377,11 @@ class SphereMonitorLogic:
             self._check_norms(trainer)
         measurement = None if self._tracker is None else self._tracker.collect()
         if measurement is not None:
-            self._metrics = measurement.scalars
-            self._sink.write(trainer.loggers, measurement, trainer.fit_loop.epoch_loop._batches_that_stepped)
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            logged = self.selection(measurement)
+            self._metrics = logged.scalars
+            self._sink.write(trainer.loggers, logged, step)
+            self._histogram_due = step if self._cadence[1] and not measurement.histograms else None
             if self.correction is None:
                 self._check_gradients(trainer, measurement)
         if finder is not None and self._signature is not None:
@@ -393,8 +430,9 @@ class SphereMonitorLogic:
     def _arm(self, trainer: Any) -> None:
         every, hist = self._cadence
         step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # the step this batch will log at, plus one
-        if every and step % every == 0:
-            self._tracker.arm(histograms=bool(hist) and step % hist == 0)
+        last = step == self._last_step
+        if every and (step % every == 0 or last):
+            self._tracker.arm(histograms=bool(hist) and (step % hist == 0 or last))
         else:
             self._tracker.disarm()
 
@@ -560,6 +598,8 @@ def _check_arguments(error: type[Exception], **arguments: Any) -> None:
         "custom_scalars": ("a bool", lambda v: isinstance(v, bool)),
         "tolerance": ("a float in (0, 1) or None", lambda v: v is None or (_is_real(v) and 0 < v < 1)),
         "compile": ("a bool or None", lambda v: v is None or isinstance(v, bool)),
+        "metrics": ("a list of metric names or None", lambda v: v is None or _names(v)),
+        "per_layer": ("a bool or a list of metric names", lambda v: isinstance(v, bool) or _names(v)),
     }
     for name, value in arguments.items():
         what, valid = expected[name]
@@ -569,6 +609,10 @@ def _check_arguments(error: type[Exception], **arguments: Any) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, Sequence) and all(isinstance(v, str) for v in value)
 
 
 def _is_real(value: Any) -> bool:

@@ -214,6 +214,7 @@ class SphereTracker:
             self._handles.append(probe.optimizer.register_step_pre_hook(lambda *_, p=probe: self._before_step(p)))
             self._handles.append(probe.optimizer.register_step_post_hook(lambda *_, p=probe: self._after_step(p)))
         self._histograms = False
+        self._last_histograms: Tensor | None = None  # the last collected step's, on the device, if not sent
         self._recorded = False
 
     def _probe(
@@ -373,7 +374,9 @@ class SphereTracker:
             skipped = (self._measured & ~valid_groups(stats)).sum(dtype=values.dtype)
             how = [metric.reduction for metric in METRICS.values()]
             result, count = segment_reduce(values, self._segment, len(self.groups), how)
-            rows = [list(METRICS).index(name) for name in HISTOGRAMS] if self._histograms else []
+            rows = [list(METRICS).index(name) for name in HISTOGRAMS]
+            self._last_histograms = None if self._histograms else values[rows]
+            rows = rows if self._histograms else []
             stops = [torch.stack(r.stopped()).to(values) for r in self._rewrites]
             stops = torch.cat(stops, 1) if stops else values.new_zeros(2, 0)
             cos = values[list(METRICS).index("grad_cos")].abs()
@@ -402,14 +405,25 @@ class SphereTracker:
                 if c > 0:
                     scalars[f"sphere/{metric}/{name}"] = value
         scalars[f"sphere/{SKIPPED_GROUPS}/all"] = float(host.skipped[0])
+        radial = [entry.module_name for entry, flag in zip(self.groups, host.radial.tolist(), strict=True) if flag]
+        return Measurement(scalars, self._histogram_dict(host.histograms), radial)
+
+    def last_histograms(self) -> dict[str, Tensor]:
+        """The histograms of the last collected step, when it was not armed for them (one device→host
+        transfer): what to log when a run ends between two histogram steps. Empty when none are kept."""
+        if self._last_histograms is None:
+            return {}
+        rows, self._last_histograms = self._last_histograms.cpu(), None
+        return self._histogram_dict(rows)
+
+    def _histogram_dict(self, rows: Tensor) -> dict[str, Tensor]:
         histograms = {}
-        for metric, row in zip(HISTOGRAMS, host.histograms, strict=False):
+        for metric, row in zip(HISTOGRAMS, rows, strict=False):
             for entry, values in zip(self.groups, row.split([g.num_groups for g in self.groups]), strict=True):
                 values = values[values.isfinite()]
                 if values.numel():
                     histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
-        radial = [entry.module_name for entry, flag in zip(self.groups, host.radial.tolist(), strict=True) if flag]
-        return Measurement(scalars, histograms, radial)
+        return histograms
 
 
 def _running_statistics(model: nn.Module | None, entry: InvariantGroups) -> tuple[nn.Module, ...] | None:

@@ -247,7 +247,7 @@ def test_metrics_describe_the_corrected_update(tmp_path):
     from tests import reference
 
     between, logger = Between(), MemoryLogger()
-    monitor = SphereMonitor(spherical_correction="srt", log_every_n_steps=1)
+    monitor = SphereMonitor(per_layer=True, spherical_correction="srt", log_every_n_steps=1)
     fit(Net(optimizer=ADAM["adam"]), tmp_path, [monitor, between], max_steps=5, logger=logger)
     for step, scalars in logger.sphere().items():
         rows = between.rows[step]

@@ -43,7 +43,8 @@ class Window(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
-        logging = self.log_every is not None and (step + 1) % self.log_every == 0
+        # logging steps, and the last step of fit, which the monitor measures too
+        logging = self.log_every is not None and ((step + 1) % self.log_every == 0 or step + 1 == trainer.max_steps)
         if self.opens and step >= 2 and not logging:  # the first steps include one-time group detection
             self.switch.active = True
             self.opened.append(step)

@@ -148,7 +148,7 @@ class Late(Net):
 
 def test_a_module_first_called_later_is_listed_then_tracked(tmp_path):
     """Before: late.0 in neither list, never tracked."""
-    monitor, logger = SphereMonitor(), MemoryLogger()
+    monitor, logger = SphereMonitor(per_layer=True), MemoryLogger()
     capture, snap = Capture({**TRACKED_NET, "late.0": (0, False)}), Summaries(monitor)
     model = Late()
     fit(model, tmp_path, [monitor, capture, snap], max_steps=5, logger=logger)
@@ -189,7 +189,7 @@ class Finetuned(pl.LightningModule):
 
 def test_a_layer_unfrozen_later_is_tracked_from_then_on(tmp_path, caplog):
     """Before: "backbone.0: weight is frozen" for good, and never measured."""
-    monitor, logger = SphereMonitor(), MemoryLogger()
+    monitor, logger = SphereMonitor(per_layer=True), MemoryLogger()
     snap = Summaries(monitor)
     capture = Capture({"backbone.0": (0, False), "head.0": (0, False)})
     model = Finetuned()
@@ -219,7 +219,7 @@ class FreezeFirstConv(pl.Callback):
 
 def test_a_tracked_layer_frozen_later_leaves_the_table(tmp_path, caplog):
     """Before: net.0 stayed in the table, called invariant and trained, while frozen."""
-    monitor, capture, logger = SphereMonitor(), Capture(), MemoryLogger()
+    monitor, capture, logger = SphereMonitor(per_layer=True), Capture(), MemoryLogger()
     with caplog.at_level(logging.INFO):
         fit(Net(), tmp_path, [FreezeFirstConv(), monitor, capture], max_steps=4, logger=logger)
     assert [g.module_name for g in monitor.groups] == ["net.3"]
@@ -247,7 +247,7 @@ class FrozenFirstConv(Net):
 @pytest.mark.parametrize("groups", ["auto", "numeric"])
 def test_a_requires_grad_flip_is_seen(tmp_path, groups):
     """Before: "net.0: weight is frozen" for good ("auto"), or net.0 in neither list ("numeric")."""
-    monitor, capture, logger = SphereMonitor(groups=groups), Capture(), MemoryLogger()
+    monitor, capture, logger = SphereMonitor(per_layer=True, groups=groups), Capture(), MemoryLogger()
     snap = Summaries(monitor)
     model = FrozenFirstConv()
     fit(model, tmp_path, [monitor, capture, snap], max_steps=4, logger=logger)

@@ -21,7 +21,7 @@ SGD_METRICS = [m for m in METRICS if m not in ("deformation_cos", "momentum_radi
 
 def test_logs_every_metric_at_lightning_steps_and_matches_the_reference(tmp_path):
     capture, logger = Capture(), MemoryLogger()
-    callbacks = [SphereMonitor(log_every_n_steps=2), capture]
+    callbacks = [SphereMonitor(per_layer=True, log_every_n_steps=2), capture]
     trainer = fit(Net(), tmp_path, callbacks, max_steps=6, log_every_n_steps=2, logger=logger)
     records = logger.sphere()
     assert sorted(records) == [1, 3, 5]  # (step + 1) % 2 == 0, at Lightning's own step numbering
@@ -29,8 +29,8 @@ def test_logs_every_metric_at_lightning_steps_and_matches_the_reference(tmp_path
     for step, scalars in records.items():
         assert_scalars_match(scalars, expected(capture.steps[step]))
         for metric in SGD_METRICS:
-            for name in ("net.0", "net.3", "all"):
-                assert f"sphere/{metric}/{name}" in scalars
+            for name in ("net.0", "net.3", "all"):  # one equilibrium, shared by both layers: under all only
+                assert (f"sphere/{metric}/{name}" in scalars) == (name == "all" or "equilibrium" not in metric)
         assert "sphere/deformation_cos/all" not in scalars
     monitor = trainer.callbacks[0]
     assert monitor.metrics == records[5]
@@ -40,7 +40,7 @@ def test_logs_every_metric_at_lightning_steps_and_matches_the_reference(tmp_path
 def test_log_cadence_follows_the_trainer_by_default(tmp_path):
     logger = MemoryLogger()
     fit(Net(), tmp_path, [SphereMonitor()], max_steps=7, log_every_n_steps=3, logger=logger)
-    assert sorted(logger.sphere()) == [2, 5]
+    assert sorted(logger.sphere()) == [2, 5, 6]  # every third step, and the last one
 
 
 def test_tensorboard_events_read_back(tmp_path):
@@ -48,7 +48,7 @@ def test_tensorboard_events_read_back(tmp_path):
 
     memory = MemoryLogger()
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
-    callbacks = [SphereMonitor(log_every_n_steps=1, histogram_every_n_steps=2)]
+    callbacks = [SphereMonitor(per_layer=True, log_every_n_steps=1, histogram_every_n_steps=2)]
     adamw = Net(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
     fit(adamw, tmp_path, callbacks, max_steps=4, logger=[tb, memory])
     events = EventAccumulator(
@@ -150,7 +150,14 @@ def test_sharding_strategies_are_refused_at_setup(strategy):
 
 def test_gradient_accumulation_measures_each_optimizer_step(tmp_path):
     capture, logger = Capture(), MemoryLogger()
-    fit(Net(batch_size=8), tmp_path, [SphereMonitor(), capture], max_steps=3, accumulate_grad_batches=2, logger=logger)
+    fit(
+        Net(batch_size=8),
+        tmp_path,
+        [SphereMonitor(per_layer=True), capture],
+        max_steps=3,
+        accumulate_grad_batches=2,
+        logger=logger,
+    )
     records = logger.sphere()
     assert sorted(records) == [0, 1, 2] and len(capture.steps) == 3
     for step, scalars in records.items():
@@ -169,7 +176,7 @@ def test_amp_skipped_steps_record_nothing(tmp_path):
     capture, logger = Capture(), MemoryLogger()
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
     amp = MixedPrecision("16-mixed", "cpu", scaler)
-    monitor = SphereMonitor()
+    monitor = SphereMonitor(per_layer=True)
     fit(Overflowing(dtype=torch.float32), tmp_path, [monitor, capture], max_steps=5, plugins=[amp], logger=logger)
     records = logger.sphere()
     assert sorted(records) == [0, 1, 3, 4]  # step 2 was skipped: nothing recorded, nothing logged
@@ -180,7 +187,7 @@ def test_amp_skipped_steps_record_nothing(tmp_path):
 
 def test_gradient_clipping_reports_the_clipped_gradient(tmp_path):
     capture, logger = Capture(), MemoryLogger()
-    fit(Net(), tmp_path, [SphereMonitor(), capture], max_steps=3, gradient_clip_val=1e-3, logger=logger)
+    fit(Net(), tmp_path, [SphereMonitor(per_layer=True), capture], max_steps=3, gradient_clip_val=1e-3, logger=logger)
     for step, scalars in logger.sphere().items():
         want = expected(capture.steps[step])
         assert_scalars_match(scalars, want)
@@ -204,7 +211,7 @@ class Scheduled(Net):
 
 def test_schedulers_and_param_groups_use_the_lr_in_force(tmp_path):
     capture, logger = Capture(), MemoryLogger()
-    fit(Scheduled(), tmp_path, [SphereMonitor(), capture], max_steps=4, logger=logger)
+    fit(Scheduled(), tmp_path, [SphereMonitor(per_layer=True), capture], max_steps=4, logger=logger)
     records = logger.sphere()
     assert [capture.steps[s]["net.0"]["lr"] for s in records] == pytest.approx([0.1, 0.05, 0.1 / 3, 0.025])
     for step, scalars in records.items():
@@ -236,7 +243,7 @@ class PartlyTrained(Net):
 
 def test_frozen_and_unoptimized_parameters_are_left_out(tmp_path):
     capture, logger = Capture(), MemoryLogger()
-    trainer = fit(PartlyTrained(), tmp_path, [SphereMonitor(), capture], max_steps=2, logger=logger)
+    trainer = fit(PartlyTrained(), tmp_path, [SphereMonitor(per_layer=True), capture], max_steps=2, logger=logger)
     monitor = trainer.callbacks[0]
     assert [g.module_name for g in monitor.groups] == ["net.0", "net.3"]
     summary = monitor.summary()
@@ -253,7 +260,7 @@ class Quasi(Net):
 
 def test_lbfgs_reports_the_whole_step_and_the_measured_effective_lr(tmp_path):
     capture, logger = Capture(), MemoryLogger()
-    fit(Quasi(), tmp_path, [SphereMonitor(), capture], max_steps=3, logger=logger)
+    fit(Quasi(), tmp_path, [SphereMonitor(per_layer=True), capture], max_steps=3, logger=logger)
     records = logger.sphere()
     assert sorted(records) == [0, 1, 2]
     for step, scalars in records.items():
@@ -285,7 +292,7 @@ class TwoOptimizers(Net):
 
 def test_manual_optimization_with_two_optimizers(tmp_path):
     capture, logger = Capture(), MemoryLogger()
-    trainer = fit(TwoOptimizers(), tmp_path, [SphereMonitor(), capture], max_steps=6, logger=logger)
+    trainer = fit(TwoOptimizers(), tmp_path, [SphereMonitor(per_layer=True), capture], max_steps=6, logger=logger)
     assert trainer.global_step == 6
     records = logger.sphere()
     assert sorted(records) == [0, 1, 2]  # Lightning logs once per batch; each batch steps both optimizers
@@ -308,7 +315,7 @@ class ChannelsLast(Net):
 
 def test_channels_last_weights(tmp_path):
     capture, logger = Capture(), MemoryLogger()
-    trainer = fit(ChannelsLast(), tmp_path, [SphereMonitor(), capture], max_steps=3, logger=logger)
+    trainer = fit(ChannelsLast(), tmp_path, [SphereMonitor(per_layer=True), capture], max_steps=3, logger=logger)
     assert trainer.lightning_module.net[3].weight.is_contiguous(memory_format=torch.channels_last)
     for step, scalars in logger.sphere().items():
         assert_scalars_match(scalars, expected(capture.steps[step]))

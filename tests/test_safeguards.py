@@ -333,7 +333,7 @@ def test_a_radial_gradient_stops_the_correction_on_the_device(tmp_path):
     """The gradient test rides on the correction's own inner products: the module is stopped on the device at
     the step its gradient turns radial (step 4), and the host hears of it at the next logging step (5)."""
     twin, logger = PlainTwin(), MemoryLogger()
-    monitor = SphereMonitor(spherical_correction=True, log_every_n_steps=3)
+    monitor = SphereMonitor(per_layer=True, spherical_correction=True, log_every_n_steps=3)
     module = PenaltyFromStep4(optimizer=OPTIMIZERS["adamw"])
     with pytest.warns(UserWarning, match=r"net\.0 is not radially invariant any more: on one step most of its 6 gr"):
         fit(module, tmp_path, [monitor, twin], max_steps=8, logger=logger)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_sphere.sinks import LoggerSink, custom_scalars_layout, tensorboard_writer
+from lightning_sphere.sinks import LoggerSink, Selection, custom_scalars_layout, tensorboard_writer
 from lightning_sphere.tracker import Measurement
 
 SCALARS = {
@@ -26,7 +26,7 @@ def chart(*tags):
     return ["Multiline", list(tags)]
 
 
-#: The layout for SCALARS, by hand: no chart of its own for the equilibrium, none for absent metrics.
+#: The layout for the metrics of SCALARS, by hand: no chart of its own for the equilibrium.
 LAYOUT = {
     "sphere": {
         "norm": chart(r"sphere/norm/.*"),
@@ -35,36 +35,111 @@ LAYOUT = {
         "skipped_groups": chart(r"sphere/skipped_groups/.*"),
     }
 }
+LAYOUT_METRICS = ["effective_lr", "skipped_groups", "angular_update_equilibrium", "norm", "angular_update"]
 
 
 # ---------------------------------------------------------------------- the layout
 
 
-def test_layout_has_one_chart_per_logged_metric():
-    assert custom_scalars_layout([*SCALARS, "loss", "sphere_hist/norm/conv"]) == LAYOUT
+def test_layout_has_one_chart_per_selected_metric_in_registry_order():
+    layout = custom_scalars_layout(LAYOUT_METRICS)
+    assert layout == LAYOUT
+    assert list(layout["sphere"]) == list(LAYOUT["sphere"])  # the registry's order, whatever the selection's
 
 
-def test_each_logged_key_lands_on_exactly_one_chart():
-    charts = custom_scalars_layout(SCALARS)["sphere"]
-    for key in SCALARS:
+def test_default_layout_charts_every_metric_once():
+    from lightning_sphere import METRICS
+
+    charts = custom_scalars_layout()["sphere"]
+    assert list(charts) == [m for m in METRICS if m != "angular_update_equilibrium"] + ["skipped_groups"]
+    every_key = [f"sphere/{m}/{name}" for m in (*METRICS, "skipped_groups") for name in ("conv", "all")]
+    for key in every_key:
         holders = [title for title, (_, tags) in charts.items() if any(re.fullmatch(t, key) for t in tags)]
         assert len(holders) == 1, (key, holders)
-    assert not any(re.fullmatch(t, "loss") for _, tags in charts.values() for t in tags)
+    assert not any(re.fullmatch(t, k) for _, tags in charts.values() for t in tags for k in ("loss", "train/loss"))
 
 
-def test_angular_update_chart_without_an_equilibrium():
-    layout = custom_scalars_layout(["sphere/angular_update/conv", "sphere/grad_cos/all"])
-    assert layout == {
-        "sphere": {
-            "angular_update": chart(r"sphere/angular_update/.*"),
-            "grad_cos": chart(r"sphere/grad_cos/.*"),
-        }
+def test_angular_update_chart_always_has_the_equilibrium_line():
+    # Runs with and without an equilibrium (Adam with L2 decay, SGD-M with decay) must write the same chart.
+    assert custom_scalars_layout(["angular_update"]) == {
+        "sphere": {"angular_update": LAYOUT["sphere"]["angular_update"]}
     }
+    alone = custom_scalars_layout(["angular_update_equilibrium"])
+    assert alone == {"sphere": {"angular_update_equilibrium": chart(r"sphere/angular_update_equilibrium/.*")}}
 
 
-def test_no_sphere_metric_no_chart():
+def test_no_metric_no_chart():
     assert custom_scalars_layout([]) == {"sphere": {}}
-    assert custom_scalars_layout(["loss", "lr-SGD", "sphere_hist/norm/conv"]) == {"sphere": {}}
+
+
+# ---------------------------------------------------------------------- which keys are logged
+
+
+def full_measurement(equilibria=(0.125, 0.125), skipped=0.0):
+    """Every metric over two layers and all, as the tracker gives it."""
+    from lightning_sphere import METRICS
+
+    scalars = {}
+    for i, metric in enumerate(METRICS):
+        values = equilibria if metric == "angular_update_equilibrium" else (i + 0.25, i + 0.5)
+        scalars |= {f"sphere/{metric}/a": values[0], f"sphere/{metric}/b.c": values[1]}
+        scalars[f"sphere/{metric}/all"] = sum(values) / 2
+    scalars["sphere/skipped_groups/all"] = skipped
+    hist = {f"sphere_hist/{m}/{layer}": torch.ones(2) for m in ("norm", "effective_lr") for layer in ("a", "b.c")}
+    return Measurement(scalars, hist, ["a"])
+
+
+def test_default_selection_every_metric_over_all_and_headline_metrics_per_layer():
+    from lightning_sphere import METRICS
+
+    m = full_measurement()
+    kept = Selection.of()(m)
+    headline = {"effective_lr", "angular_update", "norm"}
+    expected = {f"sphere/{metric}/all" for metric in METRICS}
+    expected |= {f"sphere/{metric}/{layer}" for metric in headline for layer in ("a", "b.c")}
+    assert set(kept.scalars) == expected  # equal equilibria: once, under all; skipped_groups zero: absent
+    assert all(kept.scalars[k] == m.scalars[k] for k in kept.scalars)
+    assert kept.histograms.keys() == m.histograms.keys() and kept.radial == ["a"]
+
+
+def test_equilibrium_per_layer_only_when_layers_differ():
+    same_up_to_float32 = full_measurement(equilibria=(0.125, 0.125 * (1 + 2**-23)))
+    assert "sphere/angular_update_equilibrium/a" not in Selection.of()(same_up_to_float32).scalars
+    differ = Selection.of()(full_measurement(equilibria=(0.125, 0.0625))).scalars
+    assert {k for k in differ if "equilibrium" in k} == {
+        f"sphere/angular_update_equilibrium/{n}" for n in ("a", "b.c", "all")
+    }
+    # it follows angular_update's per-layer choice
+    no_layers = Selection.of(per_layer=["norm"])(full_measurement(equilibria=(0.125, 0.0625))).scalars
+    assert {k for k in no_layers if "equilibrium" in k} == {"sphere/angular_update_equilibrium/all"}
+
+
+def test_skipped_groups_logged_only_when_not_zero():
+    assert "sphere/skipped_groups/all" not in Selection.of()(full_measurement()).scalars
+    assert Selection.of()(full_measurement(skipped=3.0)).scalars["sphere/skipped_groups/all"] == 3.0
+
+
+def test_chosen_metrics_and_layers():
+    m = full_measurement(equilibria=(0.125, 0.0625), skipped=1.0)
+    kept = Selection.of(metrics=["grad_cos", "norm"], per_layer=True)(m)
+    assert set(kept.scalars) == {f"sphere/{metric}/{n}" for metric in ("grad_cos", "norm") for n in ("a", "b.c", "all")}
+    assert set(kept.histograms) == {"sphere_hist/norm/a", "sphere_hist/norm/b.c"}
+    assert set(Selection.of(per_layer=False)(m).scalars) == {k for k in m.scalars if k.endswith("/all")}
+    assert set(Selection.of(metrics="norm", per_layer=False)(m).scalars) == {"sphere/norm/all"}
+    assert not Selection.of(metrics=["grad_cos"]).histograms and Selection.of().histograms
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"metrics": ["effective_LR"]}, "'effective_LR' is not a metric (did you mean 'effective_lr'"),
+        ({"per_layer": ["angle"]}, "`per_layer`: 'angle' is not a metric"),
+    ],
+)
+def test_unknown_metric_names_are_refused_with_the_valid_ones(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        Selection.of(**kwargs)
+    assert "the metrics are norm, angular_update" in str(raised.value)
 
 
 # ---------------------------------------------------------------------- fakes of the two kinds of logger
@@ -135,7 +210,7 @@ def test_tensorboard_writer_is_found_only_behind_a_tensorboard_like_logger():
 def test_plain_logger_gets_only_the_scalars_at_the_step():
     logger = PlainLogger()
     m = measurement()
-    LoggerSink().write([logger], m, step=7)
+    LoggerSink(metrics=LAYOUT_METRICS).write([logger], m, step=7)
     assert [name for name, _, _ in logger.calls] == ["log_metrics"]
     _, args, kwargs = logger.calls[0]
     assert bound_log_metrics(args, kwargs) == {"metrics": SCALARS, "step": 7}
@@ -144,7 +219,7 @@ def test_plain_logger_gets_only_the_scalars_at_the_step():
 def test_tensorboard_like_logger_gets_histograms_and_the_layout_once_per_writer():
     writers = [FakeWriter(), FakeWriter()]
     loggers = [TensorBoardLike(writers[0]), PlainLogger(), TensorBoardLike(writers[1])]
-    sink = LoggerSink()
+    sink = LoggerSink(metrics=LAYOUT_METRICS)
     sink.write(loggers, measurement(), step=3)
     sink.write(loggers, measurement(scale=2.0), step=5)
     for logger, writer in zip(loggers[::2], writers, strict=True):
@@ -158,7 +233,7 @@ def test_tensorboard_like_logger_gets_histograms_and_the_layout_once_per_writer(
 
 def test_two_loggers_sharing_a_writer_get_one_layout():
     writer = FakeWriter()
-    LoggerSink().write([TensorBoardLike(writer), TensorBoardLike(writer)], measurement(), step=0)
+    LoggerSink(metrics=LAYOUT_METRICS).write([TensorBoardLike(writer), TensorBoardLike(writer)], measurement(), step=0)
     assert len(writer.layouts) == 1
     assert len(writer.histograms) == 2
 
@@ -180,7 +255,7 @@ def test_tensorboard_events_read_back(tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    sink = LoggerSink()
+    sink = LoggerSink(metrics=LAYOUT_METRICS)
     sink.write([logger], measurement(), step=3)
     sink.write([logger], measurement(scale=2.0), step=5)
     logger.finalize("success")
