@@ -4,7 +4,7 @@ Applied right after a real optimizer step (its post-hook), on the tracked groups
 class per kind of optimizer (which one applies is the optimizer registry's call,
 :mod:`lightning_sphere.schemes`):
 
-- :class:`AdamRewrite`, Adam and AdamW (THEORY.md §5–§6): **S** replaces each group's element-wise second
+- :class:`AdamRewrite`, Adam and AdamW (docs/theory.md §5–§6): **S** replaces each group's element-wise second
   moment by its group mean (AdamS: the mean of an EMA is the EMA of the mean, so torch's own ``exp_avg_sq``
   keeps serving); **R** rescales the moments by r_k/r_{k+1} (second moment by its square) and **T** moves
   the momentum into the new tangent space. Modes ``"srt"`` (AdamSRT), ``"s"`` (AdamS), ``"rt"``.
@@ -72,7 +72,7 @@ class Safeguards:
 
 
 class StepView(NamedTuple):
-    """How the measurement must read a corrected step (THEORY.md §3 with the corrected update), per group.
+    """How the measurement must read a corrected step (docs/theory.md §3 with the corrected update), per group.
 
     Attributes:
         b: AdamS's per-group denominator √v̂_G + ε ``(M,)``, replacing Adam's element-wise b; NaN for the

@@ -3,7 +3,7 @@
 No symbolic tracing: :class:`DataflowRecorder` notes, for every module call, the autograd nodes of its
 input and output; :func:`find_candidates` then follows each layer's output forward through the graph and
 works out, operation by operation, how every value scales when the layer's output channels are scaled
-(THEORY.md §1). A normalization is recognized by what it computes, not by its class: a value that scaled
+(docs/theory.md §1). A normalization is recognized by what it computes, not by its class: a value that scaled
 with the layer becomes one that does not (``x * rsqrt(mean(x²) + eps)``, ``(x - mean) / std``, or a fused
 ``layer_norm``/``group_norm``/``batch_norm`` node), and the dimensions it reduces over decide which channels
 must scale together. The layer is a candidate when nothing that still scales with it reaches the loss.

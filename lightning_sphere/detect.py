@@ -2,7 +2,7 @@
 
 :class:`GroupFinder` is the shared procedure: record one forward pass, read candidates off its
 autograd graph (:mod:`lightning_sphere.dataflow`), then keep only those whose gradient is orthogonal
-to their weights (THEORY.md §1). The Lightning callback feeds it the first real training step, at no
+to their weights (docs/theory.md §1). The Lightning callback feeds it the first real training step, at no
 extra cost; :func:`find_invariant_groups` feeds it an example input, for plain PyTorch.
 """
 

@@ -1,7 +1,7 @@
 """The image of one optimizer step on the unit sphere, per radially invariant group: the metric registry.
 
 Pure functions of per-group inner products: no Lightning, no logging, no state. Notation follows
-THEORY.md §1–§3: ``x = x_k``, ``Δ = x_{k+1} − x_k`` (the update actually applied), ``g = g_k`` (the
+docs/theory.md §1–§3: ``x = x_k``, ``Δ = x_{k+1} − x_k`` (the update actually applied), ``g = g_k`` (the
 gradient that update used), ``u = x/‖x‖``, ``q⊥ = q − ⟨q, u⟩u``. For the schemes of §2,
 ``x_{k+1} = x_k − a ⊘ P`` (plus decoupled decay for AdamW) with ``P = b ⊘ η`` the preconditioner of a
 unit step, ``a`` the momentum and ``s = a ⊘ P = η a ⊘ b`` the step direction.
@@ -131,7 +131,7 @@ class Metric:
         reduction: how a layer's groups (and all groups) are summarized: ``"rms"``, ``"mean"``,
             ``"median"`` or ``"maxabs"`` (:func:`~lightning_sphere.reduce.segment_reduce`).
         unit: the unit of the values.
-        section: the section of THEORY.md that defines it.
+        section: the section of docs/theory.md that defines it.
         doc: one line saying what it is.
         histogram: whether its per-group distribution is logged as a histogram.
     """
@@ -195,7 +195,7 @@ SKIPPED_GROUPS = "skipped_groups"
 
 
 def sphere_metrics(st: GroupStats) -> dict[str, Tensor]:
-    """Every per-group metric of one step (THEORY.md §3, §5, §7), NaN where it is undefined.
+    """Every per-group metric of one step (docs/theory.md §3, §5, §7), NaN where it is undefined.
 
     A group whose ``x_k`` or ``x_{k+1}`` is zero or whose products are not finite gets NaN in every
     metric; see :func:`valid_groups`. Where a denominator vanishes (a zero gradient, an update with no

@@ -1,4 +1,4 @@
-"""Which tensors form radially invariant groups, and whether they really are (THEORY.md §1).
+"""Which tensors form radially invariant groups, and whether they really are (docs/theory.md §1).
 
 An :class:`InvariantGroups` entry describes one module: its parameters, cut into ``num_groups``
 groups of ``group_size`` entries each (one group per output channel after BatchNorm, one per channel group

@@ -13,7 +13,7 @@ reduction of a row into one pass over memory with no full-size temporaries: a te
 ResNet-18 on a CPU. Compiling costs seconds once, so it pays for large models and on GPUs; if it fails
 (no compiler at hand), the eager functions take over with one warning.
 
-Notation (THEORY.md §1–§2): ``x = x_k``, ``x1 = x_{k+1}``, ``Δ = x1 − x``, ``g`` the gradient, ``a`` the
+Notation (docs/theory.md §1–§2): ``x = x_k``, ``x1 = x_{k+1}``, ``Δ = x1 − x``, ``g`` the gradient, ``a`` the
 momentum, ``b`` the denominator, ``s = η a ⊘ b`` the step direction, ``P = b/η`` its preconditioner;
 ``decay_factor`` is the 1 − ηλ of a decoupled (or SGD's) weight decay.
 """

@@ -55,7 +55,7 @@ class SphereMonitorLogic:
     a summary, and keeps following training: a layer first called, or first trainable, later is examined
     then, and every change is announced once. Measures every logging step on the device: effective
     learning rate, angular update, radial and tangential updates, the Riemannian gradient and, for Adam,
-    its deformation (THEORY.md §2–§5, §7). Keys are ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all``.
+    its deformation (docs/theory.md §2–§5, §7). Keys are ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all``.
 
     Args:
         groups: which groups to track. ``"auto"``: every layer whose output only feeds a normalization
@@ -80,7 +80,7 @@ class SphereMonitorLogic:
             size; :func:`~lightning_sphere.groups.tolerance_for`). ``None``: 0.1 for candidates the graph or
             ``groups=`` vouches for, 0.01 for ``groups="numeric"`` ones. With the correction on, a module most
             of whose groups exceed it on a later step has lost its invariance and is not corrected again.
-        spherical_correction: rewrite every step of the tracked groups into its spherical form (THEORY.md
+        spherical_correction: rewrite every step of the tracked groups into its spherical form (docs/theory.md
             §4, §6): ``True`` or ``"srt"`` (AdamSRT for Adam/AdamW, SGDMRT for SGD with momentum, the exact
             AdamG rewrite for SGD without), ``"s"`` (AdamS), ``"rt"`` (rescaling and transport only).
             Measurements then describe the corrected update. ``False`` (default) only measures.

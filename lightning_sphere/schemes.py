@@ -1,5 +1,5 @@
 """The optimizer registry: how each optimizer reads in the generic scheme ``x_{k+1} = x_k − η a ⊘ b``
-(THEORY.md §2), and which spherical correction rewrites it (§4, §6).
+(docs/theory.md §2), and which spherical correction rewrites it (§4, §6).
 
 Only the exact classes in :data:`OPTIMIZERS` are mapped: a subclass may change its step, and a wrong
 ``b`` would give a silently wrong effective learning rate, so every other optimizer gets the measured one

@@ -126,7 +126,7 @@ class _Probe:
 
 
 class SphereTracker:
-    """Measures the steps of ``optimizers`` on the invariant ``groups`` (THEORY.md §2–§5, §7), and
+    """Measures the steps of ``optimizers`` on the invariant ``groups`` (docs/theory.md §2–§5, §7), and
     optionally rewrites them into their spherical form (§4, §6; :mod:`lightning_sphere.correction`).
 
     Args:

@@ -1,6 +1,6 @@
 """An independent reference for the per-group metrics: explicit vectors and projections in float64.
 
-Written from THEORY.md directly, without the package's inner-product formulas: every quantity is a
+Written from docs/theory.md directly, without the package's inner-product formulas: every quantity is a
 real vector here (u_k, Δ⊥, g⊥, c), and angles come from the chord between u_k and u_{k+1}.
 """
 

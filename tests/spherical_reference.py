@@ -1,4 +1,4 @@
-"""AdamS, AdamSRT, Adam+RT and SGDMRT written from THEORY.md §6 as plain torch code, for reference.
+"""AdamS, AdamSRT, Adam+RT and SGDMRT written from docs/theory.md §6 as plain torch code, for reference.
 
 Each tracked group is a matrix of rows (one row per group); its moments live here, in the authors'
 layout: AdamS keeps one scalar second moment per group. Parameters outside the groups are stepped by

@@ -1,4 +1,4 @@
-"""spherical_correction against the references of THEORY.md §4 and §6."""
+"""spherical_correction against the references of docs/theory.md §4 and §6."""
 
 import pytest
 import pytorch_lightning as pl

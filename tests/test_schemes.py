@@ -1,4 +1,4 @@
-"""The optimizer registry against torch's own optimizers and closed forms written here (THEORY.md §2, §7)."""
+"""The optimizer registry against torch's own optimizers and closed forms written here (docs/theory.md §2, §7)."""
 
 import math
 
