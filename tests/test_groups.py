@@ -364,3 +364,15 @@ def test_row_index_and_cosines_of_a_channel_range_match_the_hand_computation():
 def test_an_invalid_channel_range_is_refused(kwargs):
     with pytest.raises(ValueError, match="range of the rows"):
         ParamSlice("w", nn.Parameter(torch.ones(6, 3)), **kwargs)
+
+
+def test_reprs_name_parameters_and_shapes_not_their_values():
+    from lightning_sphere.groups import InvariantGroups, ParamSlice
+
+    weight = torch.nn.Parameter(torch.randn(64, 3, 3, 3))
+    piece = ParamSlice("conv.weight", weight)
+    assert repr(piece) == "ParamSlice('conv.weight', 64×3×3×3 float32)"
+    qkv = ParamSlice("attn.qkv.weight", torch.nn.Parameter(torch.randn(96, 32)), channels=(0, 64))
+    assert repr(qkv) == "ParamSlice('attn.qkv.weight', 96×32 float32, channels=(0, 64))"
+    group = InvariantGroups("conv", (piece,), 64, "bn", "BatchNorm2d")
+    assert len(repr(group)) < 200 and "conv.weight" in repr(group)
