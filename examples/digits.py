@@ -224,9 +224,10 @@ def main(
     results, summary = {}, ""
     for run in runs:
         start = time.perf_counter()
-        print(f"{run:<8} {describe(run):<48}", end="", flush=True)
-        results[run], summary = train(run, max_epochs, logdir)
-        print(f"{time.perf_counter() - start:5.1f} s")
+        print(f"training {run:<8}", end="", flush=True)
+        results[run], run_summary = train(run, max_epochs, logdir)
+        summary = summary or run_summary  # the first run's: the same groups in every run
+        print(f"{time.perf_counter() - start:5.1f} s  {describe(run)}")
     print(f"\n{summary}\n")
     steps = results[runs[0]]["steps"]
     last = f"last {FINAL_SHARE:.0%}"
