@@ -2,15 +2,19 @@
 
 Finds the radially invariant filters of a small BatchNorm conv net from one example batch, prints them,
 then trains on scikit-learn's 8×8 digits with SGD-M, measuring every 10th optimizer step and writing
-the spherical metrics to TensorBoard with a ``SummaryWriter``. A few seconds on a CPU::
+the spherical metrics to TensorBoard with a ``SummaryWriter``, to a new folder per invocation (the command
+that shows it is printed at the end). A few seconds on one CPU core::
 
-    python examples/plain_torch.py
-    tensorboard --logdir lightning_logs
+    python examples/plain_torch.py       # --logdir DIR, --steps N
+    tensorboard --logdir lightning_logs/plain_torch-<date>-<time>
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from itertools import islice
@@ -54,12 +58,34 @@ def batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         yield from loader
 
 
-def main(steps: int = 300, root: str | Path = "lightning_logs") -> dict[str, float]:
-    """Train for ``steps`` optimizer steps, logging to ``<root>/plain_torch``.
+def default_logdir(prefix: str, root: str | Path = "lightning_logs") -> Path:
+    """A new folder ``<root>/<prefix>-YYYYmmdd-HHMMSS`` (``-2``, ``-3``, … if one exists): one per invocation."""
+    stem = Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logdir, number = stem, 1
+    while logdir.exists():
+        number += 1
+        logdir = stem.with_name(f"{stem.name}-{number}")
+    return logdir
+
+
+def tensorboard_command(logdir: Path) -> str:
+    """The command that shows ``logdir``: the ``tensorboard`` next to this Python (a venv's), else on PATH."""
+    executable = Path(sys.executable).parent / "tensorboard"
+    if not executable.exists():
+        return f"tensorboard --logdir {logdir}"
+    relative = os.path.relpath(executable)
+    return f"{executable if relative.startswith('..') else relative} --logdir {logdir}"
+
+
+def main(steps: int = 300, logdir: str | Path | None = None) -> dict[str, float]:
+    """Train for ``steps`` optimizer steps, logging to ``logdir`` (``None``: a new
+    ``lightning_logs/plain_torch-YYYYmmdd-HHMMSS``).
 
     Returns:
         The scalars of the last measured step.
     """
+    torch.set_num_threads(1)  # a small net: one thread is fastest, and immune to a busy second core
+    logdir = Path(logdir) if logdir is not None else default_logdir("plain_torch")
     torch.manual_seed(0)
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
@@ -74,7 +100,7 @@ def main(steps: int = 300, root: str | Path = "lightning_logs") -> dict[str, flo
     tracker = lightning_sphere.SphereTracker(groups, [optimizer])
 
     scalars: dict[str, float] = {}
-    with SummaryWriter(Path(root) / "plain_torch") as writer:
+    with SummaryWriter(logdir) as writer:
         for step, (x, y) in enumerate(islice(batches(loader), steps)):
             if step % MEASURE_EVERY == 0:  # measure the next optimizer step
                 tracker.arm(histograms=step % HISTOGRAM_EVERY == 0)
@@ -100,13 +126,16 @@ def main(steps: int = 300, root: str | Path = "lightning_logs") -> dict[str, flo
     for name in [*(g.module_name for g in tracker.groups), "all"]:
         print(f"{name:<8}" + "".join(f"{scalars[f'sphere/{column}/{name}']:>16.3g}" for column in columns))
     equilibrium = scalars["sphere/angular_update_equilibrium/all"]
-    lr, decay = optimizer.defaults["lr"], optimizer.defaults["weight_decay"]
-    print(f"SGD-M settles at an angular update of {equilibrium:.3g} after ~1/(2ηλ) = {1 / (2 * lr * decay):,.0f} steps")
-    print(f"\ntensorboard --logdir {root}")
+    lr, decay, momentum = (optimizer.defaults[key] for key in ("lr", "weight_decay", "momentum"))
+    settling = (1 - momentum) / (2 * lr * decay)  # torch's momentum buffer carries the decay too
+    print(f"SGD-M settles at an angular update of {equilibrium:.3g} after ~(1−μ)/(2ηλ) = {settling:,.0f} steps")
+    print(f"\n{tensorboard_command(logdir)}")
     return scalars
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    main(parser.parse_args().steps)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--logdir", help="log directory (default: a new lightning_logs/plain_torch-<date>-<time>)")
+    arguments = parser.parse_args()
+    main(arguments.steps, arguments.logdir)
