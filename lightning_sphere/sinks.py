@@ -98,10 +98,11 @@ def custom_scalars_layout(metrics: Iterable[str] = LOGGABLE) -> dict[str, dict[s
     """One multi-line chart per metric, every layer a line, whatever a run measured: the layout depends on the
     selected ``metrics`` alone, so that runs of any optimizer, with or without the correction, write the same
     charts (TensorBoard shows a chart once per distinct definition). The measured angular update shares its
-    chart with the §7 equilibrium it should settle at."""
+    chart with the §7 equilibrium it should settle at. ``skipped_groups``, logged only when groups were left out
+    of a step, has no chart: its cards appear in the Scalars tab when it happens."""
     metrics = set(metrics)
     charts = {}
-    for metric in LOGGABLE:
+    for metric in METRICS:
         if metric == _EQUILIBRIUM and "angular_update" in metrics:
             continue
         if metric in metrics:
@@ -117,7 +118,7 @@ class LoggerSink:
 
     Args:
         custom_scalars: write the custom-scalars layout.
-        metrics: the metrics the layout has charts for.
+        metrics: the selected metrics: the layout has a chart for each.
     """
 
     def __init__(self, custom_scalars: bool = True, metrics: Iterable[str] = LOGGABLE) -> None:

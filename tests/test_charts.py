@@ -106,7 +106,7 @@ def test_one_layout_for_every_optimizer_and_correction(tmp_path):
     assert layouts[0] == layouts[1] == layouts[2]  # TensorBoard then shows each chart once
     (category,) = layouts[0].category
     titles = [chart.title for chart in category.chart]
-    assert titles == [m for m in METRICS if m != "angular_update_equilibrium"] + ["skipped_groups"]
+    assert titles == [m for m in METRICS if m != "angular_update_equilibrium"]  # skipped_groups: when it happens
     angular = category.chart[titles.index("angular_update")].multiline.tag
     assert list(angular) == [r"sphere/angular_update/.*", r"sphere/angular_update_equilibrium/.*"]
 

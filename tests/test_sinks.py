@@ -32,7 +32,6 @@ LAYOUT = {
         "norm": chart(r"sphere/norm/.*"),
         "angular_update": chart(r"sphere/angular_update/.*", r"sphere/angular_update_equilibrium/.*"),
         "effective_lr": chart(r"sphere/effective_lr/.*"),
-        "skipped_groups": chart(r"sphere/skipped_groups/.*"),
     }
 }
 LAYOUT_METRICS = ["effective_lr", "skipped_groups", "angular_update_equilibrium", "norm", "angular_update"]
@@ -51,8 +50,8 @@ def test_default_layout_charts_every_metric_once():
     from lightning_sphere import METRICS
 
     charts = custom_scalars_layout()["sphere"]
-    assert list(charts) == [m for m in METRICS if m != "angular_update_equilibrium"] + ["skipped_groups"]
-    every_key = [f"sphere/{m}/{name}" for m in (*METRICS, "skipped_groups") for name in ("conv", "all")]
+    assert list(charts) == [m for m in METRICS if m != "angular_update_equilibrium"]
+    every_key = [f"sphere/{m}/{name}" for m in METRICS for name in ("conv", "all")]
     for key in every_key:
         holders = [title for title, (_, tags) in charts.items() if any(re.fullmatch(t, key) for t in tags)]
         assert len(holders) == 1, (key, holders)
