@@ -12,22 +12,32 @@ define_torchvision_op_schemas()
 
 #: The suite's seed: LIGHTNING_SPHERE_TEST_SEED=<n> reruns it with other random inputs (it must pass under any).
 SEED = int(os.environ.get("LIGHTNING_SPHERE_TEST_SEED", "0"))
-# Module-level inputs (drawn when a test module is imported) come from this seed too.
-torch.manual_seed(SEED)
 
 
-@pytest.fixture(autouse=True)
-def _seed(request: pytest.FixtureRequest) -> None:
-    """Every test starts from the suite's seed mixed with its own name: reproducible, order-independent."""
+def _seed_everything(name: str) -> None:
+    """torch, random and numpy from the suite's seed mixed with ``name``: reproducible, order-independent."""
     import random
     import zlib
 
     import numpy
 
-    seed = (SEED * 1_000_003 + zlib.crc32(request.node.nodeid.encode())) % 2**32
+    seed = (SEED * 1_000_003 + zlib.crc32(name.encode())) % 2**32
     torch.manual_seed(seed)
     random.seed(seed)
     numpy.random.seed(seed)
+
+
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    """A test module's module-level inputs (drawn when it is imported) depend on the seed and its name only,
+    not on which modules were imported before it."""
+    if isinstance(collector, pytest.Module):
+        _seed_everything(collector.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request: pytest.FixtureRequest) -> None:
+    """Every test starts from the suite's seed mixed with its own name."""
+    _seed_everything(request.node.nodeid)
 
 
 # Property tests: 60 examples by default, HYPOTHESIS_PROFILE=thorough for 2,000; no example database on disk.
