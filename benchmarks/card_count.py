@@ -2,12 +2,14 @@
 tab), histogram tags and custom-scalars charts, for the demo's three-conv net and the CIFAR ResNet-18, under
 SGD-M with weight decay, Adam with L2 decay and AdamW.
 
-    python benchmarks/card_count.py    # about 30 s on 2 CPU cores
+    python benchmarks/card_count.py    # about a minute on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,6 +22,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+if not __package__:  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.models import ResNet18
 from lightning_sphere import SphereMonitor
@@ -78,6 +83,8 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_sphere"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     models = {"demo (3 conv layers)": (three_conv, (1, 8, 8)), "ResNet-18 (20 tracked)": (ResNet18, (3, 32, 32))}
     print("| model | optimizer | scalar cards | histogram cards | custom-scalars charts |")
     print("|---|---|---:|---:|---:|")

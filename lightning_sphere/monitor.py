@@ -149,6 +149,8 @@ class SphereMonitorLogic:
             per_layer=per_layer,
         )
         error = self._framework.misconfiguration
+        if log_every_n_steps and histogram_every_n_steps and histogram_every_n_steps % log_every_n_steps:
+            raise error(_cadence_mismatch(histogram_every_n_steps, log_every_n_steps))
         try:
             self.selection = Selection.of(metrics, per_layer)
         except ValueError as err:
@@ -244,10 +246,7 @@ class SphereMonitorLogic:
         hist = self.histogram_every_n_steps
         hist = 10 * every if hist is None else hist
         if every and hist % every:
-            raise error(
-                f"`histogram_every_n_steps={hist}` must be a multiple of the logging cadence ({every} steps), "
-                "since histograms are taken on logging steps; or 0 to turn them off."
-            )
+            raise error(_cadence_mismatch(hist, every))
         try:
             self._finder = GroupFinder(
                 pl_module, self.groups_spec, self.tolerance, _compute_dtype(trainer), MAX_VERIFICATION_STEPS
@@ -605,6 +604,13 @@ def _check_arguments(error: type[Exception], **arguments: Any) -> None:
         what, valid = expected[name]
         if not valid(value):
             raise error(f"SphereMonitor(`{name}`) must be {what}, got {value!r} ({type(value).__name__})")
+
+
+def _cadence_mismatch(hist: int, every: int) -> str:
+    return (
+        f"SphereMonitor(`histogram_every_n_steps={hist}`) must be a multiple of the logging cadence ({every} "
+        "steps), since histograms are taken on logging steps; or 0 to turn them off."
+    )
 
 
 def _is_int(value: Any) -> bool:

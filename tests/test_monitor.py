@@ -130,8 +130,10 @@ def test_invalid_arguments_raise_at_construction(kwargs, message):
 
 
 def test_histogram_cadence_must_be_a_multiple_of_the_logging_cadence(tmp_path):
-    with pytest.raises(MisconfigurationException, match="multiple of the logging cadence"):
-        fit(Net(), tmp_path, [SphereMonitor(log_every_n_steps=4, histogram_every_n_steps=6)])
+    with pytest.raises(MisconfigurationException, match=r"steps=6`\) must be a multiple .*\(4 steps\)"):
+        SphereMonitor(log_every_n_steps=4, histogram_every_n_steps=6)  # at construction, both being given
+    with pytest.raises(MisconfigurationException, match=r"must be a multiple of the logging cadence \(4 steps\)"):
+        fit(Net(), tmp_path, [SphereMonitor(histogram_every_n_steps=6)], log_every_n_steps=4)  # the Trainer's
 
 
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
