@@ -22,6 +22,7 @@ new folder, and the command that shows it is printed at the end::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,10 +199,20 @@ def default_logdir(prefix: str, root: str | Path = "lightning_logs") -> Path:
     return logdir
 
 
-def quiet_lightning() -> None:
-    """Drop Lightning's informational lines (devices, tips, "fit stopped"), printed once per run."""
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Drop Lightning's informational lines (devices, tips, "fit stopped"), printed once per run; the levels are
+    restored on exit, for a caller that imports this module."""
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def main(
@@ -219,13 +231,13 @@ def main(
         angular update over the last quarter of the run (``"final_angular_update"``, rad) and its ``"steps"``.
     """
     torch.set_num_threads(1)  # a small net: one thread is fastest, and immune to a busy second core
-    quiet_lightning()
     logdir = Path(logdir) if logdir is not None else default_logdir("digits")
     results, summary = {}, ""
     for run in runs:
         start = time.perf_counter()
         print(f"training {run:<8}", end="", flush=True)
-        results[run], run_summary = train(run, max_epochs, logdir)
+        with quiet_lightning():
+            results[run], run_summary = train(run, max_epochs, logdir)
         summary = summary or run_summary  # the first run's: the same groups in every run
         print(f"{time.perf_counter() - start:5.1f} s  {describe(run)}")
     print(f"\n{summary}\n")

@@ -44,7 +44,12 @@ def test_examples_log_to_a_new_folder_per_invocation(tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_digits_demo(tmp_path, capsys):
+    import logging
+
+    levels = {name: logging.getLogger(name).level for name in ("pytorch_lightning", "lightning.pytorch")}
     results = load("digits").main(max_epochs=1, logdir=tmp_path)
+    # quiet while it trains, and the caller's logging as it was afterwards
+    assert {name: logging.getLogger(name).level for name in levels} == levels
     out = capsys.readouterr().out
     assert list(results) == ["sgdm", "adamw", "adam", "adamsrt"]
     for name, result in results.items():
