@@ -204,8 +204,6 @@ def train(
 def equilibrium_figure(name: str, steps: int, logdir: Path, figure: Path) -> Path:
     """Train :data:`EQUILIBRIUM` ``name`` on digits for ``steps`` steps at a constant lr, then draw its measured
     angular update (all groups) against the §7 equilibrium, with the settling time 1/(2ηλ), to ``figure``."""
-    from lightning_sphere.plot import metric_figure, read_runs
-
     config = EQUILIBRIUM[name]
     train_set, _, channels, classes = digits()
     pl.seed_everything(0, verbose=False)
@@ -222,9 +220,18 @@ def equilibrium_figure(name: str, steps: int, logdir: Path, figure: Path) -> Pat
         enable_model_summary=False,
     )
     trainer.fit(Classifier(config, channels, classes, steps, milestones=()), loader)
+    return draw_equilibrium(logdir, name, figure)
+
+
+def draw_equilibrium(logdir: Path, name: str, figure: Path) -> Path:
+    """The figure of :func:`equilibrium_figure` from the run's event files under ``logdir``."""
+    from lightning_sphere.plot import metric_figure, read_runs
+
+    config = EQUILIBRIUM[name]
     fig = metric_figure(read_runs(logdir, progress=False), "angular_update", layers=["all"])
+    fig.set_size_inches(7, 3.6)
     hyper = ", ".join(f"{k} {v}" for k, v in config.kwargs.items())
-    fig.suptitle(f"{config.label} on digits ({hyper})", fontsize="medium")
+    fig.suptitle(f"{config.label} on digits, batch {BATCH_SIZE} ({hyper})", fontsize="medium")
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure)
     return figure
@@ -247,7 +254,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
         acc = _mean_std([100 * r["test_acc"] for r in runs], ".2f")
         theta = _mean_std([r["angular_update"] for r in runs], ".2e")
         eq = [r["equilibrium"] for r in runs]
-        ratio = _mean_std([r["angular_update"] / r["equilibrium"] for r in runs], ".2f")
+        ratio = _mean_std([r["angular_update"] / r["equilibrium"] for r in runs], ".2g")
         eq_cell = "–" if any(math.isnan(v) for v in eq) else f"{statistics.mean(eq):.2e}"
         lines.append(f"| {CONFIGS[name].label} | {acc} | {theta} | {eq_cell} | {ratio} |")
     return "\n".join(lines)

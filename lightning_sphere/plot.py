@@ -230,9 +230,11 @@ def _figure(panels: int) -> tuple[Any, list[Any]]:
 
 
 def _colours(runs: Iterable[str]) -> dict[str, Any]:
+    import matplotlib
+
     names = list(runs)
-    palette = [f"C{i % 10}" for i in range(len(names))]
-    return dict(zip(names, palette, strict=True))
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: palette(i % palette.N) for i, name in enumerate(names)}
 
 
 def _unit(metric: str) -> str:

@@ -174,3 +174,26 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"lightning-sphere\[plot\]"):
         plotting.plot(tmp_path, tmp_path / "out")
+
+
+def test_only_the_keys_present_are_drawn():
+    """A run with per-layer angular updates but the equilibrium only as `/all`, and no η, λ logged: every
+    panel gets the `/all` equilibrium, no settling line, and a note saying why."""
+    steps = np.arange(0, 50, 10)
+    series = {
+        "sphere/angular_update/all": plotting.Series(steps, np.linspace(0.1, 0.05, 5)),
+        "sphere/angular_update/conv": plotting.Series(steps, np.linspace(0.2, 0.06, 5)),
+        "sphere/angular_update_equilibrium/all": plotting.Series(steps, np.full(5, 0.05)),
+    }
+    runs = {"run": plotting.Run("run", Path("."), series, {})}
+    figure = plotting.metric_figure(runs, "angular_update")
+    assert [ax.get_title() for ax in figure.axes if ax.get_visible()] == [
+        "angular_update · all",
+        "angular_update · conv",
+    ]
+    for ax in figure.axes[:2]:
+        gids = [line.get_gid() for line in ax.get_lines()]
+        assert gids[1] == "run|sphere/angular_update_equilibrium/all" and "run|settling" not in gids
+        assert "η, λ not logged" in ax.texts[0].get_text()
+    with pytest.raises(ValueError, match="no run logged sphere/norm/<layer>; metrics found: angular_update"):
+        plotting.metric_figure(runs, "norm")
