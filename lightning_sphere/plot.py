@@ -277,21 +277,24 @@ def metric_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | Non
     colours = _colours(runs)
     styles: list[tuple[str, str]] = []
     for ax, layer in zip(axes, names, strict=False):
-        notes = []
+        notes: dict[str, list[str]] = {}  # note → the runs it is about
         for run in runs.values():
             tag = f"sphere/{metric}/{layer}"
             if tag in run.scalars:
                 series = run.scalars[tag]
                 ax.plot(series.steps, series.values, color=colours[run.name], gid=f"{run.name}|{tag}", label=run.name)
             if metric == "angular_update":
-                notes += _draw_equilibrium(ax, run, layer, colours[run.name], styles)
+                for note in _draw_equilibrium(ax, run, layer, colours[run.name], styles):
+                    notes.setdefault(note, []).append(run.name)
         ax.set_title(f"{metric} · {layer}", fontsize="medium")
         ax.set_xlabel("step")
         ax.set_ylabel(_unit(metric))
         if metric in LOG_SCALE:
             ax.set_yscale("log")
-        if notes:
-            ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize="x-small", va="bottom")
+        if notes and ax is axes[0]:  # the same in every panel: said once
+            lines = (f"{note}: {who[0] if len(who) == 1 else f'{len(who)} runs'}" for note, who in notes.items())
+            text = "\n".join(lines)
+            ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize="x-small", va="bottom")
     if lr_panel:
         ax = axes[-1]
         for run in runs.values():
@@ -321,9 +324,9 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
             ax.axvline(steps, color=colour, linestyle=":", gid=f"{run.name}|settling")
             _style(styles, ":", "settling time 1/(2ηλ)")
         else:
-            notes.append(f"{run.name}: 1/(2ηλ) = {steps:,.0f} steps, beyond the run")
+            notes.append(f"1/(2ηλ) = {steps:,.0f} steps, beyond the run")
     if not settling_steps(run):
-        notes.append(f"{run.name}: η, λ not logged, no settling time")
+        notes.append("η, λ not logged, no settling time")
     return notes
 
 

@@ -194,6 +194,6 @@ def test_only_the_keys_present_are_drawn():
     for ax in figure.axes[:2]:
         gids = [line.get_gid() for line in ax.get_lines()]
         assert gids[1] == "run|sphere/angular_update_equilibrium/all" and "run|settling" not in gids
-        assert "η, λ not logged" in ax.texts[0].get_text()
+    assert figure.axes[0].texts[0].get_text() == "η, λ not logged, no settling time: run"  # said once
     with pytest.raises(ValueError, match="no run logged sphere/norm/<layer>; metrics found: angular_update"):
         plotting.metric_figure(runs, "norm")
