@@ -136,8 +136,8 @@ def torchvision_data(name: str, root: Path) -> tuple[TensorDataset, TensorDatase
     """
     try:
         import torchvision
-    except ImportError:
-        raise SystemExit("--data-dir needs torchvision: pip install torchvision") from None
+    except Exception as err:  # not installed, or built for another torch (its C++ operators fail to load)
+        raise SystemExit(f"--data-dir needs torchvision, built for this torch ({err})") from None
     try:
         if name == "cifar10":
             parts = [torchvision.datasets.CIFAR10(str(root), train=t, download=False) for t in (True, False)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,8 @@ def read_run(root: str | Path, path: str | Path) -> Run:
 
 def read_runs(logdir: str | Path, progress: bool = True) -> dict[str, Run]:
     """Every run under ``logdir`` that logged ``sphere/`` metrics, by name (its path relative to
-    ``logdir``), with a tqdm progress bar on stderr when there are several.
+    ``logdir``), with a tqdm progress bar on stderr when there are several; a warning names the runs left
+    out for having none.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`find_runs`; also ``ValueError`` when no run has a
@@ -171,6 +173,9 @@ def read_runs(logdir: str | Path, progress: bool = True) -> dict[str, Run]:
         for path in tqdm(paths, desc="reading runs", unit="run", disable=not progress or len(paths) < 2)
     ]
     kept = {run.name: run for run in runs if any(tag.startswith("sphere/") for tag in run.scalars)}
+    if kept and len(kept) < len(runs):
+        skipped = ", ".join(run.name for run in runs if run.name not in kept)
+        warnings.warn(f"left out the runs under {str(root)!r} with no `sphere/` metrics: {skipped}", stacklevel=2)
     if not kept:
         tags = sorted({tag for run in runs for tag in (*run.scalars, *run.histograms)})
         shown = ", ".join(tags[:12]) + (f" and {len(tags) - 12} more" if len(tags) > 12 else "")

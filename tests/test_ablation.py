@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -43,13 +44,23 @@ def test_quick_ablation_writes_the_table_and_the_runs(tmp_path, capsys):
     assert table.split("\n\n", 1)[1].strip() in capsys.readouterr().out
 
 
-def test_ablation_refuses_a_used_logdir_and_missing_data(tmp_path):
+def test_ablation_refuses_a_used_logdir_and_missing_data(tmp_path, monkeypatch):
     ablation = load_ablation()
     (tmp_path / "old").mkdir()
     with pytest.raises(SystemExit, match="is not empty"):
         ablation.main(["--quick", "--logdir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="torchvision"):  # not installed, or no data: it never downloads
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(SystemExit, match="--data-dir needs torchvision"):
         ablation.torchvision_data("cifar10", tmp_path / "nowhere")
+
+    def not_found(root, **kwargs):
+        assert kwargs.get("download") is False  # it never downloads
+        raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+
+    datasets = types.SimpleNamespace(CIFAR10=not_found, SVHN=not_found)
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(datasets=datasets))
+    with pytest.raises(SystemExit, match=r"no svhn under .*nowhere .*train_32x32\.mat.* never downloads"):
+        ablation.torchvision_data("svhn", tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize(

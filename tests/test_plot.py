@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,14 @@ def test_only_the_keys_present_are_drawn():
     assert figure.axes[0].texts[0].get_text() == "η, λ not logged, no settling time: run"  # said once
     with pytest.raises(ValueError, match="no run logged sphere/norm/<layer>; metrics found: angular_update"):
         plotting.metric_figure(runs, "norm")
+
+
+def test_runs_without_sphere_metrics_are_named_and_left_out(logs, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    root, _ = logs
+    shutil.copytree(root / "sgdm", tmp_path / "sgdm")
+    with SummaryWriter(tmp_path / "baseline") as writer:
+        writer.add_scalar("train/loss", 1.0, 0)
+    with pytest.warns(UserWarning, match="no `sphere/` metrics: baseline"):
+        assert list(plotting.read_runs(tmp_path, progress=False)) == ["sgdm"]
