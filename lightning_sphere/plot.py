@@ -353,6 +353,8 @@ def histogram_matrix(hist: Histograms, edges: np.ndarray, log: bool) -> np.ndarr
         x = transform(np.maximum(bucket_edges, edges[0]) if log else bucket_edges)
         x = np.maximum.accumulate(x)  # equal edges (a bucket of one value) stay ordered
         at = np.interp(transform(edges), x, cumulative, left=0.0, right=cumulative[-1])
+        if edges[-1] >= bucket_edges[-1]:  # interp may stop short at a last bucket of zero width (all at max)
+            at[-1] = cumulative[-1]
         columns.append(np.diff(at) / cumulative[-1])
     return np.stack(columns, axis=1)
 

@@ -209,3 +209,10 @@ def test_runs_without_sphere_metrics_are_named_and_left_out(logs, tmp_path):
         writer.add_scalar("train/loss", 1.0, 0)
     with pytest.warns(UserWarning, match="no `sphere/` metrics: baseline"):
         assert list(plotting.read_runs(tmp_path, progress=False)) == ["sgdm"]
+
+
+def test_histogram_matrix_keeps_a_bucket_of_one_value():
+    """torch puts the maximum in a last bucket of zero width when all values are equal: still counted."""
+    hist = plotting.Histograms([0], [np.array([1.0, 2.0, 2.0])], [np.array([3.0, 1.0])])
+    column = plotting.histogram_matrix(hist, np.linspace(1.0, 2.0, 5), log=False)[:, 0]
+    np.testing.assert_allclose(column, [0.1875, 0.1875, 0.1875, 0.4375])
