@@ -1,0 +1,478 @@
+"""Figures from the TensorBoard event files that :class:`~lightning_sphere.SphereMonitor` writes.
+
+``lightning-sphere plot LOGDIR -o OUTDIR`` (or :func:`plot`) reads every run under ``LOGDIR`` with
+TensorBoard's own event reader and writes one PNG per metric, every run a colour, every layer a panel:
+
+- every ``sphere/<metric>/<module>`` and ``sphere/<metric>/all`` scalar that is present (which keys a run
+  logged depends on the monitor's settings: nothing here assumes a per-layer key exists);
+- ``effective_lr`` with a panel of the scheduled learning rate when a ``LearningRateMonitor`` logged it
+  (tags ``lr-<Optimizer>``, ``lr-<Optimizer>/pg1``, …);
+- ``angular_update`` with the §7 equilibrium (``angular_update_equilibrium``, the layer's own key when
+  logged, else ``/all``) dashed, and the predicted settling time 1/(2ηλ) steps as a dotted vertical line;
+- one heat map per histogrammed metric (``sphere_hist/<metric>/<module>``): steps across, the metric's
+  value up, the fraction of the layer's groups in each bin as colour;
+
+and an ``index.md`` listing them. File names depend only on the metric: ``<metric>.png``,
+``hist_<metric>.png``.
+
+The settling time needs η and λ, which the monitor does not log: it is marked when the run also logged
+them, as ``LearningRateMonitor(log_weight_decay=True)`` does (``lr-SGD`` and ``lr-SGD-weight_decay``), from
+their first logged values. The equilibrium alone does not give ηλ: θ*² = 2ηλ/(1+μ) for SGD-M needs μ,
+and AdamW's needs β1, so without them no line is drawn (the panel says so).
+
+matplotlib is imported only here, behind the ``plot`` extra: ``pip install "lightning-sphere[plot]"``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_sphere.geometry import METRICS, SKIPPED_GROUPS
+
+#: Pixels per inch of every figure, and the size of one panel in inches: a figure of ``n`` panels is
+#: ``min(n, COLUMNS)`` panels wide and ``ceil(n / COLUMNS)`` high.
+DPI = 100
+PANEL_INCHES = (4.0, 3.0)
+COLUMNS = 3
+#: Metrics drawn on a logarithmic axis: positive and spanning orders of magnitude over a run.
+LOG_SCALE = ("norm", "angular_update", "effective_lr", "sphere_grad_norm")
+EQUILIBRIUM = "angular_update_equilibrium"
+#: A settling time beyond this many times the run's last step is written in the panel instead of drawn.
+SETTLING_BEYOND = 1.5
+HISTOGRAM_BINS = 40
+
+_LR_TAG = re.compile(r"^lr-.+")
+_LR_SUFFIXES = ("-momentum", "-weight_decay")
+
+
+@dataclass
+class Series:
+    """One scalar tag of one run: ``steps`` (int64) and ``values`` (float64), both ``(n,)``, by step."""
+
+    steps: np.ndarray
+    values: np.ndarray
+
+
+@dataclass
+class Histograms:
+    """One histogram tag of one run, one entry per logged step: the bucket edges ``(k + 1,)`` (the lowest
+    is the minimum value) and counts ``(k,)`` as TensorBoard stored them."""
+
+    steps: list[int] = field(default_factory=list)
+    edges: list[np.ndarray] = field(default_factory=list)
+    counts: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """What one run directory logged."""
+
+    name: str
+    path: Path
+    scalars: dict[str, Series]
+    histograms: dict[str, Histograms]
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            'lightning-sphere plot needs matplotlib: pip install "lightning-sphere[plot]" (or matplotlib>=3.7)'
+        ) from err
+    del matplotlib
+    return Figure
+
+
+def find_runs(logdir: str | Path) -> list[Path]:
+    """The directories under ``logdir`` (itself included) that hold TensorBoard event files, sorted.
+
+    Raises:
+        FileNotFoundError: ``logdir`` is not a directory.
+        ValueError: no event file (``*tfevents*``) under it; the message lists what is there.
+    """
+    from tensorboard.backend.event_processing import io_wrapper
+
+    root = Path(logdir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{str(root)!r} is not a directory; give the log directory of a TensorBoard logger")
+    runs = sorted(Path(path) for path in io_wrapper.GetLogdirSubdirectories(str(root)))
+    if not runs:
+        found = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        listing = ", ".join(found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+        raise ValueError(
+            f"no TensorBoard event files (events.out.tfevents.*) under {str(root)!r}; "
+            f"it holds {listing or 'nothing'}. Point at the directory a TensorBoardLogger wrote to"
+        )
+    return runs
+
+
+def _run_name(root: Path, path: Path) -> str:
+    relative = path.relative_to(root).as_posix()
+    return root.resolve().name if relative == "." else relative
+
+
+def read_run(root: str | Path, path: str | Path) -> Run:
+    """Every scalar and histogram of one run directory, read with TensorBoard's ``EventAccumulator``
+    (all events kept, none sampled); a step logged twice (a resumed run) keeps its last value."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    path = Path(path)
+    accumulator = event_accumulator.EventAccumulator(
+        str(path), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.HISTOGRAMS: 0}
+    )
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    scalars = {}
+    for tag in tags.get(event_accumulator.SCALARS, []):
+        by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        scalars[tag] = Series(steps, np.array([by_step[s] for s in steps.tolist()], dtype=np.float64))
+    histograms = {}
+    for tag in tags.get(event_accumulator.HISTOGRAMS, []):
+        by_step = {event.step: event.histogram_value for event in accumulator.Histograms(tag)}
+        series = Histograms()
+        for step in sorted(by_step):
+            value = by_step[step]
+            limits = np.array(value.bucket_limit, dtype=np.float64)
+            counts = np.array(value.bucket, dtype=np.float64)
+            if counts.size == 0:
+                continue
+            edges = np.concatenate([[value.min], np.clip(limits, value.min, value.max)])
+            series.steps.append(step)
+            series.edges.append(edges)
+            series.counts.append(counts)
+        histograms[tag] = series
+    return Run(_run_name(Path(root), path), path, scalars, histograms)
+
+
+def read_runs(logdir: str | Path, progress: bool = True) -> dict[str, Run]:
+    """Every run under ``logdir`` that logged ``sphere/`` metrics, by name (its path relative to
+    ``logdir``), with a tqdm progress bar on stderr when there are several; a warning names the runs left
+    out for having none.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`find_runs`; also ``ValueError`` when no run has a
+            ``sphere/`` scalar, naming the runs and some of the tags they have.
+    """
+    from tqdm.auto import tqdm
+
+    root = Path(logdir)
+    paths = find_runs(root)
+    runs = [
+        read_run(root, path)
+        for path in tqdm(paths, desc="reading runs", unit="run", disable=not progress or len(paths) < 2)
+    ]
+    kept = {run.name: run for run in runs if any(tag.startswith("sphere/") for tag in run.scalars)}
+    if kept and len(kept) < len(runs):
+        skipped = ", ".join(run.name for run in runs if run.name not in kept)
+        warnings.warn(f"left out the runs under {str(root)!r} with no `sphere/` metrics: {skipped}", stacklevel=2)
+    if not kept:
+        tags = sorted({tag for run in runs for tag in (*run.scalars, *run.histograms)})
+        shown = ", ".join(tags[:12]) + (f" and {len(tags) - 12} more" if len(tags) > 12 else "")
+        names = ", ".join(run.name for run in runs)
+        raise ValueError(
+            f"none of the {len(runs)} runs under {str(root)!r} ({names}) logged `sphere/` metrics; "
+            f"their tags: {shown or 'none'}. Log with lightning_sphere.SphereMonitor and a TensorBoardLogger"
+        )
+    return kept
+
+
+def metrics_of(runs: dict[str, Run]) -> list[str]:
+    """The metrics with a ``sphere/`` scalar in any run, in the registry's order (unknown ones last, sorted)."""
+    found = {tag.split("/")[1] for run in runs.values() for tag in run.scalars if tag.startswith("sphere/")}
+    order = [*METRICS, SKIPPED_GROUPS]
+    return [m for m in order if m in found] + sorted(found - set(order))
+
+
+def layers_of(runs: dict[str, Run], metric: str, prefix: str = "sphere") -> list[str]:
+    """The layers (module names, and ``"all"``) any run logged ``metric`` for: ``"all"`` first, then sorted."""
+    start = f"{prefix}/{metric}/"
+    found = {
+        tag[len(start) :] for run in runs.values() for tag in (*run.scalars, *run.histograms) if tag.startswith(start)
+    }
+    return sorted(found, key=lambda name: (name != "all", name))
+
+
+def scheduled_lr_tags(run: Run) -> list[str]:
+    """The learning-rate tags of a ``LearningRateMonitor`` in ``run`` (not its momentum or weight decay)."""
+    return sorted(t for t in run.scalars if _LR_TAG.match(t) and not t.endswith(_LR_SUFFIXES))
+
+
+def settling_steps(run: Run) -> list[float]:
+    """The settling times 1/(2ηλ), in steps, of the param groups whose η and λ the run logged (§7): a
+    ``LearningRateMonitor(log_weight_decay=True)`` tag pair ``lr-X`` and ``lr-X-weight_decay``, first
+    values. Distinct values, sorted; empty when not logged or λ = 0."""
+    times = set()
+    for tag in scheduled_lr_tags(run):
+        decay = run.scalars.get(f"{tag}-weight_decay")
+        if decay is None:
+            continue
+        eta_lambda = run.scalars[tag].values[0] * decay.values[0]
+        if eta_lambda > 0:
+            times.add(1 / (2 * eta_lambda))
+    return sorted(times)
+
+
+def _figure(panels: int) -> tuple[Any, list[Any]]:
+    figure_class = _matplotlib()
+    columns = min(panels, COLUMNS)
+    rows = math.ceil(panels / columns)
+    figure = figure_class(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
+    for extra in axes[panels:]:
+        extra.set_visible(False)
+    return figure, axes[:panels]
+
+
+def _colours(runs: Iterable[str]) -> dict[str, Any]:
+    import matplotlib
+
+    names = list(runs)
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: palette(i % palette.N) for i, name in enumerate(names)}
+
+
+def _unit(metric: str) -> str:
+    return METRICS[metric].unit if metric in METRICS else ("count" if metric == SKIPPED_GROUPS else "")
+
+
+def _legend(figure: Any, colours: dict[str, Any], styles: Sequence[tuple[str, str]] = ()) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, label=name) for name, c in colours.items()]
+    handles += [Line2D([], [], color="0.3", linestyle=style, label=label) for style, label in styles]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small")
+
+
+def metric_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | None = None) -> Any:
+    """The figure of one metric: a panel per layer (``"all"`` first), every run a colour.
+
+    Each plotted series is a ``Line2D`` whose gid is ``"<run>|<tag>"`` and whose data are the logged steps and
+    values, so the figure can be checked against the event files. ``angular_update`` adds, per run, the
+    equilibrium (dashed) and the settling time (dotted vertical); ``effective_lr`` a last panel with the
+    scheduled learning rate when it was logged.
+
+    Args:
+        runs: from :func:`read_runs`.
+        metric: a metric name as in ``sphere/<metric>/...``.
+        layers: only these layers (module names or ``"all"``); default every layer logged.
+
+    Raises:
+        ValueError: no run logged ``metric`` (for the layers asked).
+    """
+    names = [layer for layer in layers_of(runs, metric) if layers is None or layer in layers]
+    if not names:
+        raise ValueError(
+            f"no run logged sphere/{metric}/"
+            + ("<layer>" if layers is None else f"{{{', '.join(layers)}}}")
+            + f"; metrics found: {', '.join(metrics_of(runs))}"
+        )
+    lr_panel = metric == "effective_lr" and any(scheduled_lr_tags(run) for run in runs.values())
+    figure, axes = _figure(len(names) + lr_panel)
+    colours = _colours(runs)
+    styles: list[tuple[str, str]] = []
+    for ax, layer in zip(axes, names, strict=False):
+        notes: dict[str, list[str]] = {}  # note → the runs it is about
+        for run in runs.values():
+            tag = f"sphere/{metric}/{layer}"
+            if tag in run.scalars:
+                series = run.scalars[tag]
+                ax.plot(series.steps, series.values, color=colours[run.name], gid=f"{run.name}|{tag}", label=run.name)
+            if metric == "angular_update":
+                for note in _draw_equilibrium(ax, run, layer, colours[run.name], styles):
+                    notes.setdefault(note, []).append(run.name)
+        ax.set_title(f"{metric} · {layer}", fontsize="medium")
+        ax.set_xlabel("step")
+        ax.set_ylabel(_unit(metric))
+        if metric in LOG_SCALE:
+            ax.set_yscale("log")
+        if notes and ax is axes[0]:  # the same in every panel: said once
+            lines = (f"{note}: {who[0] if len(who) == 1 else f'{len(who)} runs'}" for note, who in notes.items())
+            text = "\n".join(lines)
+            ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize="x-small", va="bottom")
+    if lr_panel:
+        ax = axes[-1]
+        for run in runs.values():
+            for tag in scheduled_lr_tags(run):
+                series = run.scalars[tag]
+                ax.plot(series.steps, series.values, color=colours[run.name], gid=f"{run.name}|{tag}")
+        ax.set_title("scheduled learning rate (LearningRateMonitor)", fontsize="medium")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    _legend(figure, colours, styles)
+    return figure
+
+
+def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[tuple[str, str]]) -> list[str]:
+    """Dashed: the layer's equilibrium (else all groups'); dotted: the settling times. Returns notes."""
+    tag = f"sphere/{EQUILIBRIUM}/{layer}"
+    tag = tag if tag in run.scalars else f"sphere/{EQUILIBRIUM}/all"
+    if tag not in run.scalars:
+        return []
+    series = run.scalars[tag]
+    ax.plot(series.steps, series.values, color=colour, linestyle="--", gid=f"{run.name}|{tag}")
+    _style(styles, "--", "equilibrium (§7)")
+    notes = []
+    last = max(s.steps[-1] for s in run.scalars.values() if s.steps.size)
+    for steps in settling_steps(run):
+        if steps <= SETTLING_BEYOND * last:
+            ax.axvline(steps, color=colour, linestyle=":", gid=f"{run.name}|settling")
+            _style(styles, ":", "settling time 1/(2ηλ)")
+        else:
+            notes.append(f"1/(2ηλ) = {steps:,.0f} steps, beyond the run")
+    if not settling_steps(run):
+        notes.append("η, λ not logged, no settling time")
+    return notes
+
+
+def _style(styles: list[tuple[str, str]], style: str, label: str) -> None:
+    if (style, label) not in styles:
+        styles.append((style, label))
+
+
+def histogram_matrix(hist: Histograms, edges: np.ndarray, log: bool) -> np.ndarray:
+    """The fraction of groups in each bin of ``edges`` ``(b + 1,)`` at each logged step: ``(b, steps)``.
+
+    TensorBoard keeps counts per bucket; the bucket's counts are spread uniformly over it (in log space when
+    ``log``), by interpolating the cumulative count at the new edges. Columns sum to 1.
+    """
+    transform = np.log if log else (lambda a: a)
+    columns = []
+    for bucket_edges, counts in zip(hist.edges, hist.counts, strict=True):
+        cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+        x = transform(np.maximum(bucket_edges, edges[0]) if log else bucket_edges)
+        x = np.maximum.accumulate(x)  # equal edges (a bucket of one value) stay ordered
+        at = np.interp(transform(edges), x, cumulative, left=0.0, right=cumulative[-1])
+        if edges[-1] >= bucket_edges[-1]:  # interp may stop short at a last bucket of zero width (all at max)
+            at[-1] = cumulative[-1]
+        columns.append(np.diff(at) / cumulative[-1])
+    return np.stack(columns, axis=1)
+
+
+def histogram_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | None = None) -> Any:
+    """Heat maps of ``sphere_hist/<metric>/<module>``: a row of panels per module, a column per run; x is
+    the step, y the metric's value (log axis when it is positive over two orders of magnitude), colour the
+    fraction of the module's groups (:func:`histogram_matrix`). Each panel's ``QuadMesh`` has gid
+    ``"<run>|<tag>"``. ``layers``: only these modules (default all).
+
+    Raises:
+        ValueError: no run logged histograms of ``metric`` (for the modules asked).
+    """
+    modules = [m for m in layers_of(runs, metric, prefix="sphere_hist") if layers is None or m in layers]
+    with_hist = [run for run in runs.values() if any(t.startswith(f"sphere_hist/{metric}/") for t in run.histograms)]
+    if not modules or not with_hist:
+        raise ValueError(f"no run logged histograms sphere_hist/{metric}/<module>")
+    figure_class = _matplotlib()
+    rows, columns = len(modules), len(with_hist)
+    figure = figure_class(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for i, module in enumerate(modules):
+        for j, run in enumerate(with_hist):
+            ax = axes[i][j]
+            tag = f"sphere_hist/{metric}/{module}"
+            hist = run.histograms.get(tag)
+            ax.set_title(f"{run.name} · {module}", fontsize="small")
+            if hist is None or not hist.steps:
+                ax.set_visible(False)
+                continue
+            low = min(float(e[0]) for e in hist.edges)
+            high = max(float(e[-1]) for e in hist.edges)
+            log = low > 0 and high / low > 100
+            high = high if high > low else low + (abs(low) or 1.0) * 1e-6
+            edges = np.geomspace(low, high, HISTOGRAM_BINS + 1) if log else np.linspace(low, high, HISTOGRAM_BINS + 1)
+            matrix = histogram_matrix(hist, edges, log)
+            steps = np.asarray(hist.steps, dtype=np.float64)
+            centres = np.sqrt(edges[1:] * edges[:-1]) if log else (edges[1:] + edges[:-1]) / 2
+            mesh = ax.pcolormesh(steps, centres, matrix, shading="nearest", cmap="magma", gid=f"{run.name}|{tag}")
+            if log:
+                ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"{metric} ({_unit(metric)})", fontsize="small")
+            figure.colorbar(mesh, ax=ax, label="fraction of groups")
+    return figure
+
+
+def plot(
+    logdir: str | Path,
+    outdir: str | Path,
+    metrics: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write a PNG per metric (and per histogrammed metric) of every run under ``logdir``, and ``index.md``.
+
+    Args:
+        logdir: a TensorBoard log directory, one run or many (each a subdirectory with event files).
+        outdir: where the figures go (created); files are ``<metric>.png``, ``hist_<metric>.png``, ``index.md``.
+        metrics: only these metrics (default: every one logged).
+        layers: only these layers' panels (default: every one logged).
+        progress: a tqdm bar while reading several runs.
+
+    Returns:
+        The paths written, ``index.md`` last.
+
+    Raises:
+        ImportError: matplotlib is not installed (the ``plot`` extra).
+        FileNotFoundError, ValueError: see :func:`read_runs`; ``ValueError`` also when none of ``metrics``
+            was logged.
+    """
+    _matplotlib()
+    runs = read_runs(logdir, progress=progress)
+    found = metrics_of(runs)
+    chosen = [m for m in found if metrics is None or m in metrics]
+    if metrics is not None and not chosen:
+        raise ValueError(f"none of the metrics {list(metrics)} was logged; found: {', '.join(found)}")
+    if EQUILIBRIUM in chosen and "angular_update" in found:
+        chosen.remove(EQUILIBRIUM)  # drawn in the angular_update figure
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, str, str]] = []
+    for metric in chosen:
+        if layers is not None and not [layer for layer in layers_of(runs, metric) if layer in layers]:
+            continue
+        figure = metric_figure(runs, metric, layers)
+        path = out / f"{metric}.png"
+        figure.savefig(path)
+        written.append((path, metric, "every layer a panel, every run a colour"))
+    hist_metrics = sorted(
+        {tag.split("/")[1] for run in runs.values() for tag in run.histograms if tag.startswith("sphere_hist/")}
+    )
+    for metric in hist_metrics:
+        if metrics is not None and metric not in metrics:
+            continue
+        if layers is not None and not [m for m in layers_of(runs, metric, prefix="sphere_hist") if m in layers]:
+            continue
+        figure = histogram_figure(runs, metric, layers)
+        path = out / f"hist_{metric}.png"
+        figure.savefig(path)
+        written.append((path, metric, "per-group distribution over steps, a panel per module and run"))
+    index = out / "index.md"
+    index.write_text(_index(logdir, runs, written))
+    return [path for path, _, _ in written] + [index]
+
+
+def _index(logdir: str | Path, runs: dict[str, Run], written: list[tuple[Path, str, str]]) -> str:
+    lines = [
+        "# lightning_sphere figures",
+        "",
+        f"From `{logdir}`: {len(runs)} run(s): {', '.join(f'`{name}`' for name in runs)}.",
+        "",
+        "| figure | metric | unit | what |",
+        "|---|---|---|---|",
+    ]
+    for path, metric, what in written:
+        doc = METRICS[metric].doc if metric in METRICS else ""
+        lines.append(f"| [{path.name}]({path.name}) | `{metric}`: {doc} | {_unit(metric)} | {what} |")
+    lines.append("")
+    lines += [f"## {path.stem}\n\n![{path.stem}]({path.name})\n" for path, _, _ in written]
+    return "\n".join(lines)
