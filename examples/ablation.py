@@ -67,7 +67,7 @@ CONFIGS = {
 MILESTONES = (135 / 405, 225 / 405, 315 / 405)
 BATCH_SIZE = 128
 #: ``--equilibrium``: one long run at a constant lr and a weight decay large enough for the §7 equilibrium to be
-#: reached within it: ηλ = 1e-3, settling after about 1/(2ηλ) = 500 steps.
+#: reached within it: ηλ = 1e-3, settling after about (1 − μ)/(2ηλ) = 50 steps (SGD-M) and 1/(2ηλ) = 500 (AdamW).
 EQUILIBRIUM = {
     "sgdm": Config("SGD-M", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}),
     "adamw": Config("AdamW", torch.optim.AdamW, {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1.0}),
@@ -203,7 +203,7 @@ def train(
 
 def equilibrium_figure(name: str, steps: int, logdir: Path, figure: Path) -> Path:
     """Train :data:`EQUILIBRIUM` ``name`` on digits for ``steps`` steps at a constant lr, then draw its measured
-    angular update (all groups) against the §7 equilibrium, with the settling time 1/(2ηλ), to ``figure``."""
+    angular update (all groups) against the §7 equilibrium, with the settling time (§7.2), to ``figure``."""
     config = EQUILIBRIUM[name]
     train_set, _, channels, classes = digits()
     pl.seed_everything(0, verbose=False)

@@ -8,17 +8,19 @@ TensorBoard's own event reader and writes one PNG per metric, every run a colour
 - ``effective_lr`` with a panel of the scheduled learning rate when a ``LearningRateMonitor`` logged it
   (tags ``lr-<Optimizer>``, ``lr-<Optimizer>/pg1``, …);
 - ``angular_update`` with the §7 equilibrium (``angular_update_equilibrium``, the layer's own key when
-  logged, else ``/all``) dashed, and the predicted settling time 1/(2ηλ) steps as a dotted vertical line;
+  logged, else ``/all``) dashed, and the predicted settling time (§7.2) as a dotted vertical line;
 - one heat map per histogrammed metric (``sphere_hist/<metric>/<module>``): steps across, the metric's
   value up, the fraction of the layer's groups in each bin as colour;
 
 and an ``index.md`` listing them. File names depend only on the metric: ``<metric>.png``,
 ``hist_<metric>.png``.
 
-The settling time needs η and λ, which the monitor does not log: it is marked when the run also logged
-them, as ``LearningRateMonitor(log_weight_decay=True)`` does (``lr-SGD`` and ``lr-SGD-weight_decay``), from
-their first logged values. The equilibrium alone does not give ηλ: θ*² = 2ηλ/(1+μ) for SGD-M needs μ,
-and AdamW's needs β1, so without them no line is drawn (the panel says so).
+The settling time needs η and λ, and for SGD the momentum μ, which the monitor does not log: it is marked
+when the run also logged them, as ``LearningRateMonitor(log_momentum=True, log_weight_decay=True)`` does
+(``lr-SGD``, ``lr-SGD-weight_decay``, ``lr-SGD-momentum``), from their first logged values: 1/(2ηλ) steps
+for AdamW and (1 − μ)/(2ηλ) for SGD (see :func:`settling_steps`). The equilibrium alone does not give ηλ:
+θ*² = 2ηλ/(1+μ) for SGD-M needs μ, and AdamW's needs β1, so without them no line is drawn (the panel says
+so).
 
 matplotlib is imported only here, behind the ``plot`` extra: ``pip install "lightning-sphere[plot]"``.
 """
@@ -209,17 +211,24 @@ def scheduled_lr_tags(run: Run) -> list[str]:
 
 
 def settling_steps(run: Run) -> list[float]:
-    """The settling times 1/(2ηλ), in steps, of the param groups whose η and λ the run logged (§7): a
-    ``LearningRateMonitor(log_weight_decay=True)`` tag pair ``lr-X`` and ``lr-X-weight_decay``, first
-    values. Distinct values, sorted; empty when not logged or λ = 0."""
+    """The settling times, in steps, of the param groups whose hyper-parameters the run logged (§7.2): the
+    norm shrinks by about ηλ per step under AdamW and SGD, so 1/(2ηλ); by ηλ/(1 − μ) under SGD with momentum,
+    whose buffer accumulates the decay, so (1 − μ)/(2ηλ) (no dampening assumed). Read from a
+    ``LearningRateMonitor(log_momentum=True, log_weight_decay=True)``'s tags ``lr-<Optimizer>[/pgN]``,
+    ``…-weight_decay`` and ``…-momentum`` (first values). Distinct values, sorted; none for Adam (L2 decay: no
+    equilibrium), other optimizers, λ = 0, or SGD whose momentum was not logged."""
     times = set()
     for tag in scheduled_lr_tags(run):
         decay = run.scalars.get(f"{tag}-weight_decay")
-        if decay is None:
+        optimizer = tag.removeprefix("lr-").split("/")[0]
+        if decay is None or optimizer not in ("SGD", "AdamW"):
+            continue
+        momentum = run.scalars.get(f"{tag}-momentum") if optimizer == "SGD" else None
+        if optimizer == "SGD" and momentum is None:
             continue
         eta_lambda = run.scalars[tag].values[0] * decay.values[0]
         if eta_lambda > 0:
-            times.add(1 / (2 * eta_lambda))
+            times.add((1 - (momentum.values[0] if momentum is not None else 0.0)) / (2 * eta_lambda))
     return sorted(times)
 
 
@@ -327,11 +336,11 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
     for steps in settling_steps(run):
         if steps <= SETTLING_BEYOND * last:
             ax.axvline(steps, color=colour, linestyle=":", gid=f"{run.name}|settling")
-            _style(styles, ":", "settling time 1/(2ηλ)")
+            _style(styles, ":", "settling time (§7.2)")
         else:
-            notes.append(f"1/(2ηλ) = {steps:,.0f} steps, beyond the run")
+            notes.append(f"settling time {steps:,.0f} steps, beyond the run")
     if not settling_steps(run):
-        notes.append("η, λ not logged, no settling time")
+        notes.append("η, λ (μ) not logged, no settling time")
     return notes
 
 

@@ -72,7 +72,7 @@ def test_ablation_refuses_a_used_logdir_and_missing_data(tmp_path, monkeypatch):
     ],
 )
 def test_angular_update_settles_at_the_equilibrium(optimizer, tolerance):
-    """The RMS angular update over the last 200 of 1,200 steps, ηλ = 1e-3 (settling after 1/(2ηλ) = 500 steps),
+    """The RMS angular update over the last 200 of 1,200 steps, ηλ = 1e-3 (settling after 50 or 500 steps, §7.2),
     against the §7 prediction computed here: √(2ηλ/(1+μ)) for SGD-M, √(2ηλ(1−β1)/(1+β1)) for AdamW."""
     torch.set_num_threads(1)
     x, y = torch.randn(512, 16), torch.randint(0, 10, (512,))  # random labels: the gradient noise stays

@@ -22,10 +22,10 @@ from lightning_sphere import plot as plotting
 from lightning_sphere.cli import main
 from tests.lightning_helpers import MemoryLogger, Net
 
-#: ηλ = 0.05: the settling time 1/(2ηλ) = 10 steps falls inside the 16-step run.
-LR, WEIGHT_DECAY, STEPS = 0.2, 0.25, 16
+#: ηλ = 0.05 at μ = 0.9: the settling time (1 − μ)/(2ηλ) = 1 step falls inside the 16-step run (§7.2).
+LR, WEIGHT_DECAY, MOMENTUM, STEPS = 0.2, 0.25, 0.9, 16
 OPTIMIZERS = {
-    "sgdm": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY),
+    "sgdm": lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3),
 }
 
@@ -90,9 +90,11 @@ def test_every_logged_series_is_plotted_as_logged(logs):
         for gid, (steps, values) in expected.items():
             np.testing.assert_array_equal(lines[gid].get_xdata(), steps)
             np.testing.assert_allclose(lines[gid].get_ydata(), values, rtol=1e-6)  # TensorBoard keeps float32
-    # the SGD-M run logged η and λ: its settling time 1/(2ηλ) is drawn at step 10 in every angular-update panel
+    # the SGD-M run logged η, λ and μ: its settling time (1 − μ)/(2ηλ) is drawn in every angular-update panel
     lines = lines_by_gid(plotting.metric_figure(runs, "angular_update"))
-    np.testing.assert_allclose(lines["sgdm|settling"].get_xdata(), [1 / (2 * LR * WEIGHT_DECAY)] * 2)
+    np.testing.assert_allclose(
+        lines["sgdm|settling"].get_xdata(), [(1 - MOMENTUM) / (2 * LR * WEIGHT_DECAY)] * 2, rtol=1e-6
+    )
     assert "adam|settling" not in lines  # Adam with L2 decay has no equilibrium
 
 
@@ -195,7 +197,7 @@ def test_only_the_keys_present_are_drawn():
     for ax in figure.axes[:2]:
         gids = [line.get_gid() for line in ax.get_lines()]
         assert gids[1] == "run|sphere/angular_update_equilibrium/all" and "run|settling" not in gids
-    assert figure.axes[0].texts[0].get_text() == "η, λ not logged, no settling time: run"  # said once
+    assert figure.axes[0].texts[0].get_text() == "η, λ (μ) not logged, no settling time: run"  # said once
     with pytest.raises(ValueError, match="no run logged sphere/norm/<layer>; metrics found: angular_update"):
         plotting.metric_figure(runs, "norm")
 
