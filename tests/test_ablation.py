@@ -63,15 +63,8 @@ def test_ablation_refuses_a_used_logdir_and_missing_data(tmp_path, monkeypatch):
         ablation.torchvision_data("svhn", tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "tolerance"),
-    [
-        ("sgdm", 0.05),
-        # AdamW's √(2ηλ(1−β1)/(1+β1)) reads about 4.5% high here (random seeds gave 0.953–0.960 of it)
-        ("adamw", 0.10),
-    ],
-)
-def test_angular_update_settles_at_the_equilibrium(optimizer, tolerance):
+@pytest.mark.parametrize("optimizer", ["sgdm", "adamw"])
+def test_angular_update_settles_at_the_equilibrium(optimizer):
     """The RMS angular update over the last 200 of 1,200 steps, ηλ = 1e-3 (settling after 50 or 500 steps, §7.2),
     against the §7 prediction computed here: √(2ηλ/(1+μ)) for SGD-M, √(2ηλ(1−β1)/(1+β1)) for AdamW."""
     torch.set_num_threads(1)
@@ -83,7 +76,10 @@ def test_angular_update_settles_at_the_equilibrium(optimizer, tolerance):
         predicted = math.sqrt(2 * lr * weight_decay / (1 + mu))
     else:
         lr, weight_decay, beta1 = 1e-2, 0.1, 0.9
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, 0.999), weight_decay=weight_decay)
+        # Kosson et al.'s value assumes a second moment that follows the current gradient scale: β2 = 0.95, a
+        # memory of 20 steps next to the 500 the norm takes to settle (at β2 = 0.999, 1,000 steps, the measured
+        # angle read 0.96–0.98 of it; at 0.95, 0.989–0.993 over seeds 0–2)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, 0.95), weight_decay=weight_decay)
         predicted = math.sqrt(2 * lr * weight_decay * (1 - beta1) / (1 + beta1))
     tracker = lightning_sphere.SphereTracker(lightning_sphere.find_invariant_groups(model, x[:64]), [opt])
     steps, window, measured = 1200, 200, []
@@ -99,4 +95,4 @@ def test_angular_update_settles_at_the_equilibrium(optimizer, tolerance):
     tracker.close()
     assert len(measured) == window
     rms = math.sqrt(sum(v * v for v in measured) / window)
-    assert rms == pytest.approx(predicted, rel=tolerance)
+    assert rms == pytest.approx(predicted, rel=0.05)
