@@ -66,34 +66,46 @@ def sharded_rows(param: Tensor) -> tuple[int, int] | None:
 
 def unsupported_placement(param: Tensor, name: str | None = None) -> str | None:
     """Why the rows of ``param`` (a DTensor) cannot be measured from its local shard, if they cannot."""
+    problem = _placement_problem(param)
+    if problem is None:
+        return None
+    label = f"`{name}` " if name else ""
+    return f"SphereMonitor cannot measure parameter {label}{problem}. {_WHY}"
+
+
+def _placement_problem(param: Tensor) -> str | None:
     if not is_dtensor(param):
         return None
     placements = tuple(param.placements)
     if all(isinstance(p, Replicate) for p in placements):
         return None
     mesh = param.device_mesh
-    if len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
-        return None
     names = mesh.mesh_dim_names or tuple(f"dim {i}" for i in range(mesh.ndim))
-    label = f"`{name}` " if name else ""
-    return (
-        f"SphereMonitor cannot measure parameter {label}of shape {tuple(param.shape)}: it is a DTensor with placements "
-        f"{placements} on the mesh {names}. Only Shard(0) on a one-dimensional data-parallel mesh (FSDP2's "
-        "fully_shard) or Replicate keeps each filter's rows whole on one rank; tensor parallelism (Shard(1) of "
-        "RowwiseParallel, any sharding on a tensor-parallel mesh dimension) and 2-D meshes split them. Supported: "
-        f"{SUPPORTED}."
-    )
+    shard0 = len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0
+    if shard0 and names[0] != "tensor_parallel":  # Lightning's name for its tensor-parallel mesh dimension
+        return None
+    return f"of shape {tuple(param.shape)}, a DTensor with placements {placements} on the mesh {names}"
+
+
+_WHY = (
+    "Only Shard(0) on a one-dimensional data-parallel mesh (FSDP2's fully_shard) or Replicate keeps each "
+    "filter's rows whole and measured once; tensor parallelism (RowwiseParallel's Shard(1) splits every row, "
+    "ColwiseParallel's Shard(0) on the tensor-parallel mesh, 2-D meshes) is not supported. Supported: "
+    f"{SUPPORTED}; or remove SphereMonitor from the callbacks."
+)
 
 
 def check_model(model: nn.Module) -> str | None:
-    """The first refusal of :func:`unsupported_placement` over ``model``'s parameters of two or more dimensions
-    (the only ones the monitor may track), naming the parameter."""
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            reason = unsupported_placement(p, name)
-            if reason:
-                return reason
-    return None
+    """Why ``model`` cannot be monitored, naming every parameter of two or more dimensions (those the monitor
+    may track) whose placement :func:`unsupported_placement` refuses; ``None`` if none."""
+    problems = [
+        f"`{name}` {problem}"
+        for name, p in model.named_parameters()
+        if p.dim() >= 2 and (problem := _placement_problem(p))
+    ]
+    if not problems:
+        return None
+    return f"SphereMonitor cannot measure parameter{'s' if len(problems) > 1 else ''} {'; '.join(problems)}. {_WHY}"
 
 
 def is_sharded(model: nn.Module) -> bool:

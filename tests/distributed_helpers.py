@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,18 @@ def _worker(rank: int, port: int, fn: Callable[..., Any], folder: Path, args: tu
     torch.save(result, folder / f"rank{rank}.pt")
 
 
-def on_two_ranks(fn: Callable[..., Any], folder: Path, *args: Any) -> list[Any]:
-    """Run ``fn(rank, folder, *args)`` in two fresh processes; return what each returned (``torch.save``-able)."""
-    mp.spawn(_worker, args=(_free_port(), fn, folder, args), nprocs=WORLD)
+def on_two_ranks(fn: Callable[..., Any], folder: Path, *args: Any, timeout: float = 300) -> list[Any]:
+    """Run ``fn(rank, folder, *args)`` in two fresh processes; return what each returned (``torch.save``-able).
+
+    Fails after ``timeout`` seconds: ranks that disagree wait for each other's collectives forever.
+    """
+    context = mp.spawn(_worker, args=(_free_port(), fn, folder, args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"the ranks did not finish in {timeout:g} s: a collective on one rank only?")
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 

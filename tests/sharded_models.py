@@ -101,10 +101,17 @@ class Module(pl.LightningModule):
         self.optimizer_name, self.batch_size, self.sharded = optimizer, batch_size, shard
 
     def configure_model(self) -> None:
-        if self.sharded:
+        if not self.sharded:
+            return
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:  # Megatron-style MLP: up column-wise, down row-wise (Shard(1))
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            parallelize_module(self.net, mesh["tensor_parallel"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        if mesh["data_parallel"].size() > 1:
             from torch.distributed.fsdp import fully_shard
 
-            self.net.shard(self.device_mesh["data_parallel"], fully_shard)
+            self.net.shard(mesh["data_parallel"], fully_shard)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
