@@ -57,7 +57,7 @@ class Block(nn.Module):
         self.up = nn.Linear(d, hidden)
         self.up_norm = nn.LayerNorm(hidden)
         self.down = nn.Linear(hidden, d)
-        self.score = nn.Linear(d, 1)
+        self.score = nn.Linear(d, 1, bias=False)  # the norm would cancel a bias: Adam would amplify round-off
         self.score_norm = nn.LayerNorm(tokens)
         self.head = nn.Linear(d + tokens, 3)
 

@@ -64,6 +64,18 @@ class FinalWeights(pl.Callback):
         self.weights = full
 
 
+class LastRadii(pl.Callback):
+    """The AdamG rewrite's virtual radii after the last step (the monitor gives the real weights back at the end
+    of fit, and forgets them). Put it after the monitor."""
+
+    def __init__(self) -> None:
+        self.radii: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        monitor = next(c for c in trainer.callbacks if isinstance(c, SphereMonitor))
+        self.radii = {name: r.clone() for name, r in monitor.state_dict()["radii"].items()}
+
+
 def strategy_of(name: str) -> Any:
     if name == "fsdp2":
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
@@ -72,26 +84,46 @@ def strategy_of(name: str) -> Any:
     return name
 
 
-def fit(folder: Path, strategy: str, net: str, optimizer: str, monitor: dict[str, Any] | None) -> dict[str, Any]:
-    """One run; ``strategy`` "single" is one process on the global batch, the others two ranks on half batches."""
+def fit(
+    folder: Path, strategy: str, net: str, optimizer: str, monitor: dict[str, Any] | None, resume: str | None = None
+) -> dict[str, Any]:
+    """One run; ``strategy`` "single" is one process on the global batch, the others two ranks on half batches.
+    ``resume``: a name to save checkpoints under every 2 steps, then resume from step 2's in a new Trainer."""
     count, weights = CountCollectives(), FinalWeights()
     callbacks: list[Any] = [count, weights]
     if monitor is not None:
-        callbacks.append(SphereMonitor(log_every_n_steps=EVERY, **monitor))
+        callbacks += [SphereMonitor(log_every_n_steps=EVERY, **monitor), LastRadii()]
     single = strategy == "single"
-    t = trainer("auto" if single else strategy_of(strategy), 1 if single else 2, callbacks, folder, max_steps=STEPS)
+    options: dict[str, Any] = {"max_steps": STEPS}
+    if resume is not None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        saving = ModelCheckpoint(dirpath=folder / resume, every_n_train_steps=2, save_top_k=-1)
+        options["enable_checkpointing"] = True
+    every = [*callbacks, saving] if resume is not None else callbacks
+    t = trainer("auto" if single else strategy_of(strategy), 1 if single else 2, every, folder, **options)
     try:
         t.fit(Module(net, optimizer, batch_size=16 if single else 8, shard=strategy in ("fsdp2", "tp")))
     except Exception as err:
         return {"error": f"{type(err).__name__}: {err}"}
     sphere = callbacks[2] if monitor is not None else None
-    return {
+    out = {
         "history": t.logger.sphere(),
         "metrics": sphere.metrics if sphere else {},
         "summary": sphere.summary() if sphere else "",
+        "radii": callbacks[3].radii if sphere else {},
         "weights": weights.weights,
         "collectives": count.counts,
     }
+    if resume is not None:  # the same run again from step 2's checkpoint, with a fresh monitor
+        callbacks = [CountCollectives(), FinalWeights(), SphereMonitor(log_every_n_steps=EVERY, **monitor)]
+        t = trainer("auto" if single else strategy_of(strategy), 1 if single else 2, callbacks, folder, max_steps=STEPS)
+        t.fit(
+            Module(net, optimizer, batch_size=16 if single else 8, shard=strategy in ("fsdp2", "tp")),
+            ckpt_path=str(next((folder / resume).glob("*step=2.ckpt"))),
+        )
+        out["resumed"] = {"history": t.logger.sphere(), "weights": callbacks[1].weights}
+    return out
 
 
 def _fits(rank: int, folder: Path, runs: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
@@ -166,6 +198,11 @@ def test_fsdp2_correction_moves_the_weights_as_in_one_process(default_runs, tmp_
     assert_like_one_process(default_runs["fsdp2 corrected"], single)
     plain = fit(tmp_path, "single", "conv", "plain", None)["weights"]
     assert not torch.allclose(single["weights"]["net.conv2.weight"], plain["net.conv2.weight"])  # it did act
+    ranks = default_runs["fsdp2 corrected"]
+    assert sorted(ranks[0]["radii"]) == sorted(single["radii"]) == ["net.conv1", "net.conv2", "net.conv3"]
+    for name, radii in single["radii"].items():  # every rank holds every group's virtual radius, the same bits
+        assert torch.equal(ranks[0]["radii"][name], ranks[1]["radii"][name])
+        torch.testing.assert_close(ranks[0]["radii"][name], radii, rtol=1e-6, atol=0)
 
 
 def test_tensor_parallelism_is_refused_naming_parameters_and_placements(default_runs):
@@ -199,3 +236,24 @@ def test_fsdp2_transformer_block_measures_and_corrects_as_one_process_does(tmp_p
         assert_like_one_process(list(results), fit(tmp_path, "single", *run[1:]))
     corrected, plain = ranks[0][1]["weights"], fit(tmp_path, "single", "block", "adamw", None)["weights"]
     assert not torch.allclose(corrected["net.q.weight"], plain["net.q.weight"])  # the correction did act
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_from_a_distributed_checkpoint_as_if_never_stopped(tmp_path):
+    """The AdamG rewrite's virtual radii go into the checkpoint (replicated: rank zero writes them) and come
+    back on every rank: the resumed run logs and ends as the uninterrupted one."""
+    ranks = on_two_ranks(_fits, tmp_path, [("fsdp2", "conv", "plain", {"spherical_correction": True}, "ckpt")])
+    for (result,) in ranks:
+        assert "error" not in result, result
+        assert (tmp_path / "ckpt" / "epoch=0-step=2.ckpt").is_dir()  # a distributed checkpoint: one folder
+        resumed = result["resumed"]
+        if result is ranks[0][0]:
+            assert sorted(resumed["history"]) == [3]
+            assert_same_records_at(resumed["history"], result["history"], 3)
+        assert_same_weights(resumed["weights"], result["weights"])
+
+
+def assert_same_records_at(got: dict[int, dict[str, float]], expected: dict[int, dict[str, float]], step: int) -> None:
+    assert sorted(got[step]) == sorted(expected[step])
+    for key, value in expected[step].items():
+        assert math.isclose(got[step][key], value, rel_tol=1e-6, abs_tol=1e-9), (key, got[step][key], value)
