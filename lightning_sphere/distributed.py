@@ -6,7 +6,7 @@ group's per-row inner products are computed on the local rows (``to_local()``); 
 partial where its rows span ranks, and :class:`GroupSum` adds them up over the ranks of the mesh. Row sums
 need no communication, so only the batched per-group sums ``(M, k)`` travel: one collective per call of
 :meth:`~lightning_sphere.groups.RowIndex.sum_rows`, that is per measured step and optimizer, and per pass of
-the spherical correction (docs/theory.md §4, §6 for what the sums are).
+the spherical correction (THEORY.md §3–§6 for what the sums are).
 
 Only placements whose rows can be read locally are supported: ``Shard(0)`` on a one-dimensional mesh
 (FSDP2), or ``Replicate()`` on every mesh dimension. Anything else (tensor parallelism's ``Shard(1)``, which
@@ -108,11 +108,6 @@ def check_model(model: nn.Module) -> str | None:
     return f"SphereMonitor cannot measure parameter{'s' if len(problems) > 1 else ''} {'; '.join(problems)}. {_WHY}"
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a DTensor."""
-    return any(is_dtensor(p) for p in model.parameters())
-
-
 def rebind(entries: Sequence[Any], model: nn.Module) -> list[Any]:
     """``entries`` (``InvariantGroups``) with every slice's parameter looked up by name in ``model`` now.
 
@@ -129,6 +124,22 @@ def rebind(entries: Sequence[Any], model: nn.Module) -> list[Any]:
         )
         same = all(a is b for a, b in zip(slices, entry.slices, strict=True))
         out.append(entry if same else replace(entry, slices=slices))
+    return out
+
+
+def cut_by_shards(entries: Sequence[Any]) -> list[tuple[Any, str]]:
+    """The ``entries`` (``InvariantGroups``) whose output channels a shard of dim 0 cuts across (a grouped
+    ConvTranspose weight, whose channel is (group, dim 1)), with why they cannot be measured."""
+    out = []
+    for entry in entries:
+        for s in entry.slices:
+            if s.split > 1 and sharded_rows(s.param) is not None:
+                why = (
+                    f"{s.name} is a grouped ConvTranspose weight, whose output channels FSDP2's shards of dim 0 cut "
+                    "across; leave this layer out of fully_shard to track it"
+                )
+                out.append((entry, why))
+                break
     return out
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.detect import GroupFinder
-from lightning_sphere.distributed import SUPPORTED, check_model, is_sharded, rebind
+from lightning_sphere.distributed import SUPPORTED, check_model, cut_by_shards, rebind
 from lightning_sphere.groups import InvariantGroups
 from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported
 from lightning_sphere.sinks import LoggerSink
@@ -86,9 +86,10 @@ class SphereMonitorLogic:
 
     Raises:
         MisconfigurationException: for an argument of the wrong type or value (naming it, the type expected
-            and the value); at setup for strategies that shard parameters into flat buffers (FSDP1, DeepSpeed)
-            or into DTensors (ModelParallelStrategy); at fit start for an optimizer or option the spherical
-            correction cannot honour, or a param group whose lr·weight_decay ≥ 1 it could not undo.
+            and the value); at setup for strategies that shard parameters into flat buffers (FSDP1, DeepSpeed);
+            at fit start for DTensor parameters split other than by FSDP2's rows (tensor parallelism), for an
+            optimizer or option the spherical correction cannot honour, or a param group whose
+            lr·weight_decay ≥ 1 it could not undo.
 
     Example:
 
@@ -308,8 +309,12 @@ class SphereMonitorLogic:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
         if not finder.pending:
             return
-        if is_sharded(finder.model):  # FSDP2: the graph was read while some layers held unsharded copies
+        if isinstance(trainer.strategy, self._framework.sharding_strategies):
+            # FSDP2: the graph was read while some layers held unsharded copies of their parameters
             finder.pending = rebind(finder.pending, finder.model)
+            for entry, why in cut_by_shards(finder.pending):
+                finder.reject([entry], why)
+                self._framework.warn(f"SphereMonitor: {entry.module_name} is not tracked: {why}")
         before = len(finder.accepted)
         if self._verdicts:
             finder.restore(self._verdicts)

@@ -39,6 +39,25 @@ class ConvNet(nn.Module):
         fully_shard(self, mesh=mesh)
 
 
+class GroupedTranspose(nn.Module):
+    """A grouped ConvTranspose (output channel = (group, dim 1) of its weight) before an InstanceNorm: FSDP2's
+    shards of dim 0 cut across its channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.up = nn.ConvTranspose2d(2, 4, 3, groups=2)
+        self.norm = nn.InstanceNorm2d(4, affine=True)
+        self.head = nn.Linear(256, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.norm(self.up(F.relu(self.conv(x))))).flatten(1))
+
+    def shard(self, mesh: Any, fully_shard: Any) -> None:
+        fully_shard(self.up, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 class Block(nn.Module):
     """A pre-norm transformer block: QK-normed attention (3 heads of 2: q and k have 6 rows, the middle head
     spans the ranks), a LayerNorm'd up-projection (one group of 5 rows over both ranks) and a one-row scoring
@@ -90,14 +109,14 @@ def token_data(n: int = 32) -> TensorDataset:
 
 
 class Module(pl.LightningModule):
-    """``net`` ("conv" or "block") trained with ``optimizer`` ("sgd": SGD with momentum and weight decay,
+    """``net`` ("conv", "block" or "transpose") trained with ``optimizer`` ("sgd": SGD with momentum and weight decay,
     "adamw", "plain": SGD without momentum); ``shard``: apply FSDP2 in ``configure_model``."""
 
     def __init__(self, net: str = "conv", optimizer: str = "sgd", batch_size: int = 8, shard: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.kind = net
-        self.net = ConvNet() if net == "conv" else Block()
+        self.net = {"conv": ConvNet, "block": Block, "transpose": GroupedTranspose}[net]()
         self.optimizer_name, self.batch_size, self.sharded = optimizer, batch_size, shard
 
     def configure_model(self) -> None:
@@ -128,7 +147,7 @@ class Module(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         """Batch k holds samples ``[b·k, b·(k+1))`` of the data in one process; on W ranks, rank r's batch k
         holds its r-th part (no sampler: the global batch is the single-process batch of W·b samples)."""
-        data = conv_data() if self.kind == "conv" else token_data()
+        data = token_data() if self.kind == "block" else conv_data()
         world, rank = self.trainer.world_size, self.trainer.global_rank
         if world > 1:
             b = self.batch_size

@@ -168,6 +168,7 @@ DEFAULT_RUNS = {
     "fsdp2 plain": ("fsdp2", "conv", "sgd", None),
     "fsdp2 corrected": ("fsdp2", "conv", "plain", {"spherical_correction": True}),  # AdamG, with virtual radii
     "tensor parallel": ("tp", "block", "adamw", {}),
+    "grouped transpose": ("fsdp2", "transpose", "sgd", {}),
     "ddp measured": ("ddp", "conv", "sgd", {}),
     "ddp plain": ("ddp", "conv", "sgd", None),
 }
@@ -212,6 +213,16 @@ def test_tensor_parallelism_is_refused_naming_parameters_and_placements(default_
         assert "`net.up.weight` of shape (5, 8), a DTensor with placements (Shard(dim=0),) on the mesh " in error
         assert "`net.down.weight` of shape (8, 5), a DTensor with placements (Shard(dim=1),) on the mesh " in error
         assert "('tensor_parallel',)" in error and "ModelParallelStrategy with FSDP2" in error
+
+
+def test_fsdp2_leaves_out_a_grouped_conv_transpose_whose_channels_shards_cut(default_runs, tmp_path):
+    assert "1 module" in fit(tmp_path, "single", "transpose", "sgd", {})["summary"]  # one process tracks it
+    for result in default_runs["grouped transpose"]:
+        assert "error" not in result, result
+        assert (
+            "  net.up: net.up.weight is a grouped ConvTranspose weight, whose output channels FSDP2's"
+            in (result["summary"])
+        )
 
 
 def test_ddp_measures_as_one_process_does_with_no_collective(default_runs, tmp_path):
