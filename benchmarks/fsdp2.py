@@ -8,7 +8,8 @@ step), each over the same strategy without the monitor.
 
 Configurations run in turn inside one pair of processes, the order reversed every other repeat; a ratio is
 taken within each repeat (median step time over median step time), and the table shows the median ratio and
-its min–max over repeats. The model is a pre-norm transformer block (tests/sharded_models.py) whose QK-normed
+its min–max over repeats, with the monitor's own collectives (calls per step, warm-up steps included, and
+their time). The model is a pre-norm transformer block (tests/sharded_models.py) whose QK-normed
 heads and LayerNorm'd projection have groups spanning the two ranks.
 """
 
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_sphere import SphereMonitor
+from lightning_sphere.distributed import GroupSum
 from tests.distributed_helpers import on_two_ranks
 from tests.sharded_models import Block
 
@@ -98,14 +100,29 @@ def _time(config: dict[str, Any] | None, folder: Path, warmup: int, steps: int) 
     return statistics.median(timer.times(warmup))
 
 
-def _rank(rank: int, folder: Path, repeats: int, warmup: int, steps: int) -> dict[str, list[float]]:
+def _rank(rank: int, folder: Path, repeats: int, warmup: int, steps: int) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     medians: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    gathers: dict[str, list[float]] = {name: [0, 0.0] for name in CONFIGS}  # calls, seconds
+    original = GroupSum.__call__
+    current = [""]
+
+    def timed(self: GroupSum, partial: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = original(self, partial)
+        gathers[current[0]][0] += 1
+        gathers[current[0]][1] += time.perf_counter() - start
+        return out
+
+    GroupSum.__call__ = timed  # the monitor's own collectives: how many, and their time
     for repeat in range(repeats):
         names = list(CONFIGS) if repeat % 2 == 0 else list(reversed(CONFIGS))
         for name in names:
+            current[0] = name
             medians[name].append(_time(CONFIGS[name], folder, warmup, steps))
-    return medians
+    GroupSum.__call__ = original
+    per_step = repeats * (warmup + steps)
+    return {"medians": medians, "gathers": {k: (c / per_step, t / per_step) for k, (c, t) in gathers.items()}}
 
 
 def main() -> None:
@@ -115,17 +132,20 @@ def main() -> None:
     repeats, warmup, steps = (2, 2, 5) if args.quick else (7, 3, 30)
     with TemporaryDirectory() as folder:
         ranks = on_two_ranks(_rank, Path(folder), repeats, warmup, steps, timeout=3600)
-    medians = ranks[0]  # rank zero's clock; the ranks wait for each other at every collective
+    medians = ranks[0]["medians"]  # rank zero's clock; the ranks wait for each other at every collective
+    gathers = ranks[0]["gathers"]
     print(f"FSDP2, 2 CPU processes (gloo, 1 thread each), transformer block {SIZES}, AdamW, batch 16 per rank")
     print(f"{repeats} repeats of {steps} steps after {warmup} warm-up steps\n")
-    print("| step | median ratio | min–max | ms / ms (medians) |")
-    print("|---|---|---|---|")
+    print("| step | median ratio | min–max | ms / ms (medians) | monitor's all_gathers per step, their ms |")
+    print("|---|---|---|---|---|")
     plain = medians["plain"]
     labels = {"logging": "logging step / no monitor", "corrected": "corrected step (AdamSRT) / no monitor"}
     for name, label in labels.items():
         ratios = [a / b for a, b in zip(medians[name], plain, strict=True)]
         detail = f"{1e3 * statistics.median(medians[name]):.1f} / {1e3 * statistics.median(plain):.1f}"
-        print(f"| {label} | {statistics.median(ratios):.3f} | {min(ratios):.3f}–{max(ratios):.3f} | {detail} |")
+        calls, seconds = gathers[name]
+        spread = f"{min(ratios):.3f}–{max(ratios):.3f}"
+        print(f"| {label} | {statistics.median(ratios):.3f} | {spread} | {detail} | {calls:.2f}, {1e3 * seconds:.2f} |")
 
 
 if __name__ == "__main__":
