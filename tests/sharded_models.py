@@ -4,6 +4,7 @@ process computes on the whole batch."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
+
+
+#: The suite's seed (tests/conftest.py), read here too: the ranks are fresh processes that do not run conftest.
+SEED = int(os.environ.get("LIGHTNING_SPHERE_TEST_SEED", "0"))
 
 
 class ConvNet(nn.Module):
@@ -99,12 +104,12 @@ class Block(nn.Module):
 
 
 def conv_data(n: int = 32) -> TensorDataset:
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(SEED * 1_000_003 + 3)
     return TensorDataset(torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen))
 
 
 def token_data(n: int = 32) -> TensorDataset:
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator().manual_seed(SEED * 1_000_003 + 4)
     return TensorDataset(torch.randn(n, 4, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen))
 
 
@@ -114,7 +119,7 @@ class Module(pl.LightningModule):
 
     def __init__(self, net: str = "conv", optimizer: str = "sgd", batch_size: int = 8, shard: bool = True) -> None:
         super().__init__()
-        torch.manual_seed(0)
+        torch.manual_seed(SEED)  # the same weights in every process
         self.kind = net
         self.net = {"conv": ConvNet, "block": Block, "transpose": GroupedTranspose}[net]()
         self.optimizer_name, self.batch_size, self.sharded = optimizer, batch_size, shard
