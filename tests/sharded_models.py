@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-
 #: The suite's seed (tests/conftest.py), read here too: the ranks are fresh processes that do not run conftest.
 SEED = int(os.environ.get("LIGHTNING_SPHERE_TEST_SEED", "0"))
 
