@@ -127,6 +127,29 @@ def rebind(entries: Sequence[Any], model: nn.Module) -> list[Any]:
     return out
 
 
+def unsharded_aliases(model: nn.Module) -> dict[Tensor, Tensor]:
+    """FSDP2's sharded parameter → the unsharded copy its module holds during forward, which the autograd
+    graph records; empty for models FSDP2 does not shard (or a torch whose FSDP2 keeps them elsewhere).
+
+    Reads FSDP2's internal state (``FSDPParam.sharded_param`` and ``_unsharded_param``): torch offers no public
+    way to tell which graph leaf a sharded parameter was gathered into.
+    """
+    aliases: dict[Tensor, Tensor] = {}
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        try:
+            params = get_state()._fsdp_param_group.fsdp_params
+        except AttributeError:  # no parameter of its own, or another torch
+            continue
+        for fsdp_param in params:
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                aliases[fsdp_param.sharded_param] = unsharded
+    return aliases
+
+
 def cut_by_shards(entries: Sequence[Any]) -> list[tuple[Any, str]]:
     """The ``entries`` (``InvariantGroups``) whose output channels a shard of dim 0 cuts across (a grouped
     ConvTranspose weight, whose channel is (group, dim 1)), with why they cannot be measured."""

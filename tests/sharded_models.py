@@ -19,7 +19,9 @@ SEED = int(os.environ.get("LIGHTNING_SPHERE_TEST_SEED", "0"))
 
 class ConvNet(nn.Module):
     """Per-channel groups (InstanceNorm: 5 rows, 3 on rank 0 and 2 on rank 1), channel groups of a GroupNorm
-    (6 rows in 3 groups of 2: the middle group spans the ranks) and a one-row layer (rank 1 holds none)."""
+    (6 rows in 3 groups of 2: the middle group spans the ranks), a one-row layer (rank 1 holds none), and a
+    normalized layer whose weight is also used outside it where its gradient does not show it (times zero):
+    only the graph tells it is not invariant."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,18 +31,21 @@ class ConvNet(nn.Module):
         self.norm2 = nn.InstanceNorm2d(5, affine=True)
         self.conv3 = nn.Conv2d(5, 1, 1)
         self.norm3 = nn.InstanceNorm2d(1, affine=True)
-        self.head = nn.Linear(16, 3)
+        self.side = nn.Conv2d(5, 2, 1, bias=False)
+        self.side_norm = nn.InstanceNorm2d(2)
+        self.head = nn.Linear(18, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm1(self.conv1(x)))
         x = F.relu(self.norm2(self.conv2(x)))
+        side = F.relu(self.side_norm(self.side(x))).mean((2, 3))
         x = F.relu(self.norm3(self.conv3(x)))
-        return self.head(x.flatten(1))
+        return self.head(torch.cat([x.flatten(1), side], 1)) + 0 * self.side.weight.sum()
 
     def shard(self, mesh: Any, fully_shard: Any) -> None:
         for layer in (self.conv1, self.conv2, self.conv3):
             fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        fully_shard(self, mesh=mesh, reshard_after_forward=True)  # side's weight is DTensor again after forward
 
 
 class GroupedTranspose(nn.Module):
