@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_sphere.distributed import local
 from lightning_sphere.groups import InvariantGroups, ParamSlice, RowIndex, Stepped, tolerance_for
 from lightning_sphere.kernels import AdamGSums, DirectionSums, Kernels, RewriteSums, host_float, scalar
 
@@ -359,7 +360,7 @@ class Rewrite:
         rows = [
             per_slice(s, group)
             if plan.allowed[self._module_of_slice[j]]
-            else s.param.new_zeros(s.num_channels, width)  # the kernels' dtype: the parameter's
+            else local(s.param).new_zeros(len(s.local_channels), width)  # the kernels' dtype: the parameter's
             for j, (s, group) in enumerate(self.slices)
         ]
         return self.index.sum_rows(rows)

@@ -35,6 +35,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
+from lightning_sphere.distributed import unsharded_aliases
 from lightning_sphere.groups import InvariantGroups, ParamSlice
 
 LAYERS = (_ConvNd, nn.Linear)
@@ -222,6 +223,9 @@ def find_candidates(
         exclude: layers found another way (weight normalization), to leave alone.
     """
     graph = _Graph([r.grad_fn for r in roots if r.grad_fn is not None])
+    for sharded, unsharded in unsharded_aliases(model).items():  # FSDP2: the graph holds the unsharded copies
+        if unsharded in graph.leaf:
+            graph.leaf.setdefault(sharded, graph.leaf[unsharded])
     layer_calls: dict[nn.Module, list[_Call]] = defaultdict(list)
     found = Candidates()
     for call in calls:

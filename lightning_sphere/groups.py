@@ -14,10 +14,13 @@ import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_sphere.distributed import group_sum_for, local, sharded_rows
 
 #: The gradient test (§1), made relative to what a direction unrelated to x shows: a random unit vector in
 #: d dimensions has E cos² = 1/d, so |cos(g, x)| ≈ 1/√d, which is 1e-3 at d = 10⁶ (a fixed threshold has no
@@ -98,15 +101,60 @@ class ParamSlice:
             return t[self.channels[0] : self.channels[1]]
         return t.unflatten(0, (self.split, -1)) if self.split > 1 else t
 
+    @cached_property
+    def _shard(self) -> tuple[int, int] | None:
+        """The rows of dim 0 this rank holds when the parameter is sharded on it (FSDP2), else ``None``."""
+        shard = sharded_rows(self.param)
+        if shard is not None and (self.split > 1 or (0 in self.channel_dims and self.channel_dims != (0,))):
+            raise ValueError(
+                f"{self.name}: its output channels are laid out across dim 0 in a way a shard of dim 0 cuts "
+                "(a grouped ConvTranspose); FSDP2 cannot shard it for SphereMonitor: leave it out of fully_shard"
+            )
+        return shard
+
+    @cached_property
+    def _local_kept(self) -> tuple[int, int, range]:
+        """Sharded parameters: the local rows of dim 0 that belong to the groups (start, stop) and the global
+        channel index of each local row of :meth:`rows`."""
+        offset, count = self._shard
+        if self.channel_dims != (0,):  # every local row holds a part of every channel (or of the one)
+            return 0, count, range(self.num_channels)
+        start, stop = self.channels or (0, self.param.shape[0])
+        first, last = max(start, offset), max(min(stop, offset + count), max(start, offset))
+        return first - offset, last - offset, range(first - start, last - start)
+
+    def _local_shaped(self, t: Tensor) -> Tensor:
+        """``t``'s local shard, shaped as :meth:`_shaped` shapes the whole tensor (a plain tensor given for a
+        sharded parameter is taken to be its local shard already)."""
+        t = local(t)
+        if self._shard is None:
+            return self._shaped(t)
+        start, stop, _ = self._local_kept
+        return t[start:stop] if self.channel_dims == (0,) else t
+
+    @property
+    def local_channels(self) -> range:
+        """The output channel of each row :meth:`rows` returns: all of them, unless the parameter is sharded
+        on dim 0 (FSDP2), where they are the channels of the rows this rank holds (possibly none)."""
+        return range(self.num_channels) if self._shard is None else self._local_kept[2]
+
+    @property
+    def _shape(self) -> tuple[int, ...]:
+        """The shape of :meth:`_shaped` of the whole parameter, from shapes alone (a sharded parameter is not
+        sliced: that would gather it)."""
+        shape = tuple(self.param.shape)
+        if self.channels is not None:
+            return (self.channels[1] - self.channels[0], *shape[1:])
+        return (self.split, shape[0] // self.split, *shape[1:]) if self.split > 1 else shape
+
     @property
     def num_channels(self) -> int:
-        shape = self._shaped(self.param).shape
-        return math.prod(shape[d] for d in self.channel_dims)
+        return math.prod(self._shape[d] for d in self.channel_dims)
 
     @property
     def numel(self) -> int:
         """Entries of the parameter that belong to the groups."""
-        return self._shaped(self.param).numel()
+        return math.prod(self._shape)
 
     def rows(self, t: Tensor) -> Tensor:
         """``t`` (shaped like the parameter) as one row per output channel, ``(C, n)``.
@@ -115,16 +163,19 @@ class ParamSlice:
         come in the parameter's memory order, the same for every tensor, so per-row sums are unchanged.
         Otherwise a copy; :meth:`write_rows` then puts updated rows back.
         """
-        return self._shaped(t).permute(self._row_order()).reshape(self.num_channels, -1)
+        shaped = self._local_shaped(t)
+        width = math.prod(n for d, n in enumerate(shaped.shape) if d not in self.channel_dims)
+        return shaped.permute(self._row_order()).reshape(len(self.local_channels), width)
 
     def write_rows(self, t: Tensor, rows: Tensor) -> None:
         """Copy ``rows`` (from :meth:`rows`) into ``t``, unless they are a view of it already."""
+        t = local(t)
         if rows.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
-            target = self._shaped(t).permute(self._row_order())
+            target = self._local_shaped(t).permute(self._row_order())
             target.copy_(rows.view(target.shape))
 
     def _row_order(self) -> list[int]:
-        shaped = self._shaped(self.param)
+        shaped = self._local_shaped(self.param)
         others = sorted((d for d in range(shaped.dim()) if d not in self.channel_dims), key=lambda d: -shaped.stride(d))
         return [*self.channel_dims, *others]
 
@@ -200,15 +251,19 @@ class RowIndex:
     def __init__(self, entries: Sequence[InvariantGroups], device: torch.device) -> None:
         self.entries, self.device = tuple(entries), device
         self.slices = tuple(s for entry in self.entries for s in entry.slices)
-        #: rows of each slice
-        self.rows_per_slice = [s.num_channels for s in self.slices]
+        #: rows of each slice (on this rank, for parameters FSDP2 shards)
+        self.rows_per_slice = [len(s.local_channels) for s in self.slices]
+        #: adds up per-group sums over the ranks when parameters are sharded (FSDP2), else ``None``
+        self.group_sum = group_sum_for(s.param for s in self.slices)
         #: each module's groups, as a range of group ids
         self.groups: list[slice] = []
         group_of_row, start = [], 0
         for entry in self.entries:
             self.groups.append(slice(start, start + entry.num_groups))
-            ids = torch.arange(start, start + entry.num_groups)
-            group_of_row += [ids.repeat_interleave(s.num_channels // entry.num_groups) for s in entry.slices]
+            group_of_row += [
+                start + torch.tensor(s.local_channels, dtype=torch.long) // (s.num_channels // entry.num_groups)
+                for s in entry.slices
+            ]
             start += entry.num_groups
         self.num_groups = start
         #: ``(R,)``: the group id of every row
@@ -235,9 +290,11 @@ class RowIndex:
         return part
 
     def sum_rows(self, per_row: Sequence[Tensor]) -> Tensor:
-        """Per-group sums ``(M, k)`` of per-row sums ``(C, k)``, one tensor per slice."""
+        """Per-group sums ``(M, k)`` of per-row sums ``(C, k)``, one tensor per slice; for sharded parameters,
+        added up over the ranks (one collective, :class:`~lightning_sphere.distributed.GroupSum`)."""
         rows = torch.cat(list(per_row))
-        return rows.new_zeros(self.num_groups, rows.shape[1]).index_add_(0, self.group_of_row, rows)
+        sums = rows.new_zeros(self.num_groups, rows.shape[1]).index_add_(0, self.group_of_row, rows)
+        return sums if self.group_sum is None else self.group_sum(sums)
 
     def spread(self, per_group: Tensor) -> list[Tensor]:
         """A per-group vector ``(M,)`` as one column ``(C, 1)`` per slice, against its rows."""

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.detect import GroupFinder
+from lightning_sphere.distributed import SUPPORTED, check_model, cut_by_shards, rebind
 from lightning_sphere.groups import InvariantGroups
 from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported
 from lightning_sphere.sinks import PER_LAYER, LoggerSink, Selection
@@ -45,6 +46,8 @@ class Framework:
     info: Callable[[str], None]
     warn: Callable[[str], None]
     unsupported_strategies: tuple[type, ...]
+    #: strategies that shard the model in ``configure_model``, after ``setup``: groups are looked for at fit start
+    sharding_strategies: tuple[type, ...] = ()
 
 
 class SphereMonitorLogic:
@@ -90,9 +93,10 @@ class SphereMonitorLogic:
 
     Raises:
         MisconfigurationException: for an argument of the wrong type or value (naming it, the type expected
-            and the value); at setup for strategies that shard parameters into flat buffers (FSDP1, DeepSpeed)
-            or into DTensors (ModelParallelStrategy); at fit start for an optimizer or option the spherical
-            correction cannot honour, or a param group whose lr·weight_decay ≥ 1 it could not undo.
+            and the value); at setup for strategies that shard parameters into flat buffers (FSDP1, DeepSpeed);
+            at fit start for DTensor parameters split other than by FSDP2's rows (tensor parallelism), for an
+            optimizer or option the spherical correction cannot honour, or a param group whose
+            lr·weight_decay ≥ 1 it could not undo.
 
     Example:
 
@@ -238,30 +242,41 @@ class SphereMonitorLogic:
         error = self._framework.misconfiguration
         if isinstance(trainer.strategy, self._framework.unsupported_strategies):
             raise error(
-                f"SphereMonitor does not support {type(trainer.strategy).__name__}: it shards parameters so "
-                "that a filter's entries are not one row on one device. Use DDP (`strategy='ddp'`) or a "
-                "single device, or remove SphereMonitor from the callbacks."
+                f"SphereMonitor does not support {type(trainer.strategy).__name__}: it flattens parameters into "
+                f"1-D buffers, so that a filter's entries are not one row on one device. Supported: {SUPPORTED}; or "
+                "remove SphereMonitor from the callbacks."
             )
         every = self.log_every_n_steps or trainer.log_every_n_steps
         hist = self.histogram_every_n_steps
         hist = 10 * every if hist is None else hist
         if every and hist % every:
             raise error(_cadence_mismatch(hist, every))
-        try:
-            self._finder = GroupFinder(
-                pl_module, self.groups_spec, self.tolerance, _compute_dtype(trainer), MAX_VERIFICATION_STEPS
-            )
-        except ValueError as err:
-            raise error(f"SphereMonitor(groups=...): {err}") from err
         if hist and not self.selection.histograms:
             hist = 0  # no histogrammed metric selected
+        self._finder = None
+        if not isinstance(trainer.strategy, self._framework.sharding_strategies):
+            self._find_groups(trainer, pl_module)  # else at fit start, once configure_model has sharded it
         if not every:
             self._framework.warn(
                 "SphereMonitor: `log_every_n_steps=0` on the Trainer turns logging off; nothing is measured."
             )
         self._cadence = (every, hist)
 
+    def _find_groups(self, trainer: Any, pl_module: Any) -> None:
+        try:
+            self._finder = GroupFinder(
+                pl_module, self.groups_spec, self.tolerance, _compute_dtype(trainer), MAX_VERIFICATION_STEPS
+            )
+        except ValueError as err:
+            raise self._framework.misconfiguration(f"SphereMonitor(groups=...): {err}") from err
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if isinstance(trainer.strategy, self._framework.sharding_strategies):
+            reason = check_model(pl_module)
+            if reason:
+                raise self._framework.misconfiguration(reason)
+            if self._finder is None:
+                self._find_groups(trainer, pl_module)
         if self.correction is not None:
             for optimizer in trainer.optimizers:
                 reason = unsupported(optimizer, self.correction) or cannot_invert(optimizer, self.correction)
@@ -327,6 +342,12 @@ class SphereMonitorLogic:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
         if not finder.pending:
             return
+        if isinstance(trainer.strategy, self._framework.sharding_strategies):
+            # FSDP2: the graph was read while some layers held unsharded copies of their parameters
+            finder.pending = rebind(finder.pending, finder.model)
+            for entry, why in cut_by_shards(finder.pending):
+                finder.reject([entry], why)
+                self._framework.warn(f"SphereMonitor: {entry.module_name} is not tracked: {why}")
         before = len(finder.accepted)
         if self._verdicts:
             finder.restore(self._verdicts)

@@ -14,5 +14,6 @@ class SphereMonitor(SphereMonitorLogic, Callback):
         MisconfigurationException,
         rank_zero_info,
         rank_zero_warn,
-        (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy),
+        (FSDPStrategy, DeepSpeedStrategy),
+        (ModelParallelStrategy,),
     )

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sphere.correction import Rewrite, Safeguards, StepView
+from lightning_sphere.distributed import local
 from lightning_sphere.geometry import (
     HISTOGRAMS,
     METRICS,
@@ -316,12 +317,12 @@ class SphereTracker:
     def _before_step(self, probe: _Probe) -> None:
         if not probe.armed or probe.snapshot is not None:
             return
-        params = probe.params
+        params = [local(p) for p in probe.params]  # FSDP2: this rank's shard; its rows are measured here
         if not all(_same_layout(b, p) for b, p in zip(probe.buffers, params, strict=False)) or not probe.buffers:
             probe.buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         with torch.no_grad():
             torch._foreach_copy_(probe.buffers, params)
-        probe.snapshot = dict(zip(params, probe.buffers, strict=True))
+        probe.snapshot = dict(zip(probe.params, probe.buffers, strict=True))
 
     def _after_step(self, probe: _Probe) -> None:
         snapshot, probe.snapshot = probe.snapshot, None
