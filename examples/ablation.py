@@ -240,8 +240,9 @@ def draw_equilibrium(logdir: Path, name: str, figure: Path) -> Path:
 def _mean_std(values: list[float], fmt: str) -> str:
     if any(math.isnan(v) for v in values):
         return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{format(statistics.mean(values), fmt)} ± {format(std, fmt)}"
+    if len(values) == 1:  # one seed: no spread to show
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--figure", type=Path, help="with --equilibrium: the PNG to write")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.logdir is not None and args.logdir.exists() and any(args.logdir.iterdir()):
+        raise SystemExit(f"{args.logdir} is not empty: give a fresh --logdir, so that runs are not mixed")
     if args.equilibrium:
         logdir = args.logdir or Path("lightning_logs") / time.strftime(f"equilibrium-{args.equilibrium}-%Y%m%d-%H%M%S")
         figure = args.figure or logdir / f"equilibrium_{args.equilibrium}.png"
@@ -292,8 +295,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         train_set, test_set, channels, classes = data
         data = (TensorDataset(*train_set[: 4 * BATCH_SIZE]), TensorDataset(*test_set[:BATCH_SIZE]), channels, classes)
     logdir = args.logdir or Path("lightning_logs") / time.strftime("ablation-%Y%m%d-%H%M%S")
-    if logdir.exists() and any(logdir.iterdir()):
-        raise SystemExit(f"{logdir} is not empty: give a fresh --logdir, so that runs are not mixed")
     source = "digits (scikit-learn)" if args.data_dir is None else f"{args.dataset} ({args.data_dir})"
     print(f"ablation: {source}, {epochs} epochs, seeds 0..{seeds - 1}, logs in {logdir}")
     results = {name: [train(name, seed, data, epochs, logdir) for seed in range(seeds)] for name in args.optimizers}

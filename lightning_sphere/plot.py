@@ -215,21 +215,37 @@ def settling_steps(run: Run) -> list[float]:
     norm shrinks by about ηλ per step under AdamW and SGD, so 1/(2ηλ); by ηλ/(1 − μ) under SGD with momentum,
     whose buffer accumulates the decay, so (1 − μ)/(2ηλ) (no dampening assumed). Read from a
     ``LearningRateMonitor(log_momentum=True, log_weight_decay=True)``'s tags ``lr-<Optimizer>[/pgN]``,
-    ``…-weight_decay`` and ``…-momentum`` (first values). Distinct values, sorted; none for Adam (L2 decay: no
-    equilibrium), other optimizers, λ = 0, or SGD whose momentum was not logged."""
+    ``…-weight_decay`` and ``…-momentum`` (at the first step with a positive lr: a warm-up from 0 is skipped).
+    ``Adam`` counts as AdamW when the run logged an equilibrium (``Adam(decoupled_weight_decay=True)``; with L2
+    decay there is none). Dampening is not logged and taken as 0 (with dampening τ the time is 1/(1 − τ) times
+    longer). Distinct values, sorted; none for other optimizers, λ = 0, or SGD whose momentum was not logged."""
+    decoupled_adam = any(tag.startswith(f"sphere/{EQUILIBRIUM}/") for tag in run.scalars)
     times = set()
     for tag in scheduled_lr_tags(run):
         decay = run.scalars.get(f"{tag}-weight_decay")
         optimizer = tag.removeprefix("lr-").split("/")[0]
+        if optimizer == "Adam" and decoupled_adam:
+            optimizer = "AdamW"
         if decay is None or optimizer not in ("SGD", "AdamW"):
             continue
         momentum = run.scalars.get(f"{tag}-momentum") if optimizer == "SGD" else None
         if optimizer == "SGD" and momentum is None:
             continue
-        eta_lambda = run.scalars[tag].values[0] * decay.values[0]
+        lr = run.scalars[tag]
+        positive = np.flatnonzero(lr.values > 0)
+        if not positive.size:
+            continue
+        step = lr.steps[positive[0]]
+        eta_lambda = lr.values[positive[0]] * _at(decay, step)
         if eta_lambda > 0:
-            times.add((1 - (momentum.values[0] if momentum is not None else 0.0)) / (2 * eta_lambda))
+            times.add(float((1 - (_at(momentum, step) if momentum is not None else 0.0)) / (2 * eta_lambda)))
     return sorted(times)
+
+
+def _at(series: Series, step: int) -> float:
+    """The value logged at ``step``, else the last one before it (else the first)."""
+    index = max(int(np.searchsorted(series.steps, step, side="right")) - 1, 0)
+    return float(series.values[index])
 
 
 def _figure(panels: int) -> tuple[Any, list[Any]]:
@@ -296,7 +312,9 @@ def metric_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | Non
             tag = f"sphere/{metric}/{layer}"
             if tag in run.scalars:
                 series = run.scalars[tag]
-                ax.plot(series.steps, series.values, color=colours[run.name], gid=f"{run.name}|{tag}", label=run.name)
+                marker = "o" if series.steps.size < 2 else None  # a lone point is invisible as a line
+                ax.plot(series.steps, series.values, color=colours[run.name], marker=marker, gid=f"{run.name}|{tag}",
+                        label=run.name)  # fmt: skip
             if metric == "angular_update":
                 for note in _draw_equilibrium(ax, run, layer, colours[run.name], styles):
                     notes.setdefault(note, []).append(run.name)
@@ -438,11 +456,18 @@ def plot(
     _matplotlib()
     runs = read_runs(logdir, progress=progress)
     found = metrics_of(runs)
-    chosen = [m for m in found if metrics is None or m in metrics]
-    if metrics is not None and not chosen:
-        raise ValueError(f"none of the metrics {list(metrics)} was logged; found: {', '.join(found)}")
+    wanted = None if metrics is None else {"angular_update" if m == EQUILIBRIUM else m for m in metrics}
+    chosen = [m for m in found if wanted is None or m in wanted]
     if EQUILIBRIUM in chosen and "angular_update" in found:
         chosen.remove(EQUILIBRIUM)  # drawn in the angular_update figure
+    if wanted is not None and not chosen:
+        raise ValueError(f"none of the metrics {list(metrics)} was logged; found: {', '.join(found)}")
+    if layers is not None:
+        logged = {layer for metric in chosen for layer in layers_of(runs, metric)}
+        logged |= {layer for metric in chosen for layer in layers_of(runs, metric, prefix="sphere_hist")}
+        if not logged & set(layers):
+            found_layers, of = ", ".join(sorted(logged)), ", ".join(chosen)
+            raise ValueError(f"none of the layers {list(layers)} was logged for {of}; found: {found_layers}")
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, str, str]] = []
@@ -457,7 +482,7 @@ def plot(
         {tag.split("/")[1] for run in runs.values() for tag in run.histograms if tag.startswith("sphere_hist/")}
     )
     for metric in hist_metrics:
-        if metrics is not None and metric not in metrics:
+        if wanted is not None and metric not in wanted:
             continue
         if layers is not None and not [m for m in layers_of(runs, metric, prefix="sphere_hist") if m in layers]:
             continue

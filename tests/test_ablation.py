@@ -47,8 +47,9 @@ def test_quick_ablation_writes_the_table_and_the_runs(tmp_path, capsys):
 def test_ablation_refuses_a_used_logdir_and_missing_data(tmp_path, monkeypatch):
     ablation = load_ablation()
     (tmp_path / "old").mkdir()
-    with pytest.raises(SystemExit, match="is not empty"):
-        ablation.main(["--quick", "--logdir", str(tmp_path)])
+    for mode in ([], ["--equilibrium", "sgdm"]):  # the figure's run too: an old run would be drawn with it
+        with pytest.raises(SystemExit, match="is not empty"):
+            ablation.main(["--quick", *mode, "--logdir", str(tmp_path)])
     monkeypatch.setitem(sys.modules, "torchvision", None)
     with pytest.raises(SystemExit, match="--data-dir needs torchvision"):
         ablation.torchvision_data("cifar10", tmp_path / "nowhere")

@@ -218,3 +218,44 @@ def test_histogram_matrix_keeps_a_bucket_of_one_value():
     hist = plotting.Histograms([0], [np.array([1.0, 2.0, 2.0])], [np.array([3.0, 1.0])])
     column = plotting.histogram_matrix(hist, np.linspace(1.0, 2.0, 5), log=False)[:, 0]
     np.testing.assert_allclose(column, [0.1875, 0.1875, 0.1875, 0.4375])
+
+
+def test_filters_that_match_nothing_are_refused_and_the_equilibrium_means_its_chart(logs, tmp_path, capsys):
+    root, _ = logs
+    assert main(["plot", str(root), "-o", str(tmp_path / "none"), "--layer", "nope", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "none of the layers ['nope'] was logged" in error and "found: all, net.0, net.3" in error
+    written = plotting.plot(root, tmp_path / "eq", metrics=["angular_update_equilibrium"], progress=False)
+    assert [p.name for p in written] == ["angular_update.png", "hist_angular_update.png", "index.md"]  # its chart
+
+
+def synthetic_run(lr_tag: str, lrs, decay: float, momentum: float | None = None, equilibrium: bool = True):
+    steps = np.arange(len(lrs))
+    series = {
+        "sphere/angular_update/all": plotting.Series(steps, np.full(len(lrs), 0.02)),
+        lr_tag: plotting.Series(steps, np.array(lrs, dtype=float)),
+        f"{lr_tag}-weight_decay": plotting.Series(steps, np.full(len(lrs), decay)),
+    }
+    if momentum is not None:
+        series[f"{lr_tag}-momentum"] = plotting.Series(steps, np.full(len(lrs), momentum))
+    if equilibrium:
+        series["sphere/angular_update_equilibrium/all"] = plotting.Series(steps, np.full(len(lrs), 0.02))
+    return plotting.Run("run", Path("."), series, {})
+
+
+def test_settling_time_per_optimizer_from_the_first_positive_lr():
+    # §7.2, computed here: 1/(2ηλ) for AdamW (and Adam whose run logged an equilibrium: decoupled decay),
+    # (1 − μ)/(2ηλ) for SGD with momentum; a warm-up from lr 0 is skipped; Adam with L2 decay gets none.
+    assert plotting.settling_steps(synthetic_run("lr-AdamW", [0.0, 1e-3, 2e-3], 0.5)) == [1 / (2 * 1e-3 * 0.5)]
+    assert plotting.settling_steps(synthetic_run("lr-Adam", [1e-3], 0.5)) == [1 / (2 * 1e-3 * 0.5)]
+    assert plotting.settling_steps(synthetic_run("lr-Adam", [1e-3], 0.5, equilibrium=False)) == []
+    sgdm = plotting.settling_steps(synthetic_run("lr-SGD/pg1", [0.1], 1e-2, momentum=0.9))
+    assert sgdm == pytest.approx([(1 - 0.9) / (2 * 0.1 * 1e-2)])
+    assert plotting.settling_steps(synthetic_run("lr-SGD", [0.1], 1e-2)) == []  # μ not logged: unknown
+
+
+def test_a_single_logged_point_is_drawn_with_a_marker():
+    series = {"sphere/norm/all": plotting.Series(np.array([3]), np.array([1.5]))}
+    figure = plotting.metric_figure({"run": plotting.Run("run", Path("."), series, {})}, "norm")
+    (line,) = [line for line in figure.axes[0].get_lines() if line.get_gid() == "run|sphere/norm/all"]
+    assert line.get_marker() == "o"
