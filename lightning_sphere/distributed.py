@@ -6,7 +6,7 @@ group's per-row inner products are computed on the local rows (``to_local()``); 
 partial where its rows span ranks, and :class:`GroupSum` adds them up over the ranks of the mesh. Row sums
 need no communication, so only the batched per-group sums ``(M, k)`` travel: one collective per call of
 :meth:`~lightning_sphere.groups.RowIndex.sum_rows`, that is per measured step and optimizer, and per pass of
-the spherical correction (THEORY.md §3–§6 for what the sums are).
+the spherical correction (docs/theory.md §3–§6 for what the sums are).
 
 Only placements whose rows can be read locally are supported: ``Shard(0)`` on a one-dimensional mesh
 (FSDP2), or ``Replicate()`` on every mesh dimension. Anything else (tensor parallelism's ``Shard(1)``, which
