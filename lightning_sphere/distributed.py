@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sh
 #: What the refusals name as supported.
 SUPPORTED = (
     "DDP (`strategy='ddp'`), ModelParallelStrategy with FSDP2 only (`fully_shard` on the data-parallel mesh in "
-    "`configure_model`, tensor_parallel_size=1 or no tensor-parallel plan on tracked layers), or a single device"
+    "`configure_model`, and no tensor-parallel plan on any weight), or a single device"
 )
 
 
