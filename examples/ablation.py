@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sphere import SphereMonitor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever this runs from
+from example_utils import conv_block
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the data are in memory
 
@@ -72,17 +75,6 @@ EQUILIBRIUM = {
     "sgdm": Config("SGD-M", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}),
     "adamw": Config("AdamW", torch.optim.AdamW, {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1.0}),
 }
-
-
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Conv → BatchNorm → ReLU: each output channel of the conv is a radially invariant group."""
-    return nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            bn=nn.BatchNorm2d(out_channels),
-            relu=nn.ReLU(),
-        )
-    )
 
 
 class Classifier(pl.LightningModule):

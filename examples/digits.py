@@ -25,11 +25,9 @@ import argparse
 import contextlib
 import logging
 import math
-import os
 import sys
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_sphere import SphereMonitor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever this runs from
+from example_utils import conv_block, default_logdir, tensorboard_command
+
 #: Each run: the optimizer class, its hyper-parameters, and whether SphereMonitor corrects it (AdamSRT). SGD-M's
 #: and AdamW's weight decay is large so that they settle well within the run (see the module's docstring).
 RUNS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any], bool]] = {
@@ -61,17 +62,6 @@ FINAL_SHARE = 0.25
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the data set is tiny and in memory
 warnings.filterwarnings("ignore", ".*LeafSpec.*")  # pytorch_lightning 2.6 on torch 2.13
-
-
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Conv → BatchNorm → ReLU: each output channel of the conv is a radially invariant group."""
-    return nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            bn=nn.BatchNorm2d(out_channels),
-            relu=nn.ReLU(),
-        )
-    )
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -178,25 +168,6 @@ def describe(run: str) -> str:
     optimizer, hyper_parameters, corrected = RUNS[run]
     name = "Adam → AdamSRT" if corrected else optimizer.__name__
     return " ".join([name, *(f"{key}={value}" for key, value in hyper_parameters.items())])
-
-
-def tensorboard_command(logdir: Path) -> str:
-    """The command that shows ``logdir``: the ``tensorboard`` next to this Python (a venv's), else on PATH."""
-    executable = Path(sys.executable).parent / "tensorboard"
-    if not executable.exists():
-        return f"tensorboard --logdir {logdir}"
-    relative = os.path.relpath(executable)
-    return f"{executable if relative.startswith('..') else relative} --logdir {logdir}"
-
-
-def default_logdir(prefix: str, root: str | Path = "lightning_logs") -> Path:
-    """A new folder ``<root>/<prefix>-YYYYmmdd-HHMMSS`` (``-2``, ``-3``, … if one exists): one per invocation."""
-    stem = Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-    logdir, number = stem, 1
-    while logdir.exists():
-        number += 1
-        logdir = stem.with_name(f"{stem.name}-{number}")
-    return logdir
 
 
 @contextlib.contextmanager

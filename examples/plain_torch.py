@@ -12,9 +12,7 @@ that shows it is printed at the end). A few seconds on one CPU core::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from itertools import islice
@@ -29,6 +27,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import lightning_sphere
 from lightning_sphere import summarize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever this runs from
+from example_utils import default_logdir, tensorboard_command
 
 #: Measure every this many steps, and take per-group histograms every this many.
 MEASURE_EVERY = 10
@@ -56,25 +57,6 @@ def batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
     """The loader's batches, epoch after epoch, without end."""
     while True:
         yield from loader
-
-
-def default_logdir(prefix: str, root: str | Path = "lightning_logs") -> Path:
-    """A new folder ``<root>/<prefix>-YYYYmmdd-HHMMSS`` (``-2``, ``-3``, … if one exists): one per invocation."""
-    stem = Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-    logdir, number = stem, 1
-    while logdir.exists():
-        number += 1
-        logdir = stem.with_name(f"{stem.name}-{number}")
-    return logdir
-
-
-def tensorboard_command(logdir: Path) -> str:
-    """The command that shows ``logdir``: the ``tensorboard`` next to this Python (a venv's), else on PATH."""
-    executable = Path(sys.executable).parent / "tensorboard"
-    if not executable.exists():
-        return f"tensorboard --logdir {logdir}"
-    relative = os.path.relpath(executable)
-    return f"{executable if relative.startswith('..') else relative} --logdir {logdir}"
 
 
 def main(steps: int = 300, logdir: str | Path | None = None) -> dict[str, float]:
