@@ -70,6 +70,8 @@ UNOPTIMIZED = "not stepped by any optimizer"
 #: The :class:`StepProducts` columns only adaptive optimizers define (NaN before their first step).
 _ADAPTIVE = slice(StepProducts._fields.index("pp"), None)
 _PP = StepProducts._fields.index("pp")
+#: The rows of the histogrammed metrics among all metrics' per-group values.
+_HISTOGRAM_ROWS = [list(METRICS).index(name) for name in HISTOGRAMS]
 
 
 @dataclass
@@ -215,7 +217,7 @@ class SphereTracker:
             self._handles.append(probe.optimizer.register_step_pre_hook(lambda *_, p=probe: self._before_step(p)))
             self._handles.append(probe.optimizer.register_step_post_hook(lambda *_, p=probe: self._after_step(p)))
         self._histograms = False
-        self._last_histograms: Tensor | None = None  # the last collected step's, on the device, if not sent
+        self._last_values: Tensor | None = None  # the last collected step's per-group values, if not sent
         self._recorded = False
 
     def _probe(
@@ -375,9 +377,8 @@ class SphereTracker:
             skipped = (self._measured & ~valid_groups(stats)).sum(dtype=values.dtype)
             how = [metric.reduction for metric in METRICS.values()]
             result, count = segment_reduce(values, self._segment, len(self.groups), how)
-            rows = [list(METRICS).index(name) for name in HISTOGRAMS]
-            self._last_histograms = None if self._histograms else values[rows]
-            rows = rows if self._histograms else []
+            rows = _HISTOGRAM_ROWS if self._histograms else []
+            self._last_values = None if self._histograms else values  # a reference: no copy, no kernel
             stops = [torch.stack(r.stopped()).to(values) for r in self._rewrites]
             stops = torch.cat(stops, 1) if stops else values.new_zeros(2, 0)
             cos = values[list(METRICS).index("grad_cos")].abs()
@@ -412,9 +413,9 @@ class SphereTracker:
     def last_histograms(self) -> dict[str, Tensor]:
         """The histograms of the last collected step, when it was not armed for them (one device→host
         transfer): what to log when a run ends between two histogram steps. Empty when none are kept."""
-        if self._last_histograms is None:
+        if self._last_values is None:
             return {}
-        rows, self._last_histograms = self._last_histograms.cpu(), None
+        rows, self._last_values = self._last_values[_HISTOGRAM_ROWS].cpu(), None
         return self._histogram_dict(rows)
 
     def _histogram_dict(self, rows: Tensor) -> dict[str, Tensor]:
