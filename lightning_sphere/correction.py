@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from lightning_sphere.distributed import local
 from lightning_sphere.groups import InvariantGroups, ParamSlice, RowIndex, Stepped, tolerance_for
-from lightning_sphere.kernels import AdamGSums, DirectionSums, Kernels, RewriteSums, host_float, scalar
+from lightning_sphere.kernels import AdamGSums, Kernels, RewriteSums, host_float, scalar
 
 if TYPE_CHECKING:
     from lightning_sphere.schemes import OptimizerRule, ParamGroup
@@ -70,6 +70,9 @@ class Safeguards:
     warn: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=3)
     #: module → its layer's bias when the normalization cancels it (so it is not in the groups), else None
     shift: Callable[[InvariantGroups], Tensor | None] = lambda entry: None
+    #: what makes the gradient the step used radial even where the layer is invariant (clipping by value), if
+    #: anything: a radial gradient then stops a correction all the same, and the message names it
+    radial_cause: str | None = None
 
 
 class StepView(NamedTuple):
@@ -242,11 +245,33 @@ class Rewrite:
         """Module name → its groups' virtual radii, for the algorithms that keep them."""
         return {}
 
-    def load_radii(self, radii: dict[str, Tensor]) -> None:
-        """Restore what :meth:`radii` saved."""
+    def load_radii(self, radii: dict[str, Tensor]) -> list[str]:
+        """Take over what :meth:`radii` gave, for the same stored weights; returns the modules given theirs."""
+        return []
+
+    def resume(self, radii: dict[str, Tensor]) -> list[str]:
+        """Take over what :meth:`radii` gave, for a model that holds the plain optimizer's weights (a
+        checkpoint's); returns the modules given theirs."""
+        return []
 
     def release(self) -> None:
         """Leave the model as the plain optimizer would have it, for the algorithms that store something else."""
+
+    def to_real_gradients(self) -> None:
+        """Give the modules the gradients of the weights the plain optimizer would have, for the algorithms that
+        store other weights; :meth:`restore_gradients` undoes it."""
+
+    def real_tensors(self) -> list[Tensor]:
+        """The parameters and buffers whose stored values differ from the plain optimizer's (see
+        :meth:`real_value`), for the algorithms that store other weights."""
+        return []
+
+    def real_value(self, live: Tensor, value: Tensor) -> Tensor | None:
+        """The plain optimizer's value of ``live`` (one of :meth:`real_tensors`) from ``value``, its current one."""
+        return None
+
+    def restore_gradients(self) -> None:
+        """Undo :meth:`to_real_gradients`, before the update consumes the gradients."""
 
     # ---------------------------------------------------------------- stepping aside
 
@@ -348,12 +373,16 @@ class Rewrite:
             self._stops.announced[i] = (
                 f"|cos(g, x)| up to {float(cos.max()):.2g} > {float(self._tolerance[groups.start]):g}"
             )
+            cause = self.safeguards.radial_cause
+            name = m.entry.module_name
+            what = f"{name}'s steps are not tangent to the sphere ({cause})" if cause else f"{name} is not radially "
             self.safeguards.warn(
-                f"lightning_sphere: {m.entry.module_name} is not radially invariant any more: on one step most of "
-                f"its {m.entry.num_groups} groups showed {self._stops.announced[i]} (median "
-                f"{float(cos.median()):.2g}); its spherical correction stops, and it takes the plain optimizer's "
-                "steps from now on"
+                f"lightning_sphere: {what if cause else what + 'invariant any more'}: on one step most of its "
+                f"{m.entry.num_groups} groups showed {self._stops.announced[i]} (median {float(cos.median()):.2g}); "
+                "its spherical correction stops, and it takes the plain optimizer's steps from now on"
             )
+            if cause:
+                self._stops.announced[i] += " (gradients clipped by value)"
 
     def _sum(self, plan: Plan, per_slice: Callable[[ParamSlice, ParamGroup], Tensor], width: int) -> Tensor:
         """Per-group sums ``(M, width)`` of ``per_slice`` over the slices of the allowed modules (zero elsewhere)."""
@@ -559,8 +588,8 @@ class AdamGRewrite(Rewrite):
         super().__init__(*args, **kwargs)
         #: each group's virtual radius r̂; NaN where the stored weights are the real ones
         self.radius = torch.full((self.index.num_groups,), float("nan"), dtype=torch.float64, device=self.index.device)
-        self._decay_key: tuple[float, ...] | None = None
-        self._decay_factor = self.radius
+        #: the gradients divided by r̂ for :meth:`to_real_gradients`: parameter → the gradient tensor so divided
+        self._real: dict[Tensor, Tensor] = {}
         #: (module index, norm) for every norm whose running statistics follow the radius, and for each the
         #: layer's bias outside the groups (zeros if none) with its value when the statistics were last synced
         self._statistics: list[tuple[int, nn.Module]] = []
@@ -647,22 +676,21 @@ class AdamGRewrite(Rewrite):
         # Newly stopped (invariance lost) with a radius: give them plain SGD's weights, r̂ (x_{k+1} + η g) − η g/r̂.
         back = self._stops.groups & ~stopped_before & ~fresh
         spread = self.index.spread
-        columns = [spread(c) for c in (st.du / st.xx, 1 / r0.square(), fresh, mask, back, r0)]
+        columns = [spread(c) for c in (1 / r0.square(), fresh, mask, back, r0)]
         for j, (s, _) in enumerate(self.slices):
             if s in args:
-                args[s] = (*args[s], *(c[j] for c in columns[:3]))
-        direction = self._sum(plan, lambda s, _: self.kernels.adamg_direction(*args[s], None, None, None, None), 2)
-        direction = DirectionSums(*direction.unbind(1))
-        for j, ((s, _), norm) in enumerate(zip(self.slices, spread(direction.yy.sqrt()), strict=True)):
+                args[s] = (*args[s], *(c[j] for c in columns[:2]))
+        norm = self._sum(plan, lambda s, _: self.kernels.adamg_direction(*args[s], None, None, None, None), 1)
+        norm = norm[:, 0].sqrt()  # ‖y‖: the real weights after plain SGD's step are r̂_k y
+        for j, ((s, _), row_norm) in enumerate(zip(self.slices, spread(norm), strict=True)):
             if s in args:
-                self.kernels.adamg_direction(*args[s], norm, columns[3][j], columns[4][j], columns[5][j])
+                self.kernels.adamg_direction(*args[s], row_norm, columns[2][j], columns[3][j], columns[4][j])
                 s.write_rows(s.param.detach(), args[s][0])
-        decayed = (self._decay_factors().square() * r0.square() + direction.tt / r0.square()).sqrt()
-        r1 = torch.where(fresh, st.x1x1.sqrt(), decayed)
-        # Rewritten: the new radius; stepped and not rewritten: the stored weights are the real ones now.
-        self.radius = torch.where(mask, r1, torch.where(plan.stepped, float("nan"), r0))
         one = torch.ones_like(r0)
         scale0 = torch.where(fresh, one, r0)
+        r1 = scale0 * norm  # fresh rows: y = x_{k+1}, the real weights themselves
+        # Rewritten: the new radius; stepped and not rewritten: the stored weights are the real ones now.
+        self.radius = torch.where(mask, r1, torch.where(plan.stepped, float("nan"), r0))
         handed = back if handed is None else handed | back
         if self._statistics:  # the stored weights' scale went from 1/scale0 (or r̂ given back) to 1/r̂_{k+1}
             factor = torch.where(handed, previous, torch.where(mask, scale0 / r1, one))
@@ -676,10 +704,18 @@ class AdamGRewrite(Rewrite):
         return step
 
     def _rescale_statistics(self, factor: Tensor, old_scale: Tensor) -> None:
-        """Keep every synced norm's running statistics those of plain SGD in the stored scale, per group:
-        variance × ``factor``² and mean = b + (plain mean − b)·(stored/real scale), b the layer's bias outside
-        the groups. A forward's update keeps that relation; a step that moved b rebases it (× (1 − 1/r̂) of
-        the move, ``old_scale`` the r̂ before the step), and the radius moving from r̂ to r̂' rescales it by
+        """Keep every synced norm's running statistics those of plain SGD in the stored scale (see
+        :meth:`_rescaled_statistics`), in place, and note the layer's bias they are synced with now."""
+        means, variances = self._rescaled_statistics(factor, old_scale)
+        torch._foreach_copy_([n.running_mean for _, n in self._statistics], means)
+        torch._foreach_copy_([n.running_var for _, n in self._statistics], variances)
+        torch._foreach_copy_([r for _, r in self._shifts], [b.to(r.dtype) for b, r in self._shifts])
+
+    def _rescaled_statistics(self, factor: Tensor, old_scale: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Every synced norm's running (means, variances) for plain SGD in the stored scale, per group, out of
+        place: variance × ``factor``² and mean = b + (plain mean − b)·(stored/real scale), b the layer's bias
+        outside the groups. A forward's update keeps that relation; a step that moved b rebases it (× (1 − 1/r̂)
+        of the move, ``old_scale`` the r̂ before the step), and the radius moving from r̂ to r̂' rescales it by
         ``factor`` = r̂/r̂' about b. All in a few ``_foreach`` calls."""
         means, variances, factors, coefficients = [], [], [], []
         for i, norm in self._statistics:
@@ -690,12 +726,63 @@ class AdamGRewrite(Rewrite):
             coefficients.append((1 - 1 / old_scale[groups]).to(norm.running_mean.dtype))
         biases = [b.to(m.dtype) for (b, _), m in zip(self._shifts, means, strict=True)]
         synced = [r for _, r in self._shifts]
-        torch._foreach_mul_(variances, torch._foreach_mul(factors, factors))
-        torch._foreach_addcmul_(means, torch._foreach_sub(biases, synced), coefficients)
+        variances = torch._foreach_mul(variances, torch._foreach_mul(factors, factors))
+        means = torch._foreach_addcmul(means, torch._foreach_sub(biases, synced), coefficients)
         torch._foreach_sub_(means, biases)
         torch._foreach_mul_(means, factors)
         torch._foreach_add_(means, biases)
-        torch._foreach_copy_(synced, biases)
+        return means, variances
+
+    def real_value(self, live: Tensor, value: Tensor) -> Tensor | None:
+        """What ``live`` — a parameter this rewrite steps, or a running statistic it keeps in the stored scale —
+        holds in plain SGD's model, computed from ``value``, a tensor shaped like it that holds its current
+        value (a state dict's entry); ``None`` for any other tensor. Out of place: for checkpoints written while
+        the rewrite runs, which must hold the real weights (:meth:`release` does it in place)."""
+        known = ~self.radius.isnan()
+        for (s, _), r, k in zip(self.slices, self.index.spread(self.radius), self.index.spread(known), strict=True):
+            if s.param is live:
+                out = value.clone()
+                rows = s.rows(out)
+                rows.copy_(torch.where(k, rows * r.to(rows.dtype), rows))
+                s.write_rows(out, rows)
+                return out
+        for j, (_, norm) in enumerate(self._statistics):
+            if live is norm.running_mean or live is norm.running_var:
+                scale = torch.where(known, self.radius, 1)
+                means, variances = self._rescaled_statistics(scale, scale)
+                return (means if live is norm.running_mean else variances)[j].to(value.dtype, copy=True)
+        return None
+
+    def real_tensors(self) -> list[Tensor]:
+        """The tensors :meth:`real_value` knows: the stepped parameters and the synced running statistics."""
+        norms = [t for _, n in self._statistics for t in (n.running_mean, n.running_var)]
+        return [s.param for s, _ in self.slices] + norms
+
+    def to_real_gradients(self) -> None:
+        """g ← g/r̂ in the rows whose radius is known: the gradient plain SGD has at the real weights r̂ u, by
+        invariance (the stored gradient is r̂ times it). Once until :meth:`restore_gradients`; a gradient that
+        is a new tensor since (``zero_grad`` between a step that never came and the next) counts as not
+        divided."""
+        self._scale_gradients(lambda r: 1 / r, divide=True)
+
+    def restore_gradients(self) -> None:
+        """g ← r̂ g in the rows :meth:`to_real_gradients` divided, if the gradients are still those tensors."""
+        self._scale_gradients(lambda r: r, divide=False)
+
+    def _scale_gradients(self, factor: Callable[[Tensor], Tensor], divide: bool) -> None:
+        known = ~self.radius.isnan()
+        columns = self.index.spread(torch.where(known, factor(torch.where(known, self.radius, 1)), 1))
+        for (s, _), column in zip(self.slices, columns, strict=True):
+            grad = s.param.grad
+            if grad is None or (self._real.get(s.param) is grad) != (not divide):
+                continue
+            rows = s.rows(grad)
+            self.kernels.scale_rows(rows, column.to(rows.dtype))
+            s.write_rows(grad, rows)
+            if divide:
+                self._real[s.param] = grad
+            else:
+                del self._real[s.param]
 
     def release(self) -> None:
         """Give every module its real weights r̂ u (and its norms their statistics in that scale), forget the
@@ -711,18 +798,31 @@ class AdamGRewrite(Rewrite):
                 s.write_rows(s.param.detach(), x)
         self.radius = torch.full_like(self.radius, float("nan"))
 
-    def _decay_factors(self) -> Tensor:
-        """1 − ηλ of every group, on the device; copied there again only when a learning rate changed."""
-        values = tuple(1 - m.param_groups[0]["lr"] * m.param_groups[0]["weight_decay"] for m in self.modules)
-        if self._decay_key != values:
-            self._decay_key, self._decay_factor = values, self.index.per_module(values)
-        return self._decay_factor
-
     def radii(self) -> dict[str, Tensor]:
         return {m.entry.module_name: self.radius[g] for m, g in zip(self.modules, self.index.groups, strict=True)}
 
-    def load_radii(self, radii: dict[str, Tensor]) -> None:
-        """Restore saved radii; modules without one get theirs on the next step."""
+    def load_radii(self, radii: dict[str, Tensor]) -> list[str]:
+        """Take over radii of the same modules, whose stored weights are the unit-norm ones these radii go with;
+        modules without one get theirs on the next step. Returns the modules given one."""
+        given = []
         for m, g in zip(self.modules, self.index.groups, strict=True):
             if m.entry.module_name in radii:
                 self.radius[g] = radii[m.entry.module_name].to(self.radius)
+                given.append(m.entry.module_name)
+        return given
+
+    def resume(self, radii: dict[str, Tensor]) -> list[str]:
+        """Go on with the rewrite as if it had never stopped, from the real weights r̂ u (and running statistics
+        in their scale) that a checkpoint written with these radii holds: store u = x/r̂, and the statistics in
+        that scale. Returns the modules resumed."""
+        given = self.load_radii(radii)
+        known = ~self.radius.isnan()
+        with torch.no_grad():
+            for (s, _), r, k in zip(self.slices, self.index.spread(self.radius), self.index.spread(known), strict=True):
+                x = s.rows(s.param.detach())
+                x.copy_(torch.where(k, x / r.to(x.dtype), x))
+                s.write_rows(s.param.detach(), x)
+            if self._statistics:
+                scale = torch.where(known, self.radius, 1)
+                self._rescale_statistics(1 / scale, scale)  # the layer's bias has not moved since: no rebase
+        return given

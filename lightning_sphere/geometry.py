@@ -134,6 +134,9 @@ class Metric:
         section: the section of docs/theory.md that defines it.
         doc: one line saying what it is.
         histogram: whether its per-group distribution is logged as a histogram.
+        needs_gradient: whether it describes the step's gradient (or the moments that gradient made): NaN, and
+            so not logged, for a group that had no gradient on the step (the optimizer did not step it, or it
+            dropped the gradient before it could be read), rather than a value computed from a zero.
     """
 
     name: str
@@ -143,6 +146,7 @@ class Metric:
     section: str
     doc: str
     histogram: bool = False
+    needs_gradient: bool = False
 
 
 #: The per-group metrics, name → :class:`Metric`, in the order they are computed, logged and charted.
@@ -161,9 +165,16 @@ METRICS: dict[str, Metric] = {
             "§3",
             "η_k / (r_k r_{k+1} rms(b_k)), else the measured sin θ_k / ‖∇L(u_k)‖",
             True,
+            needs_gradient=True,
         ),
         Metric(
-            "grad_cos", lambda st, sp: st.xg / (sp.r0 * st.gg.sqrt()), "maxabs", "cosine", "§1", "⟨g_k, u_k⟩ / ‖g_k‖"
+            "grad_cos",
+            lambda st, sp: st.xg / (sp.r0 * st.gg.sqrt()),
+            "maxabs",
+            "cosine",
+            "§1",
+            "⟨g_k, u_k⟩ / ‖g_k‖",
+            needs_gradient=True,
         ),
         Metric(
             "sphere_grad_norm",
@@ -172,10 +183,21 @@ METRICS: dict[str, Metric] = {
             "loss per rad",
             "§1",
             "‖∇L(u_k)‖ = r_k ‖g_k⊥‖, the Riemannian gradient",
+            needs_gradient=True,
         ),
-        Metric("direction_cos", _direction_cos, "mean", "cosine", "§3", "cos(−Δ⊥, ∇L(u_k))"),
-        Metric("deformation_cos", _deformation_cos, "mean", "cosine", "§5", "Adam: cos((a⊘b)⊥, a⊥)"),
-        Metric("momentum_radial", _momentum_radial, "mean", "cosine", "§5", "Adam: ⟨a, u_k⟩ / ‖a‖"),
+        Metric("direction_cos", _direction_cos, "mean", "cosine", "§3", "cos(−Δ⊥, ∇L(u_k))", needs_gradient=True),
+        Metric(
+            "deformation_cos",
+            _deformation_cos,
+            "mean",
+            "cosine",
+            "§5",
+            "Adam: cos((a⊘b)⊥, a⊥)",
+            needs_gradient=True,
+        ),
+        Metric(
+            "momentum_radial", _momentum_radial, "mean", "cosine", "§5", "Adam: ⟨a, u_k⟩ / ‖a‖", needs_gradient=True
+        ),
         Metric(
             "angular_update_equilibrium",
             lambda st, sp: st.equilibrium,

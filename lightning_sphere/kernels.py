@@ -64,22 +64,14 @@ class RewriteSums(NamedTuple):
 
 
 class AdamGSums(NamedTuple):
-    """Per-row sums of :func:`adamg_sums`: ‖u_k‖², ⟨u_k, g⟩, ‖g‖², ‖x_{k+1}‖², ⟨Δ', u_k⟩ (Δ' = x_{k+1} − u_k),
-    and ``undo`` as in :class:`RewriteSums`."""
+    """Per-row sums of :func:`adamg_sums`: ‖u_k‖², ⟨u_k, g⟩, ‖g‖², ‖x_{k+1}‖², and ``undo`` as in
+    :class:`RewriteSums`."""
 
     xx: Tensor
     xg: Tensor
     gg: Tensor
     x1x1: Tensor
-    du: Tensor
     undo: Tensor
-
-
-class DirectionSums(NamedTuple):
-    """Per-row sums of :func:`adamg_direction`: ‖y‖², ‖Δ'⊥‖²."""
-
-    yy: Tensor
-    tt: Tensor
 
 
 def _columns(kind: type[NamedTuple], **columns: Tensor) -> Tensor:
@@ -197,32 +189,41 @@ def momentum_transport(x1: Tensor, buf: Tensor, lr: Tensor, keep: Tensor, along:
 
 
 def adamg_sums(x1: Tensor, g: Tensor, lr: Tensor, decay_factor: Tensor) -> Tensor:
-    """The :class:`AdamGSums` per row, with u_k = (x_{k+1} + η g)/(1 − ηλ) and Δ' = x_{k+1} − u_k: ``(C, 6)``."""
+    """The :class:`AdamGSums` per row, with u_k = (x_{k+1} + η g)/(1 − ηλ): ``(C, 5)``."""
     step = lr * g
     u0 = (x1 + step) / decay_factor
     undo = _undo(x1, step, decay_factor)
-    return _columns(AdamGSums, **_invariance(u0, g), x1x1=_dot(x1, x1), du=_dot(x1 - u0, u0), undo=undo)
+    return _columns(AdamGSums, **_invariance(u0, g), x1x1=_dot(x1, x1), undo=undo)
 
 
 def adamg_direction(
-    x1: Tensor, g: Tensor, lr: Tensor, decay_factor: Tensor, radial: Tensor, inv_r0_sq: Tensor, fresh: Tensor,
+    x1: Tensor, g: Tensor, lr: Tensor, decay_factor: Tensor, inv_r0_sq: Tensor, fresh: Tensor,
     norm: Tensor | None, mask: Tensor | None, back: Tensor | None, r0: Tensor | None,
 ) -> Tensor:  # fmt: skip
-    """y = (1−ηλ) u_k + Δ'⊥/r̂_k² (§4), or x_{k+1} itself in the ``fresh`` rows (radius not known yet).
+    """y = (1−ηλ) u_k − η g/r̂_k² (§4), or x_{k+1} itself in the ``fresh`` rows (radius not known yet).
+
+    y is plain SGD's step from the real weights r̂_k u_k, divided by r̂_k: its gradient there is g/r̂_k by
+    invariance. For a tangent g this is AdamG's (1−ηλ) u_k + Δ'⊥/r̂_k²; taking all of g keeps it plain SGD's
+    when the gradient the step used has a radial part too (a gradient clipped entry by entry).
 
     With ``norm`` (‖y‖ per row), write y/‖y‖ into ``x1`` in the rows of ``mask``, and plain SGD's step from
     the real weights, r̂_k (x_{k+1} + η g) − η g/r̂_k, in the rows given ``back`` (``r0`` = r̂_k); return an
-    empty tensor. Without, return the :class:`DirectionSums` per row: ``(C, 2)``.
+    empty tensor. Without, return ‖y‖² per row: ``(C, 1)``.
     """
-    u0 = (x1 + lr * g) / decay_factor
-    tangent = (x1 - u0) - radial * u0
-    y = torch.where(fresh, x1, decay_factor * u0 + tangent * inv_r0_sq)
+    step = lr * g
+    u0 = (x1 + step) / decay_factor
+    y = torch.where(fresh, x1, decay_factor * u0 - step * inv_r0_sq)
     if norm is not None:
-        step = lr * g
         real = r0 * (x1 + step) - step / r0
         x1.copy_(torch.where(mask, y / norm, torch.where(back, real, x1)))
         return x1.new_empty(0)
-    return _columns(DirectionSums, yy=_dot(y, y), tt=_dot(tangent, tangent))
+    return _dot(y, y)[:, None]
+
+
+def scale_rows(g: Tensor, factor: Tensor) -> None:
+    """g ← factor·g in place, ``factor`` a ``(C, 1)`` column (the AdamG rewrite's conversions between the
+    gradients of the stored and of the real weights)."""
+    g.mul_(factor)
 
 
 class Kernels:
@@ -242,6 +243,7 @@ class Kernels:
         self.momentum_transport = self._wrap(momentum_transport)
         self.adamg_sums = self._wrap(adamg_sums)
         self.adamg_direction = self._wrap(adamg_direction)
+        self.scale_rows = self._wrap(scale_rows)
 
     def _wrap(self, eager: _F) -> _F:
         if not self.compiled:

@@ -24,11 +24,11 @@ from torch import Tensor
 
 from lightning_sphere.detect import GroupFinder
 from lightning_sphere.distributed import SUPPORTED, check_model, cut_by_shards, rebind
-from lightning_sphere.groups import InvariantGroups
-from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported
+from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported, unwrap_optimizer
 from lightning_sphere.sinks import PER_LAYER, LoggerSink, Selection
 from lightning_sphere.summary import summarize
-from lightning_sphere.tracker import Measurement, SphereTracker
+from lightning_sphere.tracker import Measurement, SphereTracker, after_closure
 
 #: Steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips the first few)
 #: before it is dropped. Steps on which it gets no gradient at all (a branch not used yet) do not count.
@@ -196,14 +196,23 @@ class SphereMonitorLogic:
         self._signatures = _Signature()
         self._changed = False  # membership may have changed on this batch: announce at its end
         self._announced: dict[str, str] = {}  # module → "tracked" or why not, as last told
-        # Measurement only: tracked modules whose invariance was lost later, with why; the tracked
-        # modules' normalizations that keep running statistics.
+        # Measurement only: tracked modules whose invariance was lost later, with why (while it is lost, and
+        # once it held only for a while); modules whose gradient turned radial under clipping by value; the
+        # steps on which each tracked module's normalization was in eval mode; the tracked modules'
+        # normalizations that keep running statistics.
         self._lost: dict[str, str] = {}
+        self._was_lost: dict[str, str] = {}
+        self._clipped: dict[str, str] = {}
+        self._eval_steps: dict[str, list[list[int]]] = {}
         self._norms: list[tuple[str, str, torch.nn.Module]] = []
+        self._value_clipping: str | None = None  # the Trainer's clipping by value, as the user wrote it
+        self._step_hooks: list[Any] = []
         # Restored from a checkpoint: the verification verdicts by candidate (so that a resumed run tracks
         # the same groups) and the AdamG rewrite's virtual radii.
         self._verdicts: dict[str, float | str] = {}
-        self._radii: dict[str, Tensor] = {}
+        self._radii: dict[str, Tensor] = {}  # with the stored weights (a checkpoint of version 0.1)
+        self._resumed: dict[str, Tensor] = {}  # with the real weights (checkpoints since)
+        self._resumed_groups: list[dict[str, Any]] = []  # the groups of those radii
 
     @property
     def groups(self) -> list[InvariantGroups]:
@@ -222,9 +231,13 @@ class SphereMonitorLogic:
             return "lightning_sphere: no training step seen yet"
         corrections = {} if self._tracker is None else self._tracker.corrections
         text = summarize(self.groups, self._finder.model, self._untracked(), corrections)
-        if self._lost:
-            text += "\ninvariance lost (still measured, no longer on a sphere):\n"
-            text += "\n".join(f"  {name}: {why}" for name, why in self._lost.items())
+        for heading, reasons in (
+            ("invariance lost (still measured, no longer on a sphere)", self._lost),
+            ("invariance lost for a while (measured off the sphere then)", self._was_lost),
+            ("steps not tangent to the sphere (still measured)", self._clipped),
+        ):
+            if reasons:
+                text += f"\n{heading}:\n" + "\n".join(f"  {name}: {why}" for name, why in reasons.items())
         return text
 
     def _untracked(self) -> dict[str, str]:
@@ -283,6 +296,12 @@ class SphereMonitorLogic:
                 if reason:
                     raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {reason}")
         self._close_tracker()
+        clip, algorithm = trainer.gradient_clip_val, str(getattr(trainer.gradient_clip_algorithm, "value", "norm"))
+        self._value_clipping = (
+            f'Trainer(gradient_clip_val={clip}, gradient_clip_algorithm="value")'
+            if clip and algorithm == "value"
+            else None
+        )
         self._summarized = False
         self._signature = None
         self._record_next = self._eager_next = True
@@ -294,6 +313,10 @@ class SphereMonitorLogic:
             )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._remove_step_hooks()
+        self._step_hooks = [opt.register_step_pre_hook(self._before_step) for opt in trainer.optimizers]
+        if self._resumed and self.correction is not None and self._finder is not None:
+            self._resume_rewrite(trainer)
         # The last step of fit is measured too (charts end where training ends, and `metrics` holds values
         # after any fit of at least one step); unknown for iterable data with no max_steps, or a max_time.
         total = trainer.estimated_stepping_batches
@@ -330,16 +353,45 @@ class SphereMonitorLogic:
             self._finder.analyze([loss])
             self._backward_seen = self._changed = True
 
+    def _before_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """A step pre-hook on every optimizer, for the steps in which a tracker may be built (a recorded step,
+        or candidates pending): one built in ``on_before_optimizer_step`` missed this step's pre-hook, which reads
+        the gradients after the closure (Lightning's training step, backward and clipping); this does instead.
+        Under AMP the closure has run before the step, and such a tracker's own pre-hook reads them."""
+        if self._finder is None or not (self._recording or self._finder.pending):
+            return None
+
+        def read() -> None:
+            if self._tracker is not None:
+                self._tracker.gradients_ready(optimizer)
+
+        return after_closure(args, kwargs, read)
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        finder = self._finder
-        if finder is None:
+        if self._finder is None:
             return
+        optimizer = unwrap_optimizer(optimizer)
+        self._verify(trainer, optimizer)
+        if self._tracker is not None:
+            # The AdamG rewrite: what comes next (the LightningModule's hook, gradient clipping) sees plain SGD's
+            # gradients; the tracker gives the stored weights theirs back when the update begins.
+            self._tracker.to_real_gradients(optimizer)
+
+    def _verify(self, trainer: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Read what the step's graphs hold, and test the pending candidates on the step's gradients."""
+        finder = self._finder
         self._steps_seen += 1
         if self._recording and not self._backward_seen and finder.has_layer_calls():
             self._read_unseen_backward()
         if self._recording and finder.analyze_recomputed():
             self._changed = True
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
         if not finder.pending:
             return
         if isinstance(trainer.strategy, self._framework.sharding_strategies):
@@ -422,28 +474,38 @@ class SphereMonitorLogic:
         if self._finder is not None:
             self._finder.finish()
         self._recording = False
+        self._remove_step_hooks()
         if self._tracker is not None:
             # The model leaves fit as plain SGD would have it (the AdamG rewrite's real weights); the groups
             # stay inspectable.
             self._tracker.close()
         if stage == "fit":  # what a checkpoint restored was for this fit, not for the next model
-            self._verdicts, self._radii = {}, {}
+            self._verdicts, self._radii, self._resumed, self._resumed_groups = {}, {}, {}, []
 
     def state_dict(self) -> dict[str, Any]:
         """The verification verdicts, by candidate (module, parameters, granularity: a resumed run reuses one
-        only for the identical candidate), and the AdamG rewrite's virtual radii (the optimizer's own
-        checkpoint carries the moments the correction rescales and transports)."""
+        only for the identical candidate), and the AdamG rewrite's virtual radii. The optimizer's own checkpoint
+        carries the moments the correction rescales and transports; the model's holds the real weights under
+        the AdamG rewrite (:meth:`~lightning_sphere.SphereTracker.radii`), from which a resumed run's rewrite
+        goes on with these radii."""
         verdicts = self._verdicts | ({} if self._finder is None else self._finder.verdicts)
-        radii = self._radii | (self._tracker.state_dict() if self._tracker is not None else {})
+        radii = self._tracker.radii() if self._tracker is not None else {}
+        groups = [_group_spec(g) for g in self.groups if g.module_name in radii]
         return {
             "accepted": {k: v for k, v in verdicts.items() if not isinstance(v, str)},
             "rejected": {k: v for k, v in verdicts.items() if isinstance(v, str)},
             "radii": radii,
+            "radii_of": _REAL_WEIGHTS,
+            "rewritten": groups,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._verdicts = dict(state_dict.get("accepted", {})) | dict(state_dict.get("rejected", {}))
-        self._radii = dict(state_dict.get("radii", {}))
+        radii = dict(state_dict.get("radii", {}))
+        if state_dict.get("radii_of") == _REAL_WEIGHTS:
+            self._resumed, self._resumed_groups = radii, list(state_dict.get("rewritten", []))
+        else:  # a checkpoint of lightning_sphere 0.1: the stored unit-norm weights, with their radii
+            self._radii = radii
 
     # ------------------------------------------------------------------ helpers
 
@@ -455,6 +517,19 @@ class SphereMonitorLogic:
             self._tracker.arm(histograms=bool(hist) and (step % hist == 0 or last))
         else:
             self._tracker.disarm()
+
+    def _resume_rewrite(self, trainer: Any) -> None:
+        """A checkpoint written under the AdamG rewrite holds the real weights r̂ u, and its monitor state the
+        radii and the groups they go with: store u again before the first forward pass, so that the run goes on
+        as if it had never stopped (its groups are read off that pass's graph only later)."""
+        model = self._finder.model
+        params = dict(model.named_parameters())
+        groups = [g for spec in self._resumed_groups if (g := _group_from_spec(spec, params)) is not None]
+        if groups:
+            tracker = SphereTracker(groups, trainer.optimizers, self.correction, model=model, warn=lambda _: None)
+            self._radii |= {name: self._resumed[name] for name in tracker.resume(self._resumed)}
+            tracker.close(release=False)
+        self._resumed, self._resumed_groups = {}, []
 
     def _compile_again(self) -> None:
         if self._eager is not None:
@@ -476,7 +551,7 @@ class SphereMonitorLogic:
             return
         if self._tracker is None and not eligible:
             return
-        radii = self._radii | self.state_dict()["radii"]
+        radii = self._radii | (self._tracker.radii() if self._tracker is not None else {})
         self._close_tracker(release=False)  # the radii go on in the new tracker
         accepted = _agree_across_ranks(trainer, eligible) if self.correction else eligible
         try:
@@ -489,11 +564,12 @@ class SphereMonitorLogic:
                 tolerance=self.tolerance,
                 compute_dtype=finder.compute_dtype,
                 warn=self._framework.warn,
+                gradient_clipping="value" if self._value_clipping else None,
             )
         except ValueError as err:
             raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {err}") from err
         self._tracker_input = [e.module_name for e in eligible]
-        self._tracker.load_state_dict(radii)
+        self._tracker.load_radii(radii)
         self._norms = [
             (g.module_name, g.norm_name, norm)
             for g in self._tracker.groups
@@ -520,27 +596,55 @@ class SphereMonitorLogic:
             )
 
     def _check_norms(self, trainer: Any) -> None:
-        """Measurement only: a tracked module whose normalization left training mode is not invariant."""
+        """Measurement only: a tracked module is not invariant while its normalization is in eval mode; said once
+        when that starts, once when it ends, and in the summary by the steps it held."""
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for name, norm_name, norm in self._norms:
-            if not norm.training and name not in self._lost:
-                self._lose(
-                    name,
-                    f"{norm_name} ({type(norm).__name__}) is in eval mode: it normalizes with running statistics",
-                )
+            what = f"{norm_name} ({type(norm).__name__})"
+            spans = self._eval_steps.setdefault(name, [])
+            if not norm.training:
+                if spans and spans[-1][1] is None:
+                    continue  # still in eval mode
+                spans.append([step, None])
+                if name not in self._lost:
+                    self._lose(name, f"{what} is in eval mode since step {step}: it normalizes with running statistics")
+            elif spans and spans[-1][1] is None:
+                spans[-1][1] = step - 1  # the last step it normalized with running statistics
+                if self._lost.get(name, "").startswith(what):
+                    del self._lost[name]
+                    self._was_lost[name] = f"{what} was in eval mode on {_steps(spans)}"
+                    self._framework.info(
+                        f"SphereMonitor: {name} is radially invariant again: {what} is back in training mode (it was "
+                        f"in eval mode on {_steps(spans)}, normalizing with running statistics)"
+                    )
 
     def _check_gradients(self, trainer: Any, measurement: Measurement) -> None:
         """Measurement only: a tracked module most of whose groups showed a radial gradient on a logging step
         (|cos(g, x)| above the gradient test's δ/√d; the correction's own rule): a path around its norm, an
         L2 term on it. One eps-dominated channel alone, whose pre-norm variance is small next to the norm's
-        eps, does not count."""
+        eps, does not count. Under clipping by value the gradient the step used is not the loss's: the verdict
+        is on the step, and says so."""
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for name in measurement.radial:
-            if name not in self._lost:
-                cos = measurement.scalars.get(f"sphere/grad_cos/{name}", float("nan"))
+            if name in self._lost or name in self._clipped:
+                continue
+            cos = abs(measurement.scalars.get(f"sphere/grad_cos/{name}", float("nan")))
+            if self._value_clipping:
+                self._clipped[name] = (
+                    f"on the step logged at {step} most of its groups' gradients were radial after clipping (max "
+                    f"|cos(g, x)| {cos:.2g}): {self._value_clipping} clips the gradient entry by entry, which gives a "
+                    "tangent gradient a radial part"
+                )
+                self._framework.warn(
+                    f"SphereMonitor: {name}'s steps are not tangent to the sphere: {self._clipped[name]}. Its metrics "
+                    "describe those steps; whether the layer itself is still invariant cannot be read off a clipped "
+                    'gradient. Clipping by norm (gradient_clip_algorithm="norm") keeps steps tangent.'
+                )
+            else:
                 self._lose(
                     name,
                     f"most of its groups' gradients are radial on the step logged at {step} (max |cos(g, x)| "
-                    f"{abs(cos):.2g}, above the gradient test's δ/√d)",
+                    f"{cos:.2g}, above the gradient test's δ/√d)",
                 )
 
     def _lose(self, name: str, why: str) -> None:
@@ -667,6 +771,45 @@ def _agree_across_ranks(trainer: Any, accepted: list[InvariantGroups]) -> list[I
             "SphereMonitor(groups={...}) to name them explicitly"
         )
     return [mine[n] for n in names]
+
+
+#: What the radii of a checkpoint's monitor state go with: the real weights its state dict holds.
+_REAL_WEIGHTS = "real weights"
+
+
+def _group_spec(entry: InvariantGroups) -> dict[str, Any]:
+    """``entry`` in plain values, parameters by name: what a checkpoint keeps of a rewritten module."""
+    slices = [
+        {"name": s.name, "channel_dims": list(s.channel_dims), "split": s.split, "channels": s.channels}
+        for s in entry.slices
+    ]
+    fields = ("module_name", "num_groups", "norm_name", "norm_type", "granularity", "channels_aligned")
+    return {"slices": slices, **{f: getattr(entry, f) for f in fields}}
+
+
+def _group_from_spec(spec: dict[str, Any], params: Mapping[str, Tensor]) -> InvariantGroups | None:
+    """The :class:`InvariantGroups` :func:`_group_spec` described, on ``params`` (by name); ``None`` if the
+    model has no such parameter any more."""
+    if any(s["name"] not in params for s in spec["slices"]):
+        return None
+    slices = tuple(
+        ParamSlice(
+            s["name"],
+            params[s["name"]],
+            tuple(s["channel_dims"]),
+            s["split"],
+            None if s["channels"] is None else tuple(s["channels"]),
+        )
+        for s in spec["slices"]
+    )
+    return InvariantGroups(**{k: v for k, v in spec.items() if k != "slices"}, slices=slices)
+
+
+def _steps(spans: Sequence[Sequence[int]]) -> str:
+    """Runs of steps in words: "step 3", "steps 3–5 and 9"."""
+    runs = [f"{a}" if a == b else f"{a}–{b}" for a, b in spans]
+    listed = runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + f" and {runs[-1]}"
+    return f"step{'s' if len(runs) > 1 or spans[0][0] != spans[0][1] else ''} {listed}"
 
 
 def _compute_dtype(trainer: Any) -> torch.dtype | None:

@@ -25,6 +25,7 @@ measured. ``correction`` is for optimizers that one of the rewrite algorithms of
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -77,6 +78,10 @@ class OptimizerRule:
         correction: ``(param_group, mode) → `` the rewrite algorithm that makes this optimizer follow the
             spherical form ``mode``; raises ``ValueError`` saying why when it cannot.
         formula: the closed-form effective learning rate of §3 applies (else the measured one).
+        gradient_intact: ``step()`` reads ``p.grad`` and leaves it as it found it, so that a measurement may read
+            it after the step (checked on every measured step) instead of copying it before. ``False`` (the
+            default, and for every optimizer outside the registry): it is copied right before the update, since
+            optimizers may change it in place (schedule-free's division by its denominator) or drop it.
     """
 
     name: str
@@ -85,6 +90,7 @@ class OptimizerRule:
     equilibrium: Callable[[ParamGroup], float | None] = lambda group: None
     correction: Callable[[ParamGroup, str], type[Rewrite]] = _refuse
     formula: bool = True
+    gradient_intact: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -161,12 +167,14 @@ def _adam_correction(name: str) -> Callable[[ParamGroup, str], type[Rewrite]]:
 
 #: Exact optimizer class → its rule. Extend with :func:`register_optimizer`.
 OPTIMIZERS: dict[type[torch.optim.Optimizer], OptimizerRule] = {
-    torch.optim.SGD: OptimizerRule("SGD", equilibrium=_sgd_equilibrium, correction=_sgd_correction),
+    torch.optim.SGD: OptimizerRule(
+        "SGD", equilibrium=_sgd_equilibrium, correction=_sgd_correction, gradient_intact=True
+    ),
     torch.optim.Adam: OptimizerRule(
-        "Adam", adam_moments, _decoupled, _adam_equilibrium, _adam_correction("Adam")
+        "Adam", adam_moments, _decoupled, _adam_equilibrium, _adam_correction("Adam"), gradient_intact=True
     ),  # ``decoupled_weight_decay=True`` makes it AdamW
     torch.optim.AdamW: OptimizerRule(
-        "AdamW", adam_moments, lambda group: True, _adamw_equilibrium, _adam_correction("AdamW")
+        "AdamW", adam_moments, lambda group: True, _adamw_equilibrium, _adam_correction("AdamW"), gradient_intact=True
     ),
 }
 
@@ -182,6 +190,39 @@ def register_optimizer(optimizer_class: type[torch.optim.Optimizer], rule: Optim
 def rule_of(optimizer: torch.optim.Optimizer) -> OptimizerRule:
     """The rule of ``optimizer``'s exact class, :data:`MEASURED` if it has none."""
     return OPTIMIZERS.get(type(optimizer), MEASURED)
+
+
+#: Framework wrappers around a torch optimizer: (module, class name) → the attribute holding the optimizer.
+_WRAPPERS = {
+    ("pytorch_lightning.core.optimizer", "LightningOptimizer"): "_optimizer",
+    ("lightning.pytorch.core.optimizer", "LightningOptimizer"): "_optimizer",
+    ("lightning.fabric.wrappers", "_FabricOptimizer"): "optimizer",
+    ("lightning_fabric.wrappers", "_FabricOptimizer"): "optimizer",
+}
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer`` (whose class
+    is made up on the fly, ``FabricSGD``, and so in no registry); any other optimizer as it is."""
+    while True:
+        attribute = next(
+            (_WRAPPERS[key] for cls in type(optimizer).__mro__ if (key := (cls.__module__, cls.__name__)) in _WRAPPERS),
+            None,
+        )
+        if attribute is None:
+            return optimizer
+        optimizer = getattr(optimizer, attribute)
+
+
+def class_path(cls: type) -> str:
+    """``cls`` by its shortest public import path: ``torch.optim.SGD``, ``heavyball.AdamW`` — a bare ``AdamW``
+    would read like torch's."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{'.'.join(parts[:i])}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def correction_mode(value: bool | str | None) -> str | None:
@@ -210,7 +251,7 @@ def rewrite_for(optimizer: torch.optim.Optimizer, group: ParamGroup, mode: str) 
         return rule.correction(group, mode)
     except ValueError as err:
         message = str(err)
-        raise ValueError(message if rule is not MEASURED else f"{type(optimizer).__name__} has {message}") from None
+        raise ValueError(message if rule is not MEASURED else f"{class_path(type(optimizer))} has {message}") from None
 
 
 def cannot_invert(optimizer: torch.optim.Optimizer, mode: str) -> str | None:
@@ -223,7 +264,7 @@ def cannot_invert(optimizer: torch.optim.Optimizer, mode: str) -> str | None:
             reason = rewrite_for(optimizer, group, mode).cannot_invert(group, rule)
             if reason:
                 return (
-                    f"{type(optimizer).__name__} param group {i} has {reason}. Lower lr or weight_decay so that "
+                    f"{class_path(type(optimizer))} param group {i} has {reason}. Lower lr or weight_decay so that "
                     "their product is below 1, or turn the correction off"
                 )
     return None

@@ -34,6 +34,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -60,7 +61,7 @@ from lightning_sphere.groups import (
 )
 from lightning_sphere.kernels import Kernels, scalar, should_compile
 from lightning_sphere.reduce import segment_reduce
-from lightning_sphere.schemes import OptimizerRule, rewrite_for, rule_of, unsupported
+from lightning_sphere.schemes import OptimizerRule, class_path, rewrite_for, rule_of, unsupported, unwrap_optimizer
 
 __all__ = ["HISTOGRAMS", "UNOPTIMIZED", "Measurement", "SphereTracker"]
 
@@ -70,6 +71,8 @@ UNOPTIMIZED = "not stepped by any optimizer"
 #: The :class:`StepProducts` columns only adaptive optimizers define (NaN before their first step).
 _ADAPTIVE = slice(StepProducts._fields.index("pp"), None)
 _PP = StepProducts._fields.index("pp")
+#: The :class:`StepProducts` columns that involve the gradient.
+_GRADIENT = [StepProducts._fields.index(name) for name in ("xg", "gg", "dg")]
 #: The rows of the histogrammed metrics among all metrics' per-group values.
 _HISTOGRAM_ROWS = [list(METRICS).index(name) for name in HISTOGRAMS]
 
@@ -119,13 +122,31 @@ class _Probe:
     rewrites: list[Rewrite] = field(default_factory=list)
     armed: bool = False
     snapshot: dict[Tensor, Tensor] | None = None
-    #: The buffers the snapshots are copied into, kept between logging steps: allocating them afresh
-    #: would cost a page fault per page on CPUs, several times the copy itself.
+    #: The gradients the armed step consumes, once read (:meth:`SphereTracker.gradients_ready`).
+    gradients: _Gradients | None = None
+    #: The buffers the snapshots (weights, and gradients when copied) go into, kept between logging steps:
+    #: allocating them afresh would cost a page fault per page on CPUs, several times the copy itself.
     buffers: list[Tensor] = field(default_factory=list)
+    gradient_buffers: list[Tensor] = field(default_factory=list)
+    warned_gradient: bool = False
+    #: The step in progress has read its gradients (measured, or made SGD's again for the AdamG rewrite).
+    ready: bool = False
 
     @property
     def params(self) -> list[nn.Parameter]:
         return [s.param for s in self.index.slices]
+
+
+@dataclass(frozen=True)
+class _Gradients:
+    """The gradients one measured step consumes, per parameter of its probe (``None``: it had none), read
+    when the update is about to consume them: after the closure (training step, backward, Lightning's
+    unscaling and clipping) and before the update. ``held``: for an optimizer that leaves gradients as it
+    found them, the gradient tensors themselves and their version counters, checked after the step; else
+    ``None``, the values being copies."""
+
+    tensors: list[Tensor | None]
+    held: list[tuple[Tensor, int] | None] | None
 
 
 class SphereTracker:
@@ -150,6 +171,10 @@ class SphereTracker:
             ``None``: the detection's defaults.
         compute_dtype: the 16-bit dtype gradients are computed in under mixed precision, if any.
         warn: how to announce that a correction steps aside (``warnings.warn`` by default).
+        gradient_clipping: ``"value"`` if the gradients are clipped entry by entry before the step
+            (``clip_grad_value_``), which gives a tangent gradient a radial part: a correction stopped by a radial
+            gradient then names it as the cause. Clipping by norm needs nothing here (it keeps the direction; for
+            the AdamG rewrite see :meth:`to_real_gradients`).
 
     Attributes:
         groups: the tracked modules, in the order of the per-group tensors.
@@ -170,13 +195,23 @@ class SphereTracker:
         tolerance: float | None = None,
         compute_dtype: torch.dtype | None = None,
         warn: Callable[[str], None] | None = None,
+        gradient_clipping: str | None = None,
     ) -> None:
+        if gradient_clipping not in (None, "value", "norm"):
+            raise ValueError(f'gradient_clipping must be None, "value" or "norm", got {gradient_clipping!r}')
         self._safeguards = Safeguards(
             tolerance=lambda entry: tolerance_for(entry, tolerance, compute_dtype),
             norms=lambda entry: _running_statistics(model, entry),
             shift=lambda entry: _outside_bias(model, entry),
             warn=warn or (lambda message: warnings.warn(message, stacklevel=2)),
+            radial_cause=(
+                "the gradients are clipped entry by entry (clipping by value), which gives a tangent gradient a "
+                "radial part"
+                if gradient_clipping == "value"
+                else None
+            ),
         )
+        optimizers = [unwrap_optimizer(o) for o in optimizers]
         owner: dict[Tensor, tuple[int, dict[str, Any]]] = {}
         for index, optimizer in enumerate(optimizers):
             for param_group in optimizer.param_groups:
@@ -214,8 +249,9 @@ class SphereTracker:
         self._probes = [self._probe(optimizers[i], modules, correction) for i, modules in stepped.items()]
         self._handles = []
         for probe in self._probes:
-            self._handles.append(probe.optimizer.register_step_pre_hook(lambda *_, p=probe: self._before_step(p)))
+            self._handles.append(probe.optimizer.register_step_pre_hook(partial(self._before_step, probe)))
             self._handles.append(probe.optimizer.register_step_post_hook(lambda *_, p=probe: self._after_step(p)))
+        self._handles += _real_state_dicts(model, self._rewrites)
         self._histograms = False
         self._last_values: Tensor | None = None  # the last collected step's per-group values, if not sent
         self._recorded = False
@@ -269,15 +305,24 @@ class SphereTracker:
     def _rewrites(self) -> list[Rewrite]:
         return [rewrite for probe in self._probes for rewrite in probe.rewrites]
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """The correction's own state, module name → virtual radii (AdamG rewrite); the optimizer's state
-        holds the rest. Save it with your checkpoint when correcting SGD without momentum."""
-        return {name: r for probe in self._probes for rewrite in probe.rewrites for name, r in rewrite.radii().items()}
+    def radii(self) -> dict[str, Tensor]:
+        """The AdamG rewrite's virtual radii, module name → ``(num_groups,)`` (NaN where the stored weights are
+        the real ones). With ``model=``, every ``state_dict()`` of the model holds the real weights r̂ u (it
+        loads and trains as plain SGD's model): save these radii with it, and :meth:`resume` from both to go on
+        with the rewrite as if it had never stopped (without them, a new rewrite starts from the real weights:
+        the same run up to the norm's eps)."""
+        return {name: r for rewrite in self._rewrites for name, r in rewrite.radii().items()}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for probe in self._probes:
-            for rewrite in probe.rewrites:
-                rewrite.load_radii(state)
+    def resume(self, radii: dict[str, Tensor]) -> list[str]:
+        """Go on with the AdamG rewrite from a checkpoint: the model holds the real weights of its state dict,
+        ``radii`` are :meth:`radii` as they were when it was written. Returns the modules resumed."""
+        with torch.no_grad():
+            return [name for rewrite in self._rewrites for name in rewrite.resume(radii)]
+
+    def load_radii(self, radii: dict[str, Tensor]) -> list[str]:
+        """Take over :meth:`radii` from a tracker of the same model closed with ``release=False`` (whose stored
+        weights are still the unit-norm ones). Returns the modules given theirs."""
+        return [name for rewrite in self._rewrites for name in rewrite.load_radii(radii)]
 
     def arm(self, histograms: bool = False) -> None:
         """Measure the next step of each optimizer (and keep the per-group values if ``histograms``).
@@ -285,19 +330,45 @@ class SphereTracker:
         A step that never happens (an AMP step skipped for inf/nan gradients) leaves the optimizer armed.
         """
         for probe in self._probes:
-            probe.armed, probe.snapshot = True, None
+            probe.armed, probe.snapshot, probe.gradients = True, None, None
         self._histograms = histograms
 
     def disarm(self) -> None:
         """Measure nothing until armed again."""
         for probe in self._probes:
-            probe.armed, probe.snapshot = False, None
+            probe.armed, probe.snapshot, probe.gradients = False, None, None
 
     def snapshot(self, optimizer: torch.optim.Optimizer) -> None:
-        """Copy the weights now, as the step pre-hook would: for a step whose pre-hook has already run."""
-        for probe in self._probes:
-            if probe.optimizer is optimizer:
-                self._before_step(probe)
+        """Copy the weights now, as the step pre-hook would: for a step whose pre-hook has already run. Its
+        gradients are read at :meth:`gradients_ready`, which the caller must then call before the update."""
+        for probe in self._probes_of(optimizer):
+            if probe.armed and probe.snapshot is None:
+                self._copy_weights(probe)
+
+    def gradients_ready(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradients of ``optimizer``'s parameters are now the ones its update will consume: measure them (an
+        armed step) and give the AdamG rewrite's modules back the gradients of their stored weights
+        (:meth:`to_real_gradients`). Called by the step pre-hook when the step is given no closure, else after
+        the closure's first call; call it yourself only for a step whose pre-hook ran before this tracker
+        existed. Once per step: later calls do nothing."""
+        for probe in self._probes_of(optimizer):
+            self._gradients_ready(probe)
+
+    def to_real_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Give the modules of the AdamG rewrite the gradients plain SGD has at their real weights, g/r̂ (the
+        stored weights are u = x/r̂, whose gradient is r̂ times that, by invariance), until the next step of
+        ``optimizer`` (every optimizer if ``None``) begins its update, which restores them: call it before
+        anything that must see plain SGD's gradients, gradient clipping above all (a norm taken over the
+        stored gradients is not plain SGD's, and neither is what it clips). Nothing to do for other
+        corrections, or before a module's radius is known."""
+        for probe in self._probes if optimizer is None else self._probes_of(optimizer):
+            if not probe.ready:
+                for rewrite in probe.rewrites:
+                    rewrite.to_real_gradients()
+
+    def _probes_of(self, optimizer: torch.optim.Optimizer) -> list[_Probe]:
+        optimizer = unwrap_optimizer(optimizer)
+        return [probe for probe in self._probes if probe.optimizer is optimizer]
 
     def close(self, release: bool = True) -> None:
         """Remove the optimizer hooks and, with ``release``, give the modules of the AdamG rewrite their real
@@ -316,18 +387,60 @@ class SphereTracker:
             for rewrite in self._rewrites:
                 rewrite.release()
 
-    def _before_step(self, probe: _Probe) -> None:
-        if not probe.armed or probe.snapshot is not None:
-            return
+    def _before_step(
+        self, probe: _Probe, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The step pre-hook: copy x_k when armed; read the gradients now, or, when the step is given a closure
+        that computes them (Lightning's, LBFGS's), right after the closure's first call."""
+        probe.ready = False
+        if not probe.armed and not probe.rewrites:
+            return None  # the hot path of an unarmed, uncorrected step: nothing to do
+        if probe.armed and probe.snapshot is None:
+            self._copy_weights(probe)
+        wrapped = after_closure(args, kwargs, lambda: self._gradients_ready(probe))
+        if wrapped is None:
+            self._gradients_ready(probe)
+        return wrapped
+
+    def _copy_weights(self, probe: _Probe) -> None:
         params = [local(p) for p in probe.params]  # FSDP2: this rank's shard; its rows are measured here
-        if not all(_same_layout(b, p) for b, p in zip(probe.buffers, params, strict=False)) or not probe.buffers:
-            probe.buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        probe.buffers = _buffers_like(probe.buffers, params)
         with torch.no_grad():
             torch._foreach_copy_(probe.buffers, params)
         probe.snapshot = dict(zip(probe.params, probe.buffers, strict=True))
+        probe.gradients = None
+
+    def _gradients_ready(self, probe: _Probe) -> None:
+        if probe.ready:
+            return  # a closure called again (LBFGS): the gradients of x_k were read on its first call
+        probe.ready = True
+        with torch.no_grad():
+            for rewrite in probe.rewrites:
+                rewrite.restore_gradients()
+            if probe.snapshot is not None and probe.gradients is None:
+                probe.gradients = self._read_gradients(probe)
+
+    def _read_gradients(self, probe: _Probe) -> _Gradients:
+        """The gradients as the update will consume them: held in place, for an optimizer known to leave them
+        so, else copied (and divided by the GradScaler's scale when the optimizer unscales them itself)."""
+        grads = [p.grad for p in probe.params]
+        scale = getattr(probe.optimizer, "grad_scale", None)  # set by GradScaler.step for fused optimizers
+        if probe.rule.gradient_intact and scale is None:
+            held = [None if g is None else (g, g._version) for g in grads]
+            return _Gradients([None if g is None else local(g) for g in grads], held)
+        present = [local(g) for g in grads if g is not None]
+        probe.gradient_buffers = _buffers_like(probe.gradient_buffers, present)
+        if present:
+            torch._foreach_copy_(probe.gradient_buffers, present)
+            if scale is not None:
+                torch._foreach_div_(probe.gradient_buffers, scale)
+        copies = iter(probe.gradient_buffers)
+        return _Gradients([None if g is None else next(copies) for g in grads], None)
 
     def _after_step(self, probe: _Probe) -> None:
         snapshot, probe.snapshot = probe.snapshot, None
+        gradients, probe.gradients = probe.gradients, None
+        probe.ready = False
         if snapshot is None and not probe.rewrites:
             return  # the hot path of an unarmed, uncorrected step: nothing to do
         if snapshot is not None:
@@ -336,15 +449,47 @@ class SphereTracker:
         with torch.no_grad():
             steps = [rewrite.rewrite(measured=snapshot is not None) for rewrite in probe.rewrites]
             if snapshot is not None:
-                self._measure(probe, snapshot, [r.view(step) for r, step in zip(probe.rewrites, steps, strict=True)])
+                grads = self._consumed(probe, gradients)
+                views = [r.view(step) for r, step in zip(probe.rewrites, steps, strict=True)]
+                self._measure(probe, snapshot, grads, views)
             for rewrite, step in zip(probe.rewrites, steps, strict=True):
                 rewrite.transport(step)
 
-    def _measure(self, probe: _Probe, snapshot: dict[Tensor, Tensor], views: list[StepView]) -> None:
+    def _consumed(self, probe: _Probe, gradients: _Gradients | None) -> dict[Tensor, Tensor | None]:
+        """Parameter → the gradient its update consumed, ``None`` where there was none to read (or none was
+        read: a closure the optimizer never called), or where a gradient held in place changed in the step."""
+        if gradients is None:
+            return dict.fromkeys(probe.params)
+        tensors = list(gradients.tensors)
+        if gradients.held is not None:
+            for i, (p, held) in enumerate(zip(probe.params, gradients.held, strict=True)):
+                if held is not None and (p.grad is not held[0] or held[0]._version != held[1]):
+                    tensors[i] = None
+                    self._warn_changed(probe)
+        return dict(zip(probe.params, tensors, strict=True))
+
+    def _warn_changed(self, probe: _Probe) -> None:
+        if not probe.warned_gradient:
+            probe.warned_gradient = True
+            self._safeguards.warn(
+                f"lightning_sphere: {class_path(type(probe.optimizer))} changed or dropped p.grad in step(), which "
+                "its registry entry says it leaves as it is (gradient_intact=True): the gradient metrics of that "
+                "step are not logged. Register it with gradient_intact=False (one warning per optimizer)"
+            )
+
+    def _measure(
+        self,
+        probe: _Probe,
+        snapshot: dict[Tensor, Tensor],
+        grads: dict[Tensor, Tensor | None],
+        views: list[StepView],
+    ) -> None:
         """The :class:`GroupStats` of the step just taken, for every group of the probe, into ``_stats``."""
         slices = [(s, group) for m in probe.modules for s, group in zip(m.entry.slices, m.param_groups, strict=True)]
         per_row = [
-            _row_products(self.kernels, s, snapshot[s.param], probe.optimizer, probe.rule, group, *columns)
+            _row_products(
+                self.kernels, s, snapshot[s.param], grads[s.param], probe.optimizer, probe.rule, group, *columns
+            )
             for (s, group), columns in zip(slices, _view_columns(probe, views), strict=True)
         ]
         products = StepProducts(*probe.index.sum_rows(per_row).to(self._stats.dtype).unbind(1))
@@ -428,6 +573,56 @@ class SphereTracker:
         return histograms
 
 
+def after_closure(
+    args: tuple[Any, ...], kwargs: dict[str, Any], then: Callable[[], None]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """For a step pre-hook: the step's ``(args, kwargs)`` with its closure made to call ``then`` after its first
+    call, when the step is given a closure (``args`` starts with the optimizer itself); ``None`` without one."""
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None:
+        return None
+    called = False
+
+    def closure_then(*a: Any, **k: Any) -> Any:
+        nonlocal called
+        result = closure(*a, **k)
+        if not called:
+            called = True
+            then()
+        return result
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then}
+    return (args[0], closure_then, *args[2:]), kwargs
+
+
+def _real_state_dicts(model: nn.Module | None, rewrites: Sequence[Rewrite]) -> list[Any]:
+    """State-dict hooks on the modules that own what a rewrite stores differently from the plain optimizer (the
+    AdamG rewrite's unit-norm weights and the running statistics in their scale), so that every ``state_dict()``
+    of the model or of a module holding them — Lightning's checkpoints, ``torch.save`` — holds the plain
+    optimizer's values: it loads and trains without lightning_sphere as the plain optimizer's model does. The
+    model's own tensors are untouched; ``keep_vars=True`` gets them as they are. Returns the hooks' handles."""
+    owner = {t: rewrite for rewrite in rewrites for t in rewrite.real_tensors()}
+    if model is None or not owner:
+        return []
+    handles = []
+    for module in model.modules():
+        tensors = [*module._parameters.items(), *module._buffers.items()]
+        own = [(n, t) for n, t in tensors if t is not None and t in owner]
+        if not own:
+            continue
+
+        def hook(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any, own: Any = own) -> None:
+            with torch.no_grad():
+                for name, tensor in own:
+                    value = state.get(prefix + name)
+                    if isinstance(value, Tensor) and value is not tensor:
+                        state[prefix + name] = owner[tensor].real_value(tensor, value)
+
+        handles.append(module.register_state_dict_post_hook(hook))
+    return handles
+
+
 def _running_statistics(model: nn.Module | None, entry: InvariantGroups) -> tuple[nn.Module, ...] | None:
     """The normalization of ``entry`` if, in eval mode, it normalizes with running statistics (BatchNorm,
     InstanceNorm with ``track_running_stats``): the module is then not invariant any more. ``None`` when it
@@ -467,6 +662,13 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
 
 
+def _buffers_like(buffers: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
+    """``buffers`` if they match ``tensors`` one for one in layout, else new ones that do."""
+    if len(buffers) == len(tensors) and all(_same_layout(b, t) for b, t in zip(buffers, tensors, strict=True)):
+        return buffers
+    return [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors]
+
+
 def _view_columns(probe: _Probe, views: list[StepView]) -> list[tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Per slice of the probe: AdamS's b and the AdamG rewrite's scales σ_k, σ_{k+1} as ``(C, 1)`` columns,
     ``None`` where the step is read as torch took it. The rewrites cover the probe's modules in order."""
@@ -485,6 +687,7 @@ def _row_products(
     kernels: Kernels,
     s: ParamSlice,
     x0: Tensor,
+    grad: Tensor | None,
     optimizer: torch.optim.Optimizer,
     rule: OptimizerRule,
     param_group: dict[str, Any],
@@ -494,12 +697,33 @@ def _row_products(
 ) -> Tensor:
     """One parameter's :class:`StepProducts` per output channel: ``(C, 12)``.
 
-    ``b`` replaces Adam's element-wise denominator (AdamS's, one per row); ``scale0``, ``scale1`` map the
+    ``grad`` is the gradient the update consumed (``None``: it had none, and the products of the gradient are
+    NaN). ``b`` replaces Adam's element-wise denominator (AdamS's, one per row); ``scale0``, ``scale1`` map the
     stored weights before and after the step to virtual ones (x̃ = σx, so g̃ = g/σ_k by invariance).
     """
     dtype = math_dtype(s.param)
     x, x1 = s.rows(x0).to(dtype), s.rows(s.param.detach()).to(dtype)
-    g = torch.zeros_like(x) if s.param.grad is None else s.rows(s.param.grad.detach()).to(dtype)
+    g = torch.zeros_like(x) if grad is None else s.rows(grad).to(dtype)
+    products = _products(kernels, s, x, x1, g, optimizer, rule, param_group, b, scale0, scale1)
+    if grad is None:
+        products[:, _GRADIENT] = float("nan")
+    return products
+
+
+def _products(
+    kernels: Kernels,
+    s: ParamSlice,
+    x: Tensor,
+    x1: Tensor,
+    g: Tensor,
+    optimizer: torch.optim.Optimizer,
+    rule: OptimizerRule,
+    param_group: dict[str, Any],
+    b: Tensor | None,
+    scale0: Tensor | None,
+    scale1: Tensor | None,
+) -> Tensor:
+    dtype = x.dtype
     one = x.new_ones(())
     s0, s1 = (one if c is None else c.to(dtype) for c in (scale0, scale1))
     lr = param_group.get("lr", 1.0)  # an optimizer without one gets the measured η^e: P is unused

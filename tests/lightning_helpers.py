@@ -92,12 +92,17 @@ def group_rows(layer: torch.nn.Module, bias: bool, tensor_of: Callable[[torch.Te
 
 
 class Capture(pl.Callback):
-    """Per optimizer step (in order): rows of x_k, x_{k+1}, the gradient the update used, and the lr."""
+    """Per optimizer step (in order): rows of x_k, x_{k+1}, the gradient the update used, and the lr.
+
+    The gradient is copied when the update is about to consume it: right after the step's closure (Lightning's
+    training step, backward and clipping; its first call, for LBFGS), or in the step pre-hook for a step given
+    no closure (AMP) — after anything that changes it on the way, before the optimizer may change it."""
 
     def __init__(self, tracked: dict[str, tuple[int, bool]] = TRACKED) -> None:
         self.tracked = tracked
         self.steps: list[dict[str, dict[str, Any]]] = []
         self._before: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, torch.Tensor] | None = None
 
     def _layers(self, pl_module: pl.LightningModule) -> dict[str, tuple[torch.nn.Module, bool]]:
         modules = dict(pl_module.named_modules())
@@ -106,19 +111,39 @@ class Capture(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = self._layers(pl_module)
 
-        def before(optimizer: Any, *args: Any) -> None:
+        def grads() -> None:
+            if self._grads is None:
+                self._grads = {
+                    n: group_rows(m, b, lambda t: t.grad) for n, (m, b) in layers.items() if m.weight.grad is not None
+                }
+
+        def before(optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             self._before = {n: group_rows(m, b, lambda t: t) for n, (m, b) in layers.items()}
+            self._grads = None
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if closure is None:
+                grads()
+                return None
+
+            def closure_then_copy(*a: Any, **k: Any) -> Any:
+                result = closure(*a, **k)
+                grads()
+                return result
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": closure_then_copy}
+            return (args[0], closure_then_copy, *args[2:]), kwargs
 
         def after(optimizer: Any, *args: Any) -> None:
             record = {}
             for name, (module, bias) in layers.items():
                 group = next((g for g in optimizer.param_groups if any(p is module.weight for p in g["params"])), None)
-                if group is None or module.weight.grad is None:  # another optimizer's module, or not used
+                if group is None or name not in (self._grads or {}):  # another optimizer's module, or not used
                     continue
                 record[name] = {
                     "x0": self._before[name],
                     "x1": group_rows(module, bias, lambda t: t),
-                    "grad": group_rows(module, bias, lambda t: t.grad),
+                    "grad": self._grads[name],
                     "lr": group["lr"],
                 }
             self.steps.append(record)

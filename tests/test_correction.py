@@ -333,13 +333,13 @@ def test_sphere_tracker_sgd_rewrite_keeps_plain_sgd_losses_and_restores_its_radi
     torch.testing.assert_close(torch.tensor(losses["srt"]), torch.tensor(losses[None]), rtol=1e-10, atol=0)
     norms = model[0].weight.detach().flatten(1).norm(dim=1)  # the rewrite ran: unit rows, not SGD's norms
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-12, atol=0)
-    # The virtual radii go through state_dict: a fresh tracker given them continues the same run.
-    saved = {name: r.clone() for name, r in tracker.state_dict().items()}
+    # The virtual radii carry over: a fresh tracker given them continues the same run.
+    saved = {name: r.clone() for name, r in tracker.radii().items()}
     assert set(saved) == {"0", "3"} and all(r.isfinite().all() for r in saved.values())
     tracker.close(release=False)  # the run goes on in another tracker
     fresh = SphereTracker(tracker.groups, [optimizer], correction="srt", model=model)
-    fresh.load_state_dict(saved)
-    torch.testing.assert_close(fresh.state_dict(), saved, rtol=0, atol=0)
+    fresh.load_radii(saved)
+    torch.testing.assert_close(fresh.radii(), saved, rtol=0, atol=0)
     fresh.close()  # releases: the model is plain SGD's
     for a, b in zip(model.state_dict().values(), models[None].state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)  # 100 steps of round-off

@@ -73,7 +73,8 @@ class LastRadii(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         monitor = next(c for c in trainer.callbacks if isinstance(c, SphereMonitor))
-        self.radii = {name: r.clone() for name, r in monitor.state_dict()["radii"].items()}
+        tracker = monitor._tracker  # introspection, for tests
+        self.radii = {} if tracker is None else {name: r.clone() for name, r in tracker.radii().items()}
 
 
 def strategy_of(name: str) -> Any:
@@ -251,8 +252,9 @@ def test_fsdp2_transformer_block_measures_and_corrects_as_one_process_does(tmp_p
 
 @pytest.mark.slow
 def test_fsdp2_resumes_from_a_distributed_checkpoint_as_if_never_stopped(tmp_path):
-    """The AdamG rewrite's virtual radii go into the checkpoint (replicated: rank zero writes them) and come
-    back on every rank: the resumed run logs and ends as the uninterrupted one."""
+    """The checkpoint holds the real weights r̂ u (what loads and trains as plain SGD's model), and the monitor's
+    state the virtual radii (replicated: rank zero writes them): every rank stores u again from both, and the
+    resumed run logs and ends as the uninterrupted one, up to the float32 round-off of r̂ u / r̂."""
     ranks = on_two_ranks(_fits, tmp_path, [("fsdp2", "conv", "plain", {"spherical_correction": True}, "ckpt")])
     for (result,) in ranks:
         assert "error" not in result, result
@@ -261,11 +263,17 @@ def test_fsdp2_resumes_from_a_distributed_checkpoint_as_if_never_stopped(tmp_pat
         if result is ranks[0][0]:
             assert sorted(resumed["history"]) == [3, 5]
             for step in (3, 5):
-                assert_same_records_at(resumed["history"], result["history"], step)
+                # u → r̂ u → u costs two float32 roundings of every weight (1e-7 of it): the step's metrics keep
+                # 1e-8 of themselves, except what is round-off to begin with (|cos(g, x)| ~ 1e-5 on an invariant
+                # layer) and differences of nearly equal terms (the radial update, −ηλ plus 1e-8).
+                assert_same_records_at(resumed["history"], result["history"], step, abs_tol=1e-7)
         assert_same_weights(resumed["weights"], result["weights"])
 
 
-def assert_same_records_at(got: dict[int, dict[str, float]], expected: dict[int, dict[str, float]], step: int) -> None:
+def assert_same_records_at(
+    got: dict[int, dict[str, float]], expected: dict[int, dict[str, float]], step: int, abs_tol: float = 1e-9
+) -> None:
     assert sorted(got[step]) == sorted(expected[step])
     for key, value in expected[step].items():
-        assert math.isclose(got[step][key], value, rel_tol=1e-6, abs_tol=1e-9), (key, got[step][key], value)
+        tolerance = max(abs_tol, 1e-6) if key.startswith("sphere/grad_cos/") else abs_tol
+        assert math.isclose(got[step][key], value, rel_tol=1e-6, abs_tol=tolerance), (key, got[step][key], value)
