@@ -221,15 +221,20 @@ def sphere_metrics(st: GroupStats) -> dict[str, Tensor]:
 
     A group whose ``x_k`` or ``x_{k+1}`` is zero or whose products are not finite gets NaN in every
     metric; see :func:`valid_groups`. Where a denominator vanishes (a zero gradient, an update with no
-    tangential part) only the metrics that divide by it are NaN.
+    tangential part) only the metrics that divide by it are NaN. A group that had no gradient on the step
+    (``gg`` NaN: there was none to read) is NaN in the metrics that need one (:attr:`Metric.needs_gradient`).
 
     Returns:
         metric name → per-group values ``(M,)``, in the order of :data:`METRICS`.
     """
     sphere = sphere_of(st)
     valid = valid_groups(st)
+    with_gradient = valid & ~st.gg.isnan()
     nan = torch.full_like(sphere.r0, float("nan"))
-    return {name: torch.where(valid, metric.formula(st, sphere), nan) for name, metric in METRICS.items()}
+    return {
+        name: torch.where(with_gradient if metric.needs_gradient else valid, metric.formula(st, sphere), nan)
+        for name, metric in METRICS.items()
+    }
 
 
 def valid_groups(st: GroupStats) -> Tensor:

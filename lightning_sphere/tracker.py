@@ -31,6 +31,7 @@ Plain PyTorch use (the README's loop, with a logging step every 50):
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -392,9 +393,11 @@ class SphereTracker:
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The step pre-hook: copy x_k when armed; read the gradients now, or, when the step is given a closure
         that computes them (Lightning's, LBFGS's), right after the closure's first call."""
-        probe.ready = False
         if not probe.armed and not probe.rewrites:
             return None  # the hot path of an unarmed, uncorrected step: nothing to do
+        if _nested(optimizer):
+            return None  # a subclass's step() calling its base class's: both fire the hooks; the outer one acts
+        probe.ready = False
         if probe.armed and probe.snapshot is None:
             self._copy_weights(probe)
         wrapped = after_closure(args, kwargs, lambda: self._gradients_ready(probe))
@@ -438,11 +441,13 @@ class SphereTracker:
         return _Gradients([None if g is None else next(copies) for g in grads], None)
 
     def _after_step(self, probe: _Probe) -> None:
+        if probe.snapshot is None and not probe.rewrites:
+            return  # the hot path of an unarmed, uncorrected step: nothing to do
+        if _nested(probe.optimizer):
+            return  # the end of a base class's step inside a subclass's: the step is not over
         snapshot, probe.snapshot = probe.snapshot, None
         gradients, probe.gradients = probe.gradients, None
         probe.ready = False
-        if snapshot is None and not probe.rewrites:
-            return  # the hot path of an unarmed, uncorrected step: nothing to do
         if snapshot is not None:
             probe.armed = False
             self._recorded = True
@@ -571,6 +576,25 @@ class SphereTracker:
                 if values.numel():
                     histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
         return histograms
+
+
+#: The code of torch's hooked ``Optimizer.step`` (``Optimizer.profile_hook_step``), whose frames tell how many
+#: steps of an optimizer are under way.
+_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+
+
+def _nested(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the hooks firing now are those of a step inside another step of ``optimizer``: a subclass whose
+    ``step()`` calls its base class's, both hooked by torch (the base class's once any of its instances
+    exists). Read off the call stack, so that a step that raised leaves nothing behind."""
+    count, frame = 0, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _HOOKED_STEP and frame.f_locals.get("self") is optimizer:
+            count += 1
+            if count > 1:
+                return True
+        frame = frame.f_back
+    return False
 
 
 def after_closure(

@@ -341,6 +341,38 @@ def test_invariance_lost_later_is_announced_once_and_marked(tmp_path, model, los
         assert cos[0] < 1e-3 and cos[1] > 0.71
 
 
+class EvalForAWhile(Net):
+    """net.5 (net.3's BatchNorm) normalizes with running statistics on steps 2 and 3 only."""
+
+    def training_step(self, batch, batch_idx):
+        self.net[5].train(not 2 <= self.global_step <= 3)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_reason_that_held_for_a_while_says_when(tmp_path, caplog):
+    """Before: after its BatchNorm was back in training mode the end-of-fit summary still said net.3 "is in eval
+    mode". Now the summary gives the steps it was, which the test knows from its own schedule."""
+    monitor = SphereMonitor(log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="not radially invariant any more") as record, caplog.at_level(logging.INFO):
+        fit(EvalForAWhile(), tmp_path, [monitor], max_steps=6)
+    lost = [str(w.message) for w in record if "not radially invariant any more" in str(w.message)]
+    assert lost == [
+        "SphereMonitor: net.3 is not radially invariant any more: net.5 (BatchNorm2d) is in eval mode since step 2: "
+        "it normalizes with running statistics. It is still measured, but its metrics no longer describe a step on "
+        "the sphere."
+    ]
+    assert (
+        "SphereMonitor: net.3 is radially invariant again: net.5 (BatchNorm2d) is back in training mode (it was "
+        "in eval mode on steps 2–3, normalizing with running statistics)" in caplog.text
+    )
+    summary = monitor.summary()
+    assert "is in eval mode" not in summary and "invariance lost (still" not in summary
+    assert (
+        "invariance lost for a while (measured off the sphere then):\n  net.3: net.5 (BatchNorm2d) was in eval "
+        "mode on steps 2–3" in summary
+    )
+
+
 class Checkpointed(nn.Module):
     """A stem, then a block (conv → BN → ReLU) under torch.utils.checkpoint, then a head."""
 
