@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 
 from lightning_sphere.distributed import unsharded_aliases
 from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.names import named_modules, named_parameters
 
 LAYERS = (_ConvNd, nn.Linear)
 CHANNEL_NORMS = (_BatchNorm, _InstanceNorm)
@@ -149,7 +150,7 @@ class DataflowRecorder:
         self._norms_hooked = False
 
     def __enter__(self) -> DataflowRecorder:
-        for name, module in self.model.named_modules():
+        for name, module in named_modules(self.model):
             if isinstance(module, LAYERS) and (self.layers is None or module in self.layers):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
@@ -163,7 +164,7 @@ class DataflowRecorder:
     def _hook_norms(self) -> None:
         """Hook every module but the layers: what computes a normalization is named after it."""
         self._norms_hooked = True
-        for name, module in self.model.named_modules():
+        for name, module in named_modules(self.model):
             if not isinstance(module, LAYERS):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
 
@@ -237,7 +238,7 @@ def find_candidates(
             layer_calls[call.module].append(call)
         elif not call.module.weight.requires_grad:
             found.rejected[call.name] = "weight is frozen"
-    param_names = {p: n for n, p in model.named_parameters()}
+    param_names = {p: n for n, p in named_parameters(model)}
     namer = _NormNamer(calls)
     for module, module_calls in layer_calls.items():
         name = module_calls[0].name

@@ -8,6 +8,8 @@ extra cost; :func:`find_invariant_groups` feeds it an example input, for plain P
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +32,7 @@ from lightning_sphere.groups import (
     verify,
 )
 from lightning_sphere.layouts import mapped_groups, numeric_candidates, weight_norm_groups
+from lightning_sphere.names import get_submodule, named_modules
 from lightning_sphere.tracker import UNOPTIMIZED
 
 #: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
@@ -47,7 +50,8 @@ class GroupFinder:
     Every *watched* module (each Conv, ConvTranspose and Linear layer, each weight-normalized tensor, each
     candidate of ``"numeric"`` or of a mapping) is at any time accepted, pending (a structural candidate
     waiting for a gradient to verify it), rejected for good (with the reason), or not seen yet; the last two
-    kinds are listed with a true reason by :meth:`untracked`.
+    kinds are listed with a true reason by :meth:`untracked`. Names are those the user wrote, through
+    ``torch.compile`` and Fabric wrappers (:mod:`lightning_sphere.names`).
 
     Args:
         model: the model whose groups to find.
@@ -113,11 +117,11 @@ class GroupFinder:
         #: Module name → the parameters whose trainability decides whether it can be examined.
         self.watched: dict[str, tuple[nn.Parameter, ...]] = {g.module_name: g.params for g in self.pending}
         if self.auto:
-            for name, module in model.named_modules():
+            for name, module in named_modules(model):
                 layer = isinstance(module, LAYERS) and module not in self._weight_normed
                 if layer and isinstance(module.weight, nn.Parameter):
                     self.watched.setdefault(name, (module.weight,))
-        self._layers = {name: m for name, m in model.named_modules() if name in self.watched}
+        self._layers = {name: m for name, m in named_modules(model) if name in self.watched}
 
     @property
     def done(self) -> bool:
@@ -325,7 +329,7 @@ class GroupFinder:
 
     def _norm(self, entry: InvariantGroups) -> nn.Module | None:
         try:
-            return self.model.get_submodule(entry.norm_name) if entry.norm_name else None
+            return get_submodule(self.model, entry.norm_name) if entry.norm_name else None
         except AttributeError:
             return None
 
@@ -405,7 +409,9 @@ def find_invariant_groups(
     running statistics), train/eval modes and the global random state. Layers under
     ``torch.utils.checkpoint`` are found in both of its modes (with ``use_reentrant=True``, from the forward
     it recomputes during the backward pass). The layers left out are in ``rejected``, with the reason: also
-    those not called on ``example_input`` (``"not called yet"``) and frozen ones.
+    those not called on ``example_input`` (``"not called yet"``) and frozen ones. A ``torch.compile``'d model
+    (or submodule) runs this pass eagerly (``torch.compiler.set_stance("force_eager")``) and is named as the
+    uncompiled one.
 
     ``groups`` chooses the candidates (see :class:`GroupFinder`). Candidates whose gradient is not
     orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``/√d) are dropped with a warning.
@@ -447,13 +453,17 @@ def find_invariant_groups(
 
         return hook
 
-    hooks += [m.register_forward_hook(keep(name)) for name, m in model.named_modules() if isinstance(m, LAYERS)]
+    hooks += [m.register_forward_hook(keep(name)) for name, m in named_modules(model) if isinstance(m, LAYERS)]
     modes = {module: module.training for module in model.modules()}
     buffers = {buffer: buffer.clone() for buffer in model.buffers()}
     grads = {p: p.grad for p in model.parameters()}
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    # Compiled code would skip the recording hooks: this one pass runs eagerly, as the monitor's recorded step
+    # does (the compiled graphs are untouched). Without torch._dynamo imported, nothing compiled can run.
+    compiled = "torch._dynamo" in sys.modules
+    eager = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager:
             model.train()
             if finder.auto:
                 finder.start()

@@ -19,6 +19,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_sphere.groups import GRADIENT_TEST, InvariantGroups, ParamSlice
+from lightning_sphere.names import named_modules, named_parameters
 
 #: Granularities a mapping may ask for, besides a number of channels per group.
 GRANULARITIES = ("channel", "layer")
@@ -29,9 +30,9 @@ def weight_norm_groups(model: nn.Module, trainable_only: bool = True) -> list[In
 
     Covers ``torch.nn.utils.parametrizations.weight_norm`` and the older ``torch.nn.utils.weight_norm``.
     """
-    names = {p: n for n, p in model.named_parameters()}
+    names = {p: n for n, p in named_parameters(model)}
     found = []
-    for module_name, module in model.named_modules():
+    for module_name, module in named_modules(model):
         directions = []
         if parametrize.is_parametrized(module):
             for tensor_name, chain in module.parametrizations.items():
@@ -62,7 +63,7 @@ def numeric_candidates(model: nn.Module, trainable_only: bool = True) -> list[tu
     """For every trainable parameter of two or more dimensions (every one, unless ``trainable_only``): (one group
     per row of dim 0, one whole group)."""
     pairs = []
-    for name, p in model.named_parameters():
+    for name, p in named_parameters(model):
         if (p.requires_grad or not trainable_only) and p.dim() >= 2:
             entry = name.removesuffix(".weight")
             per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", GRADIENT_TEST, "channel")
@@ -80,8 +81,8 @@ def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[In
     Raises:
         ValueError: for an unknown name (listing the valid ones) or a granularity the tensor cannot take.
     """
-    modules = {name: m for name, m in model.named_modules() if name}
-    params = dict(model.named_parameters())
+    modules = {name: m for name, m in named_modules(model) if name}
+    params = dict(named_parameters(model))
     groups = []
     for key, granularity in mapping.items():
         if key in params:
