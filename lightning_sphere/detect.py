@@ -32,7 +32,7 @@ from lightning_sphere.groups import (
     verify,
 )
 from lightning_sphere.layouts import mapped_groups, numeric_candidates, weight_norm_groups
-from lightning_sphere.names import get_submodule, named_modules
+from lightning_sphere.names import get_submodule, model_order, named_modules, position
 from lightning_sphere.tracker import UNOPTIMIZED
 
 #: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
@@ -50,8 +50,9 @@ class GroupFinder:
     Every *watched* module (each Conv, ConvTranspose and Linear layer, each weight-normalized tensor, each
     candidate of ``"numeric"`` or of a mapping) is at any time accepted, pending (a structural candidate
     waiting for a gradient to verify it), rejected for good (with the reason), or not seen yet; the last two
-    kinds are listed with a true reason by :meth:`untracked`. Names are those the user wrote, through
-    ``torch.compile`` and Fabric wrappers (:mod:`lightning_sphere.names`).
+    kinds are listed with a true reason by :meth:`untracked`. :attr:`accepted` and :meth:`untracked` are in
+    model order (``named_modules()``), whatever order the layers were found in; names are those the user
+    wrote, through ``torch.compile`` and Fabric wrappers (:mod:`lightning_sphere.names`).
 
     Args:
         model: the model whose groups to find.
@@ -245,7 +246,7 @@ class GroupFinder:
         out: dict[str, str] = {}
         accepted = {g.module_name: g.params for g in self.accepted}
         pending = {g.module_name: g.params for g in self.pending}
-        for name in dict.fromkeys([*self.watched, *self.rejected, *pending, *accepted]):
+        for name in self._in_model_order(dict.fromkeys([*self.watched, *self.rejected, *pending, *accepted])):
             if name in tracked:
                 continue
             params = accepted.get(name) or pending.get(name) or self.watched.get(name, ())
@@ -264,6 +265,14 @@ class GroupFinder:
             else:
                 out[name] = "not called yet"
         return out
+
+    def _in_model_order(self, names: Collection[str]) -> list[str]:
+        order = model_order(self.model)
+        return sorted(names, key=lambda name: position(order, name))
+
+    def _sort_accepted(self) -> None:
+        order = model_order(self.model)
+        self.accepted.sort(key=lambda entry: position(order, entry.module_name))
 
     def verify(
         self, grads: Mapping[nn.Parameter, Tensor], entries: Sequence[InvariantGroups] | None = None
@@ -287,6 +296,7 @@ class GroupFinder:
             retried = {entry.module_name for entry in retry}
             rejected = [e for e in rejected if e.module_name not in retried] + rejected_again
         self.accepted += accepted
+        self._sort_accepted()
         self.verdicts |= {verdict_key(e): e.cosine for e in accepted}
         for entry in rejected:
             self.rejected[entry.module_name] = self.verdicts[verdict_key(entry)] = self._why(entry)
@@ -350,6 +360,7 @@ class GroupFinder:
             self.verdicts[verdict_key(entry)] = verdict
             self._fallback.pop(entry.module_name, None)
         self.pending = keep
+        self._sort_accepted()
 
     def reject(self, entries: Sequence[InvariantGroups], why: str) -> None:
         """Reject pending candidates without a verdict from their gradient, with the reason ``why``."""
@@ -391,7 +402,7 @@ class _Root:
 
 class FoundGroups(list):
     """The verified groups, one :class:`InvariantGroups` per module, and ``rejected``: module name → why
-    it is not tracked."""
+    it is not tracked; both in model order (``named_modules()``)."""
 
     def __init__(self, groups: Sequence[InvariantGroups], rejected: Mapping[str, str]) -> None:
         super().__init__(groups)

@@ -81,3 +81,17 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
             raise AttributeError(f"{type(module).__name__} has no submodule `{atom}` (looking up `{name}`)")
         module = unwrap(child)
     return module
+
+
+def model_order(model: nn.Module) -> dict[str, int]:
+    """Module name → its position in :func:`named_modules`: the order groups and summaries are listed in."""
+    return {name: i for i, (name, _) in enumerate(named_modules(model))}
+
+
+def position(order: dict[str, int], name: str) -> tuple[int, str]:
+    """Where ``name`` sorts in model order: a module's own position; a name below a module (a parameter
+    ``net.0.weight``, a tensor ``net.0.weight_v``) sorts right after that module; an unknown name last."""
+    probe = name
+    while probe not in order and "." in probe:
+        probe = probe.rsplit(".", 1)[0]
+    return (order.get(probe, len(order)), name)
