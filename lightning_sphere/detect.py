@@ -104,9 +104,10 @@ class GroupFinder:
             self.pending = weight_norm_groups(model, trainable_only=False)
             self.analyzed = False
         elif groups == "numeric":
-            pairs = numeric_candidates(model, trainable_only=False)
+            pairs, shared = numeric_candidates(model, trainable_only=False)
             self.pending = [per_channel for per_channel, _ in pairs]
             self._fallback = {whole.module_name: whole for _, whole in pairs}
+            self.rejected.update(shared)  # the second owner of a tied weight: the test is its first owner's
             self.analyzed = True
         elif isinstance(groups, Mapping):
             self.pending = mapped_groups(model, groups)

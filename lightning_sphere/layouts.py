@@ -59,17 +59,26 @@ def weight_norm_groups(model: nn.Module, trainable_only: bool = True) -> list[In
     return found
 
 
-def numeric_candidates(model: nn.Module, trainable_only: bool = True) -> list[tuple[InvariantGroups, InvariantGroups]]:
+def numeric_candidates(
+    model: nn.Module, trainable_only: bool = True
+) -> tuple[list[tuple[InvariantGroups, InvariantGroups]], dict[str, str]]:
     """For every trainable parameter of two or more dimensions (every one, unless ``trainable_only``): (one group
-    per row of dim 0, one whole group)."""
-    pairs = []
-    for name, p in named_parameters(model):
-        if (p.requires_grad or not trainable_only) and p.dim() >= 2:
-            entry = name.removesuffix(".weight")
-            per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", GRADIENT_TEST, "channel")
-            whole = InvariantGroups(entry, (ParamSlice(name, p, ()),), 1, "", GRADIENT_TEST, "layer")
-            pairs.append((per_row, whole))
-    return pairs
+    per row of dim 0, one whole group); and the other owners of a parameter shared by several modules (tied
+    weights), module → why: the parameter is tested once, under its first owner."""
+    pairs, shared, first = [], {}, {}
+    for name, p in named_parameters(model, remove_duplicate=False):
+        if not ((p.requires_grad or not trainable_only) and p.dim() >= 2):
+            continue
+        entry = name.removesuffix(".weight")
+        if p in first:
+            owner, tensor = first[p]
+            shared[entry] = f"weight shared with {owner} (`{name}` is `{tensor}`), tested there"
+            continue
+        first[p] = (entry, name)
+        per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", GRADIENT_TEST, "channel")
+        whole = InvariantGroups(entry, (ParamSlice(name, p, ()),), 1, "", GRADIENT_TEST, "layer")
+        pairs.append((per_row, whole))
+    return pairs, shared
 
 
 def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[InvariantGroups]:
@@ -82,7 +91,7 @@ def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[In
         ValueError: for an unknown name (listing the valid ones) or a granularity the tensor cannot take.
     """
     modules = {name: m for name, m in named_modules(model) if name}
-    params = dict(named_parameters(model))
+    params = dict(named_parameters(model, remove_duplicate=False))
     groups = []
     for key, granularity in mapping.items():
         if key in params:
