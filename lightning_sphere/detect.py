@@ -33,6 +33,7 @@ from lightning_sphere.groups import (
 )
 from lightning_sphere.layouts import mapped_groups, numeric_candidates, weight_norm_groups
 from lightning_sphere.names import get_submodule, model_order, named_modules, position
+from lightning_sphere.parametrized import stored_weight
 from lightning_sphere.tracker import UNOPTIMIZED
 
 #: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
@@ -50,9 +51,11 @@ class GroupFinder:
     Every *watched* module (each Conv, ConvTranspose and Linear layer, each weight-normalized tensor, each
     candidate of ``"numeric"`` or of a mapping) is at any time accepted, pending (a structural candidate
     waiting for a gradient to verify it), rejected for good (with the reason), or not seen yet; the last two
-    kinds are listed with a true reason by :meth:`untracked`. :attr:`accepted` and :meth:`untracked` are in
-    model order (``named_modules()``), whatever order the layers were found in; names are those the user
-    wrote, through ``torch.compile`` and Fabric wrappers (:mod:`lightning_sphere.names`).
+    kinds are listed with a true reason by :meth:`untracked`. A layer whose weight is computed (a
+    parametrization, pruning) is watched through the tensor the optimizer steps; no weight is ever computed
+    here. :attr:`accepted` and :meth:`untracked` are in model order (``named_modules()``), whatever order the
+    layers were found in; names are those the user wrote, through ``torch.compile`` and Fabric wrappers
+    (:mod:`lightning_sphere.names`).
 
     Args:
         model: the model whose groups to find.
@@ -120,9 +123,9 @@ class GroupFinder:
         self.watched: dict[str, tuple[nn.Parameter, ...]] = {g.module_name: g.params for g in self.pending}
         if self.auto:
             for name, module in named_modules(model):
-                layer = isinstance(module, LAYERS) and module not in self._weight_normed
-                if layer and isinstance(module.weight, nn.Parameter):
-                    self.watched.setdefault(name, (module.weight,))
+                stored = stored_weight(module) if isinstance(module, LAYERS) else None
+                if stored is not None and module not in self._weight_normed:
+                    self.watched.setdefault(name, stored.params)
         self._layers = {name: m for name, m in named_modules(model) if name in self.watched}
 
     @property
@@ -423,7 +426,8 @@ def find_invariant_groups(
     it recomputes during the backward pass). The layers left out are in ``rejected``, with the reason: also
     those not called on ``example_input`` (``"not called yet"``) and frozen ones. A ``torch.compile``'d model
     (or submodule) runs this pass eagerly (``torch.compiler.set_stance("force_eager")``) and is named as the
-    uncompiled one.
+    uncompiled one. A parametrized or pruned layer is read without computing its weight outside the forward
+    pass (spectral normalization's ``_u``/``_v`` buffers are restored with the others).
 
     ``groups`` chooses the candidates (see :class:`GroupFinder`). Candidates whose gradient is not
     orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``/√d) are dropped with a warning.

@@ -20,6 +20,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_sphere.groups import GRADIENT_TEST, InvariantGroups, ParamSlice
 from lightning_sphere.names import named_modules, named_parameters
+from lightning_sphere.parametrized import stored_weight
 
 #: Granularities a mapping may ask for, besides a number of channels per group.
 GRANULARITIES = ("channel", "layer")
@@ -63,13 +64,19 @@ def numeric_candidates(
     model: nn.Module, trainable_only: bool = True
 ) -> tuple[list[tuple[InvariantGroups, InvariantGroups]], dict[str, str]]:
     """For every trainable parameter of two or more dimensions (every one, unless ``trainable_only``): (one group
-    per row of dim 0, one whole group); and the other owners of a parameter shared by several modules (tied
-    weights), module → why: the parameter is tested once, under its first owner."""
+    per row of dim 0, one whole group), named after its module (the layer whose computed weight a
+    parametrization's ``original`` or pruning's ``weight_orig`` is); and the other owners of a parameter shared
+    by several modules (tied weights), module → why: the parameter is tested once, under its first owner."""
+    computed_from = {}  # a stored tensor something computes a layer's weight from → that layer
+    for module_name, module in named_modules(model):
+        stored = stored_weight(module)
+        if stored is not None and stored.computed_by is not None and len(stored.params) == 1:
+            computed_from[stored.params[0]] = module_name
     pairs, shared, first = [], {}, {}
     for name, p in named_parameters(model, remove_duplicate=False):
         if not ((p.requires_grad or not trainable_only) and p.dim() >= 2):
             continue
-        entry = name.removesuffix(".weight")
+        entry = computed_from.get(p) or name.removesuffix(".weight")
         if p in first:
             owner, tensor = first[p]
             shared[entry] = f"weight shared with {owner} (`{name}` is `{tensor}`), tested there"
@@ -114,13 +121,23 @@ def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[In
 
 
 def _module_slices(name: str, module: nn.Module) -> tuple[ParamSlice, ...]:
+    """The module's own trainable parameters; for a weight something computes (a parametrization, pruning), the
+    tensor it is computed from, which the optimizer steps."""
     own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    weight = "weight"
+    stored = stored_weight(module)
+    if stored is not None and stored.computed_by is not None and len(stored.params) == 1:
+        original = stored.params[0]
+        weight = next(n for n, p in module.named_parameters() if p is original)
+        own = [(n, p) for n, p in own if p is not original]
+        if original.requires_grad:
+            own.insert(0, (weight, original))
     if not own:
         raise ValueError(f"module {name!r} has no trainable parameters of its own; name a parameter instead")
     slices = []
     for param_name, p in own:
         qualified = f"{name}.{param_name}"
-        if isinstance(module, _ConvTransposeNd) and param_name == "weight":
+        if isinstance(module, _ConvTransposeNd) and param_name == weight:
             split = module.groups
             slices.append(ParamSlice(qualified, p, (0, 2) if split > 1 else (1,), split))
         else:
