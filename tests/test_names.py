@@ -55,7 +55,16 @@ def described(groups):
     return [(g.module_name, [s.name for s in g.slices], g.num_groups, g.norm_name) for g in groups]
 
 
-@pytest.mark.parametrize("wrap", [compiled, compiled_inside, fabric], ids=["compiled", "compiled inside", "fabric"])
+def through_autograd(module):
+    """Compiled with AOTAutograd, as the default backend does: its graph is one CompiledFunction node."""
+    return torch.compile(module, backend="aot_eager")
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [compiled, through_autograd, compiled_inside, fabric],
+    ids=["compiled", "compiled through AOTAutograd", "compiled inside", "fabric"],
+)
 def test_the_plain_api_sees_through_wrappers(wrap):
     """Before: find_invariant_groups(torch.compile(net), x) found nothing ("output reaches
     CompiledFunctionBackward before any normalization"); Fabric's names began with ``_forward_module.``."""
