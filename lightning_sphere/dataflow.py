@@ -23,7 +23,7 @@ import heapq
 import math
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -37,6 +37,8 @@ from torch.nn.utils import parametrize
 
 from lightning_sphere.distributed import unsharded_aliases
 from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.names import named_modules, named_parameters
+from lightning_sphere.parametrized import Stored, computed_node, read_scaling, stored_weight
 
 LAYERS = (_ConvNd, nn.Linear)
 CHANNEL_NORMS = (_BatchNorm, _InstanceNorm)
@@ -115,6 +117,9 @@ class _Call:
     output: Node | None
     training: bool
     shape: tuple[int, ...] = ()
+    #: the node (and output number) of the weight this call consumed, when something computed it from the
+    #: stored tensor (a parametrization, a pruning or spectral-norm pre-hook); ``None`` for a plain parameter
+    weight: tuple[Node, int] | None = None
     _interior: set[Node] | None = None
 
     def interior(self) -> set[Node]:
@@ -138,7 +143,9 @@ class DataflowRecorder:
 
     ``layers``: only these layers, e.g. those not analyzed yet; default all. The other modules are hooked
     once one of them has been called (only what follows a layer can normalize it): until then, a forward
-    pass that calls none of them runs no recording code at all.
+    pass that calls none of them runs no recording code at all. A layer whose weight a parametrization
+    computes also has that parametrization hooked, to note the node of the weight it returns: the weight is
+    never read here (reading it would run the parametrization again).
     """
 
     def __init__(self, model: nn.Module, layers: Collection[nn.Module] | None = None) -> None:
@@ -147,11 +154,15 @@ class DataflowRecorder:
         self.calls: list[_Call] = []
         self._handles: list[Any] = []
         self._norms_hooked = False
+        self._computed: dict[nn.Module, tuple[Node, int]] = {}  # layer → its parametrized weight's node
 
     def __enter__(self) -> DataflowRecorder:
-        for name, module in self.model.named_modules():
+        for name, module in named_modules(self.model):
             if isinstance(module, LAYERS) and (self.layers is None or module in self.layers):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
+                if parametrize.is_parametrized(module, "weight"):
+                    chain = module.parametrizations["weight"]
+                    self._handles.append(chain.register_forward_hook(self._computed_hook(module)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -163,7 +174,7 @@ class DataflowRecorder:
     def _hook_norms(self) -> None:
         """Hook every module but the layers: what computes a normalization is named after it."""
         self._norms_hooked = True
-        for name, module in self.model.named_modules():
+        for name, module in named_modules(self.model):
             if not isinstance(module, LAYERS):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
 
@@ -172,9 +183,20 @@ class DataflowRecorder:
             first = args[0] if args and isinstance(args[0], Tensor) else None
             if isinstance(output, Tensor):
                 grad_fn = first.grad_fn if first is not None else None
-                self.calls.append(_Call(name, module, grad_fn, output.grad_fn, module.training, tuple(output.shape)))
+                weight = None
+                if isinstance(module, LAYERS):  # the node of a computed weight, noted by a hook, else none
+                    weight = self._computed.pop(module, None) or computed_node(module)
+                call = _Call(name, module, grad_fn, output.grad_fn, module.training, tuple(output.shape), weight)
+                self.calls.append(call)
                 if not self._norms_hooked and self._handles:
                     self._hook_norms()
+
+        return record
+
+    def _computed_hook(self, layer: nn.Module) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def record(chain: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor) and output.grad_fn is not None:
+                self._computed[layer] = (output.grad_fn, output.output_nr)
 
         return record
 
@@ -231,13 +253,18 @@ def find_candidates(
     for call in calls:
         if not isinstance(call.module, LAYERS) or call.module in exclude:
             continue
-        if parametrize.is_parametrized(call.module, "weight") or not isinstance(call.module.weight, nn.Parameter):
-            found.rejected[call.name] = "weight is computed by a parametrization other than weight_norm"
+        stored = stored_weight(call.module)
+        if stored is None:
+            found.rejected[call.name] = "weight is not a parameter: no optimizer steps it"
+        elif len(stored.params) > 1:
+            found.rejected[call.name] = (
+                f"weight computed by {stored.computed_by} from {len(stored.params)} tensors, which is not followed"
+            )
         elif call.output is not None and call.output in graph.nodes:
             layer_calls[call.module].append(call)
-        elif not call.module.weight.requires_grad:
+        elif not stored.params[0].requires_grad:
             found.rejected[call.name] = "weight is frozen"
-    param_names = {p: n for n, p in model.named_parameters()}
+    param_names = {p: n for n, p in named_parameters(model)}
     namer = _NormNamer(calls)
     for module, module_calls in layer_calls.items():
         name = module_calls[0].name
@@ -339,13 +366,96 @@ def _layer_groups(
     namer: _NormNamer,
     names: dict[Tensor, str],
 ) -> InvariantGroups | str:
-    """The groups of one layer, or why it has none."""
+    """The groups of one layer, or why it has none.
+
+    The groups hold the tensor the optimizer steps. When something computes the weight from it (a
+    parametrization, pruning, the older spectral norm: :mod:`lightning_sphere.parametrized`, docs/theory.md
+    §1.1), the groups the layer's output decides hold for the stored tensor if scaling its output channels
+    scales the computed weight's by positive factors up to one common to all (a mask, spectral normalization),
+    and, where the bias joins the groups, exactly as the bias scales (a mask). Else a normalization per
+    channel inside the parametrization makes each channel invariant, or a computed weight that ignores the
+    stored tensor's scale (spectral normalization) makes the whole tensor one group, whatever follows.
+    """
+    stored = stored_weight(layer)
+    assert stored is not None and len(stored.params) == 1  # find_candidates keeps only such layers
+    weight = stored.params[0]
     transposed = isinstance(layer, _ConvTransposeNd)
     channels = layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
-    bias = getattr(layer, "bias", None)
-    weight = layer.weight
-    # Weight standardization: the weight is normalized per output channel before the layer uses it.
-    standardized = _standardized(layer, calls, graph, channels, transposed)
+    if stored.computed_by is None:
+        # Weight standardization: the weight is normalized per output channel before the layer uses it.
+        standardized = _standardized(weight, calls, graph, channels, transposed)
+        return _structural_groups(name, layer, weight, calls, graph, namer, names, standardized)
+    computed = next((c.weight for c in calls if c.weight is not None), None)
+    if computed is None:
+        return f"weight computed by {stored.computed_by} outside the layer's call, where it cannot be read"
+    scaling = read_scaling(computed, weight, _weight_channel_ids(layer, tuple(weight.shape)))
+    walked = _structural_groups(name, layer, weight, calls, graph, namer, names, None)
+    with_bias = isinstance(walked, InvariantGroups) and len(walked.slices) > 1
+    if scaling.channels and isinstance(walked, InvariantGroups) and (scaling.exact or not with_bias):
+        # A common factor (spectral norm) moves the norm's input with the whole stored tensor, not group by
+        # group: its running statistics cannot follow a group's scale (channels_aligned says they can).
+        return walked if scaling.exact else replace(walked, channels_aligned=False)
+    standardized = _standardized(weight, calls, graph, channels, transposed)
+    if standardized is not None:  # normalized channel by channel inside the parametrization
+        return _structural_groups(name, layer, weight, calls, graph, namer, names, standardized)
+    if scaling.scale_free:
+        return _check_params(layer, weight, calls, graph, names, with_bias=False) or _scale_free(
+            name, weight, stored, names
+        )
+    if isinstance(walked, str):
+        return walked
+    what = "output channels (dim 1)" if transposed else "rows"
+    if not scaling.channels:
+        return (
+            f"weight computed by {stored.computed_by}, whose output does not scale with the {what} of "
+            f"`{names[weight]}` (they mix in {scaling.mixed_at})"
+        )
+    return (
+        f"weight computed by {stored.computed_by}, whose output scales with the {what} of `{names[weight]}` only "
+        f"up to a factor common to all of them, while the bias `{walked.slices[1].name}` joins the groups and "
+        "scales exactly"
+    )
+
+
+def _scale_free(name: str, weight: Tensor, stored: Stored, names: dict[Tensor, str]) -> InvariantGroups:
+    """The whole stored tensor as one group, named after what computes the weight from it: its scale does not
+    reach the weight at all (spectral normalization, W = V/σ(V))."""
+    return InvariantGroups(
+        module_name=name,
+        slices=(ParamSlice(names[weight], weight, ()),),
+        num_groups=1,
+        norm_name=f"{name}.{stored.module}" if stored.module else "",
+        norm_type=stored.kind,
+        granularity="layer",
+    )
+
+
+def _weight_channel_ids(layer: nn.Module, shape: tuple[int, ...]) -> Tensor:
+    """The layer's output channel of every entry of a tensor shaped like its weight."""
+    if not isinstance(layer, _ConvTransposeNd):
+        return _channel_ids(shape, 0, shape[0])
+    # (C_in, C_out / groups, *k): output channel (group of the input channel, j)
+    per_group = shape[1]
+    group = torch.arange(shape[0], dtype=torch.int32) // max(shape[0] // layer.groups, 1)
+    ids = group[:, None] * per_group + torch.arange(per_group, dtype=torch.int32)
+    return ids.view(*shape[:2], *[1] * (len(shape) - 2)).expand(shape)
+
+
+def _structural_groups(
+    name: str,
+    layer: nn.Module,
+    weight: Tensor,
+    calls: Sequence[_Call],
+    graph: _Graph,
+    namer: _NormNamer,
+    names: dict[Tensor, str],
+    standardized: tuple[_Ties, list[_Norm]] | None,
+) -> InvariantGroups | str:
+    """The groups the layer's output (or its standardized weight) decides, on ``weight``, or why it has none."""
+    transposed = isinstance(layer, _ConvTransposeNd)
+    channels = layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
+    bias_stored = stored_weight(layer, "bias")
+    bias = bias_stored.params[0] if bias_stored is not None and bias_stored.computed_by is None else None
     if standardized is not None:
         ties, norms = standardized
         with_bias = False
@@ -362,8 +472,10 @@ def _layer_groups(
             reasons.append(walk.reason)
         if not norms:
             return next((r for r in reasons if r), "output is not normalized")
+        if bias_stored is not None and bias_stored.computed_by is not None and not all(n.cancels_shift for n in norms):
+            return f"bias computed by {bias_stored.computed_by}, which is not followed"
         with_bias = bias is not None and not all(n.cancels_shift for n in norms)
-    reason = _check_params(layer, calls, graph, names, with_bias)
+    reason = _check_params(layer, weight, calls, graph, names, with_bias)
     if reason:
         return reason
     kept = None
@@ -435,17 +547,18 @@ def _kept_range(ties: _Ties, channels: int, broken: set[int]) -> tuple[int, int]
 
 
 def _standardized(
-    layer: nn.Module, calls: Sequence[_Call], graph: _Graph, channels: int, transposed: bool
+    weight: Tensor, calls: Sequence[_Call], graph: _Graph, channels: int, transposed: bool
 ) -> tuple[_Ties, list[_Norm]] | None:
-    """Ties and normalizations when the layer's weight is normalized per output channel before its use
-    (weight standardization), so that the layer is invariant whatever follows; else ``None``."""
-    leaf = graph.leaf.get(layer.weight)
+    """Ties and normalizations when the layer's weight (``weight``, the tensor stored and stepped) is normalized
+    per output channel before its use (weight standardization, in the layer's forward or in a
+    parametrization), so that the layer is invariant whatever follows; else ``None``."""
+    leaf = graph.leaf.get(weight)
     if leaf is None:
         return None
     inside = set().union(*(c.interior() for c in calls))
     ties = _Ties(channels)
     walk = _Walk(graph, ties, lambda node: None, inside=inside)
-    shape = tuple(layer.weight.shape)
+    shape = tuple(weight.shape)
     norms = walk.run(leaf, _channel_ids(shape, 1 if transposed else 0, shape[1 if transposed else 0]))
     return (ties, norms) if norms and not walk.broken else None
 
@@ -870,16 +983,18 @@ def _rows(ids: Tensor, keep: Sequence[int]) -> Tensor:
 
 
 def _check_params(
-    layer: nn.Module, calls: Sequence[_Call], graph: _Graph, names: dict[Tensor, str], with_bias: bool
+    layer: nn.Module, weight: Tensor, calls: Sequence[_Call], graph: _Graph, names: dict[Tensor, str], with_bias: bool
 ) -> str | None:
-    """Why the layer's parameters cannot form groups (frozen, or used outside the layer), if they cannot."""
-    if not layer.weight.requires_grad:
+    """Why the layer's parameters (``weight``: the stored one) cannot form groups (frozen, or used outside the
+    layer), if they cannot."""
+    if not weight.requires_grad:
         return "weight is frozen"
-    bias = getattr(layer, "bias", None)
+    stored = stored_weight(layer, "bias")
+    bias = stored.params[0] if stored is not None and stored.computed_by is None else None
     if with_bias and bias is not None and not bias.requires_grad:
         return "bias is frozen but not cancelled by the normalization"
     inside = set().union(*(c.interior() for c in calls))
-    for p in (layer.weight, bias):
+    for p in (weight, bias):
         if p is not None and any(user not in inside for user in graph.consumers.get(graph.leaf.get(p), ())):
             return f"{names[p]} is also used outside {calls[0].name}"
     return None

@@ -8,6 +8,8 @@ extra cost; :func:`find_invariant_groups` feeds it an example input, for plain P
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +32,8 @@ from lightning_sphere.groups import (
     verify,
 )
 from lightning_sphere.layouts import mapped_groups, numeric_candidates, weight_norm_groups
+from lightning_sphere.names import get_submodule, model_order, named_modules, position
+from lightning_sphere.parametrized import stored_weight
 from lightning_sphere.tracker import UNOPTIMIZED
 
 #: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
@@ -47,7 +51,11 @@ class GroupFinder:
     Every *watched* module (each Conv, ConvTranspose and Linear layer, each weight-normalized tensor, each
     candidate of ``"numeric"`` or of a mapping) is at any time accepted, pending (a structural candidate
     waiting for a gradient to verify it), rejected for good (with the reason), or not seen yet; the last two
-    kinds are listed with a true reason by :meth:`untracked`.
+    kinds are listed with a true reason by :meth:`untracked`. A layer whose weight is computed (a
+    parametrization, pruning) is watched through the tensor the optimizer steps; no weight is ever computed
+    here. :attr:`accepted` and :meth:`untracked` are in model order (``named_modules()``), whatever order the
+    layers were found in; names are those the user wrote, through ``torch.compile`` and Fabric wrappers
+    (:mod:`lightning_sphere.names`).
 
     Args:
         model: the model whose groups to find.
@@ -99,9 +107,10 @@ class GroupFinder:
             self.pending = weight_norm_groups(model, trainable_only=False)
             self.analyzed = False
         elif groups == "numeric":
-            pairs = numeric_candidates(model, trainable_only=False)
+            pairs, shared = numeric_candidates(model, trainable_only=False)
             self.pending = [per_channel for per_channel, _ in pairs]
             self._fallback = {whole.module_name: whole for _, whole in pairs}
+            self.rejected.update(shared)  # the second owner of a tied weight: the test is its first owner's
             self.analyzed = True
         elif isinstance(groups, Mapping):
             self.pending = mapped_groups(model, groups)
@@ -113,11 +122,11 @@ class GroupFinder:
         #: Module name → the parameters whose trainability decides whether it can be examined.
         self.watched: dict[str, tuple[nn.Parameter, ...]] = {g.module_name: g.params for g in self.pending}
         if self.auto:
-            for name, module in model.named_modules():
-                layer = isinstance(module, LAYERS) and module not in self._weight_normed
-                if layer and isinstance(module.weight, nn.Parameter):
-                    self.watched.setdefault(name, (module.weight,))
-        self._layers = {name: m for name, m in model.named_modules() if name in self.watched}
+            for name, module in named_modules(model):
+                stored = stored_weight(module) if isinstance(module, LAYERS) else None
+                if stored is not None and module not in self._weight_normed:
+                    self.watched.setdefault(name, stored.params)
+        self._layers = {name: m for name, m in named_modules(model) if name in self.watched}
 
     @property
     def done(self) -> bool:
@@ -241,7 +250,7 @@ class GroupFinder:
         out: dict[str, str] = {}
         accepted = {g.module_name: g.params for g in self.accepted}
         pending = {g.module_name: g.params for g in self.pending}
-        for name in dict.fromkeys([*self.watched, *self.rejected, *pending, *accepted]):
+        for name in self._in_model_order(dict.fromkeys([*self.watched, *self.rejected, *pending, *accepted])):
             if name in tracked:
                 continue
             params = accepted.get(name) or pending.get(name) or self.watched.get(name, ())
@@ -260,6 +269,14 @@ class GroupFinder:
             else:
                 out[name] = "not called yet"
         return out
+
+    def _in_model_order(self, names: Collection[str]) -> list[str]:
+        order = model_order(self.model)
+        return sorted(names, key=lambda name: position(order, name))
+
+    def _sort_accepted(self) -> None:
+        order = model_order(self.model)
+        self.accepted.sort(key=lambda entry: position(order, entry.module_name))
 
     def verify(
         self, grads: Mapping[nn.Parameter, Tensor], entries: Sequence[InvariantGroups] | None = None
@@ -283,6 +300,7 @@ class GroupFinder:
             retried = {entry.module_name for entry in retry}
             rejected = [e for e in rejected if e.module_name not in retried] + rejected_again
         self.accepted += accepted
+        self._sort_accepted()
         self.verdicts |= {verdict_key(e): e.cosine for e in accepted}
         for entry in rejected:
             self.rejected[entry.module_name] = self.verdicts[verdict_key(entry)] = self._why(entry)
@@ -325,7 +343,7 @@ class GroupFinder:
 
     def _norm(self, entry: InvariantGroups) -> nn.Module | None:
         try:
-            return self.model.get_submodule(entry.norm_name) if entry.norm_name else None
+            return get_submodule(self.model, entry.norm_name) if entry.norm_name else None
         except AttributeError:
             return None
 
@@ -346,6 +364,7 @@ class GroupFinder:
             self.verdicts[verdict_key(entry)] = verdict
             self._fallback.pop(entry.module_name, None)
         self.pending = keep
+        self._sort_accepted()
 
     def reject(self, entries: Sequence[InvariantGroups], why: str) -> None:
         """Reject pending candidates without a verdict from their gradient, with the reason ``why``."""
@@ -387,7 +406,7 @@ class _Root:
 
 class FoundGroups(list):
     """The verified groups, one :class:`InvariantGroups` per module, and ``rejected``: module name → why
-    it is not tracked."""
+    it is not tracked; both in model order (``named_modules()``)."""
 
     def __init__(self, groups: Sequence[InvariantGroups], rejected: Mapping[str, str]) -> None:
         super().__init__(groups)
@@ -405,7 +424,10 @@ def find_invariant_groups(
     running statistics), train/eval modes and the global random state. Layers under
     ``torch.utils.checkpoint`` are found in both of its modes (with ``use_reentrant=True``, from the forward
     it recomputes during the backward pass). The layers left out are in ``rejected``, with the reason: also
-    those not called on ``example_input`` (``"not called yet"``) and frozen ones.
+    those not called on ``example_input`` (``"not called yet"``) and frozen ones. A ``torch.compile``'d model
+    (or submodule) runs this pass eagerly (``torch.compiler.set_stance("force_eager")``) and is named as the
+    uncompiled one. A parametrized or pruned layer is read without computing its weight outside the forward
+    pass (spectral normalization's ``_u``/``_v`` buffers are restored with the others).
 
     ``groups`` chooses the candidates (see :class:`GroupFinder`). Candidates whose gradient is not
     orthogonal to their weights (max ``|cos(g, x)|`` above ``tolerance``/√d) are dropped with a warning.
@@ -447,13 +469,17 @@ def find_invariant_groups(
 
         return hook
 
-    hooks += [m.register_forward_hook(keep(name)) for name, m in model.named_modules() if isinstance(m, LAYERS)]
+    hooks += [m.register_forward_hook(keep(name)) for name, m in named_modules(model) if isinstance(m, LAYERS)]
     modes = {module: module.training for module in model.modules()}
     buffers = {buffer: buffer.clone() for buffer in model.buffers()}
     grads = {p: p.grad for p in model.parameters()}
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    # Compiled code would skip the recording hooks: this one pass runs eagerly, as the monitor's recorded step
+    # does (the compiled graphs are untouched). Without torch._dynamo imported, nothing compiled can run.
+    compiled = "torch._dynamo" in sys.modules
+    eager = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager:
             model.train()
             if finder.auto:
                 finder.start()

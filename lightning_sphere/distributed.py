@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_sphere.names import named_parameters
+
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sharded
@@ -100,7 +102,7 @@ def check_model(model: nn.Module) -> str | None:
     may track) whose placement :func:`unsupported_placement` refuses; ``None`` if none."""
     problems = [
         f"`{name}` {problem}"
-        for name, p in model.named_parameters()
+        for name, p in named_parameters(model)
         if p.dim() >= 2 and (problem := _placement_problem(p))
     ]
     if not problems:
@@ -116,7 +118,7 @@ def rebind(entries: Sequence[Any], model: nn.Module) -> list[Any]:
     """
     from dataclasses import replace
 
-    params = dict(model.named_parameters())
+    params = dict(named_parameters(model))
     out = []
     for entry in entries:
         slices = tuple(

@@ -19,6 +19,8 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_sphere.groups import GRADIENT_TEST, InvariantGroups, ParamSlice
+from lightning_sphere.names import named_modules, named_parameters
+from lightning_sphere.parametrized import stored_weight
 
 #: Granularities a mapping may ask for, besides a number of channels per group.
 GRANULARITIES = ("channel", "layer")
@@ -29,9 +31,9 @@ def weight_norm_groups(model: nn.Module, trainable_only: bool = True) -> list[In
 
     Covers ``torch.nn.utils.parametrizations.weight_norm`` and the older ``torch.nn.utils.weight_norm``.
     """
-    names = {p: n for n, p in model.named_parameters()}
+    names = {p: n for n, p in named_parameters(model)}
     found = []
-    for module_name, module in model.named_modules():
+    for module_name, module in named_modules(model):
         directions = []
         if parametrize.is_parametrized(module):
             for tensor_name, chain in module.parametrizations.items():
@@ -58,17 +60,32 @@ def weight_norm_groups(model: nn.Module, trainable_only: bool = True) -> list[In
     return found
 
 
-def numeric_candidates(model: nn.Module, trainable_only: bool = True) -> list[tuple[InvariantGroups, InvariantGroups]]:
+def numeric_candidates(
+    model: nn.Module, trainable_only: bool = True
+) -> tuple[list[tuple[InvariantGroups, InvariantGroups]], dict[str, str]]:
     """For every trainable parameter of two or more dimensions (every one, unless ``trainable_only``): (one group
-    per row of dim 0, one whole group)."""
-    pairs = []
-    for name, p in model.named_parameters():
-        if (p.requires_grad or not trainable_only) and p.dim() >= 2:
-            entry = name.removesuffix(".weight")
-            per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", GRADIENT_TEST, "channel")
-            whole = InvariantGroups(entry, (ParamSlice(name, p, ()),), 1, "", GRADIENT_TEST, "layer")
-            pairs.append((per_row, whole))
-    return pairs
+    per row of dim 0, one whole group), named after its module (the layer whose computed weight a
+    parametrization's ``original`` or pruning's ``weight_orig`` is); and the other owners of a parameter shared
+    by several modules (tied weights), module → why: the parameter is tested once, under its first owner."""
+    computed_from = {}  # a stored tensor something computes a layer's weight from → that layer
+    for module_name, module in named_modules(model):
+        stored = stored_weight(module)
+        if stored is not None and stored.computed_by is not None and len(stored.params) == 1:
+            computed_from[stored.params[0]] = module_name
+    pairs, shared, first = [], {}, {}
+    for name, p in named_parameters(model, remove_duplicate=False):
+        if not ((p.requires_grad or not trainable_only) and p.dim() >= 2):
+            continue
+        entry = computed_from.get(p) or name.removesuffix(".weight")
+        if p in first:
+            owner, tensor = first[p]
+            shared[entry] = f"weight shared with {owner} (`{name}` is `{tensor}`), tested there"
+            continue
+        first[p] = (entry, name)
+        per_row = InvariantGroups(entry, (ParamSlice(name, p),), p.shape[0], "", GRADIENT_TEST, "channel")
+        whole = InvariantGroups(entry, (ParamSlice(name, p, ()),), 1, "", GRADIENT_TEST, "layer")
+        pairs.append((per_row, whole))
+    return pairs, shared
 
 
 def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[InvariantGroups]:
@@ -80,8 +97,8 @@ def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[In
     Raises:
         ValueError: for an unknown name (listing the valid ones) or a granularity the tensor cannot take.
     """
-    modules = {name: m for name, m in model.named_modules() if name}
-    params = dict(model.named_parameters())
+    modules = {name: m for name, m in named_modules(model) if name}
+    params = dict(named_parameters(model, remove_duplicate=False))
     groups = []
     for key, granularity in mapping.items():
         if key in params:
@@ -104,13 +121,23 @@ def mapped_groups(model: nn.Module, mapping: Mapping[str, str | int]) -> list[In
 
 
 def _module_slices(name: str, module: nn.Module) -> tuple[ParamSlice, ...]:
+    """The module's own trainable parameters; for a weight something computes (a parametrization, pruning), the
+    tensor it is computed from, which the optimizer steps."""
     own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    weight = "weight"
+    stored = stored_weight(module)
+    if stored is not None and stored.computed_by is not None and len(stored.params) == 1:
+        original = stored.params[0]
+        weight = next(n for n, p in module.named_parameters() if p is original)
+        own = [(n, p) for n, p in own if p is not original]
+        if original.requires_grad:
+            own.insert(0, (weight, original))
     if not own:
         raise ValueError(f"module {name!r} has no trainable parameters of its own; name a parameter instead")
     slices = []
     for param_name, p in own:
         qualified = f"{name}.{param_name}"
-        if isinstance(module, _ConvTransposeNd) and param_name == "weight":
+        if isinstance(module, _ConvTransposeNd) and param_name == weight:
             split = module.groups
             slices.append(ParamSlice(qualified, p, (0, 2) if split > 1 else (1,), split))
         else:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 from torch import nn
 
 from lightning_sphere.groups import InvariantGroups
+from lightning_sphere.names import model_order, position
 
 
 class _Column(NamedTuple):
@@ -33,7 +34,7 @@ def summarize(
     corrections: Mapping[str, str] | None = None,
 ) -> str:
     """A text table: one row per tracked module, the tracked share of the trainable parameters, and
-    every module left out with the reason.
+    every module left out with the reason, in model order (``named_modules()``).
 
     Args:
         groups: the tracked modules.
@@ -41,6 +42,8 @@ def summarize(
         untracked: module name → why it is not tracked.
         corrections: module name → the algorithm its spherical correction makes it follow; adds a column.
     """
+    order = model_order(model)
+    groups = sorted(groups, key=lambda g: position(order, g.module_name))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tracked = sum(g.numel for g in groups)
     share = f"{100 * tracked / total:.1f}%" if total else "-"
@@ -62,7 +65,7 @@ def summarize(
             lines.append("  ".join(cells).rstrip())
     if untracked:
         lines.append("not tracked:")
-        lines += [f"  {name}: {why}" for name, why in untracked.items()]
+        lines += [f"  {name}: {untracked[name]}" for name in sorted(untracked, key=lambda name: position(order, name))]
     return "\n".join(lines)
 
 

@@ -286,3 +286,71 @@ def test_the_probe_does_not_vouch_for_a_layer_that_is_not_invariant():
     nn.init.zeros_(model[2].weight)
     groups = find_invariant_groups(model, IMG)
     assert groups == [] and "Gelu" in groups.rejected["0"]
+
+
+def conv_block(channels=3):
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+
+
+class ReentrantBlocks(nn.Module):
+    """A stem, three blocks under torch.utils.checkpoint(use_reentrant=True) (found during the backward pass, in
+    reverse), a block whose conv reaches a GELU, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_block()
+        self.blocks = nn.ModuleList([conv_block() for _ in range(3)])
+        self.gelu = nn.Sequential(nn.Conv2d(3, 3, 1), nn.GELU(), nn.BatchNorm2d(3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
+        return self.head(self.gelu(x).mean((2, 3)))
+
+
+def in_model_order(model, names):
+    """``names`` sorted as ``model.named_modules()`` lists the modules: the reference order."""
+    order = [name for name, _ in model.named_modules()]
+    return sorted(names, key=order.index)
+
+
+def test_groups_and_reasons_come_in_model_order():
+    """Before: stem.0, blocks.2.0, blocks.1.0, blocks.0.0 (the order the recomputed forwards ran in)."""
+    model = ReentrantBlocks()
+    found = find_invariant_groups(model, torch.randn(4, 3, 5, 5))
+    names = [g.module_name for g in found]
+    assert set(names) == {"stem.0", "blocks.0.0", "blocks.1.0", "blocks.2.0"}
+    assert names == in_model_order(model, names)
+    assert list(found.rejected) == ["gelu.0", "head"] == in_model_order(model, found.rejected)
+
+
+def test_the_monitor_lists_groups_and_its_summary_in_model_order(tmp_path):
+    import pytorch_lightning as pl
+    import torch.nn.functional as F
+
+    from lightning_sphere import SphereMonitor
+    from tests.lightning_helpers import fit
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = ReentrantBlocks()
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.model(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.randn(16, 3, 5, 5), torch.randint(0, 2, (16,)))
+            return torch.utils.data.DataLoader(data, batch_size=8)
+
+    module, monitor = Module(), SphereMonitor()
+    fit(module, tmp_path, [monitor], max_steps=2)
+    names = [g.module_name for g in monitor.groups]
+    assert names == in_model_order(module, names) and len(names) == 4
+    rows = [line.split()[0] for line in monitor.summary().splitlines()[2:6]]
+    assert rows == names

@@ -1,5 +1,8 @@
 """Groups without the graph: weight normalization, the numeric test, and a user's mapping."""
 
+import copy
+import warnings
+
 import pytest
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -94,3 +97,39 @@ def test_monitor_refuses_a_bad_mapping_at_setup(tmp_path):
         fit(Net(), tmp_path, [SphereMonitor(groups={"net.9": "channel"})])
     with pytest.raises(MisconfigurationException, match=r"SphereMonitor\(`groups`\) must be"):
         SphereMonitor(groups="everything")
+
+
+class Tied(nn.Module):
+    """An embedding tied to the LM head (nanoGPT, Llama's ``tie_word_embeddings``), a projection normalized as a
+    whole between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.proj = nn.Linear(8, 8, bias=False)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(self.norm(self.proj(self.emb(idx))))
+
+
+@pytest.mark.parametrize("mode", ["auto", "numeric"])
+def test_both_owners_of_a_tied_weight_are_tracked_or_listed(mode):
+    """Before: in numeric mode, head (the second owner: named_parameters() drops duplicates) was in neither list."""
+    model = Tied()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the numeric test rejects emb
+        groups = find_invariant_groups(model, torch.randint(0, 11, (4, 5)), groups=mode)
+    assert [g.module_name for g in groups] == ["proj"]
+    if mode == "numeric":
+        assert groups.rejected["head"] == "weight shared with emb (`head.weight` is `emb.weight`), tested there"
+        assert groups.rejected["emb"].startswith("gradient not orthogonal to the weights")
+        twin, idx = copy.deepcopy(model).double(), torch.randint(0, 11, (4, 5))
+        with torch.no_grad():  # ground truth: scaling the shared tensor moves the output (through head)
+            reference = twin(idx)
+            twin.emb.weight.mul_(2)
+            assert (twin(idx) - reference).abs().max() > 1e-3 * reference.abs().max()
+    else:  # emb is no layer: the graph watches Conv and Linear layers
+        assert groups.rejected == {"head": "output is not normalized"}

@@ -123,3 +123,17 @@ def test_one_module_of_one_group_is_said_in_the_singular():
     assert summarize(groups, model).splitlines()[0] == (
         "lightning_sphere: 1 module, 1 radially invariant group, 12 of 18 trainable parameters tracked (66.7%)"
     )
+
+
+def test_rows_and_reasons_come_in_model_order(model_and_groups):
+    """Issue 18: in the order given, which detection's order decided (reentrant checkpointing: 0, 2, 1)."""
+    model, groups = model_and_groups
+    untracked = {"5.weight": "a parameter below module 5", "7": "not a module of the model", "0": "weight is frozen"}
+    lines = summarize(groups[::-1], model, untracked).split("\n")
+    assert [line.split()[0] for line in lines[2:4]] == ["2", "5"]  # model.named_modules(): 0, 1, 2, 3, 4, 5
+    assert lines[4:] == [
+        "not tracked:",
+        "  0: weight is frozen",
+        "  5.weight: a parameter below module 5",
+        "  7: not a module of the model",  # unknown names last
+    ]
