@@ -609,10 +609,12 @@ class AdamGRewrite(Rewrite):
                 name = m.entry.module_name
                 self._retire(
                     i,
-                    "its norm's running statistics are not one per group",
+                    "its norm's running statistics do not follow its groups one by one",
                     f"lightning_sphere: {name} takes plain SGD's steps: the AdamG rewrite keeps its weights at unit "
-                    f"norm, and the running statistics of {_name_of(norms[0], m)} are not one per group of {name}, "
-                    "so they could not follow (eval mode would compute something else than under plain SGD)",
+                    f"norm, and the running statistics of {_name_of(norms[0], m)} do not follow the groups of "
+                    f"{name} one by one (channels moved or mixed on the way, several norms, or a parametrization "
+                    "such as spectral_norm whose common factor moves every channel when one group's norm does), so "
+                    "they could not follow (eval mode would compute something else than under plain SGD)",
                 )
         if unknown:
             self.safeguards.warn(

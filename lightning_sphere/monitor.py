@@ -25,6 +25,7 @@ from torch import Tensor
 from lightning_sphere.detect import GroupFinder
 from lightning_sphere.distributed import SUPPORTED, check_model, cut_by_shards, rebind
 from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.names import get_submodule, named_parameters
 from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported, unwrap_optimizer
 from lightning_sphere.sinks import PER_LAYER, LoggerSink, Selection
 from lightning_sphere.summary import summarize
@@ -523,7 +524,7 @@ class SphereMonitorLogic:
         radii and the groups they go with: store u again before the first forward pass, so that the run goes on
         as if it had never stopped (its groups are read off that pass's graph only later)."""
         model = self._finder.model
-        params = dict(model.named_parameters())
+        params = dict(named_parameters(model))
         groups = [g for spec in self._resumed_groups if (g := _group_from_spec(spec, params)) is not None]
         if groups:
             tracker = SphereTracker(groups, trainer.optimizers, self.correction, model=model, warn=lambda _: None)
@@ -573,7 +574,7 @@ class SphereMonitorLogic:
         self._norms = [
             (g.module_name, g.norm_name, norm)
             for g in self._tracker.groups
-            if g.norm_name and getattr(norm := finder.model.get_submodule(g.norm_name), "track_running_stats", False)
+            if g.norm_name and getattr(norm := get_submodule(finder.model, g.norm_name), "track_running_stats", False)
         ]
         self._changed = True
         self._arm(trainer)

@@ -61,6 +61,7 @@ from lightning_sphere.groups import (
     tolerance_for,
 )
 from lightning_sphere.kernels import Kernels, scalar, should_compile
+from lightning_sphere.names import get_submodule
 from lightning_sphere.reduce import segment_reduce
 from lightning_sphere.schemes import OptimizerRule, class_path, rewrite_for, rule_of, unsupported, unwrap_optimizer
 
@@ -657,7 +658,7 @@ def _running_statistics(model: nn.Module | None, entry: InvariantGroups) -> tupl
     if not entry.norm_name:
         return None if entry.norm_type in _UNKNOWN_NORM and any(map(_keeps_statistics, model.modules())) else ()
     try:
-        norm = model.get_submodule(entry.norm_name)
+        norm = get_submodule(model, entry.norm_name)
     except AttributeError:
         return ()
     return (norm,) if _keeps_statistics(norm) else ()
@@ -668,7 +669,7 @@ def _outside_bias(model: nn.Module | None, entry: InvariantGroups) -> Tensor | N
     if model is None:
         return None
     try:
-        bias = getattr(model.get_submodule(entry.module_name), "bias", None)
+        bias = get_submodule(model, entry.module_name)._parameters.get("bias")  # a computed bias is not evaluated
     except AttributeError:
         return None
     return bias if isinstance(bias, Tensor) and all(bias is not p for p in entry.params) else None
