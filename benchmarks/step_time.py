@@ -69,14 +69,16 @@ def time_steps(run: Run, settings: Settings) -> list[float]:
         torch._dynamo.reset()  # each run compiles afresh, as a new process would
         model.net = torch.compile(model.net)
     batches = settings.warmup + settings.steps + 1  # the last batch only ends the last timed step
-    loader = DataLoader(synthetic_cifar(batches * settings.batch_size), batch_size=settings.batch_size)
+    # An iterable of unknown length: the monitor, which also measures the last step of fit when the Trainer
+    # knows it, then measures on logging steps only (the timed steps end before the last batch all the same).
+    loader = _Unsized(DataLoader(synthetic_cifar(batches * settings.batch_size), batch_size=settings.batch_size))
     timer = StepTimer()
     monitor = SphereMonitor(log_every_n_steps=run.log_every_n_steps, histogram_every_n_steps=0) if run.monitor else None
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator=settings.device,
             devices=1,
-            max_steps=batches,
+            max_epochs=1,
             logger=TensorBoardLogger(root, name="", version=""),
             log_every_n_steps=run.log_every_n_steps,
             callbacks=[timer] if monitor is None else [timer, monitor],
@@ -89,6 +91,16 @@ def time_steps(run: Run, settings: Settings) -> list[float]:
     if monitor is not None and bool(monitor.metrics) != (run.log_every_n_steps != NEVER):
         raise RuntimeError(f"SphereMonitor logged {len(monitor.metrics)} values under {run}: not what was planned")
     return timer.durations[settings.warmup :]
+
+
+class _Unsized:
+    """A loader's batches, with no ``len``: fit's last step is then unknown to the Trainer."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Any:
+        return iter(self.loader)
 
 
 def measure(runs: Sequence[Run], settings: Settings) -> dict[Run, list[float]]:

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from lightning_sphere.distributed import unsharded_aliases
 from lightning_sphere.groups import InvariantGroups, ParamSlice
 from lightning_sphere.names import named_modules, named_parameters
-from lightning_sphere.parametrized import Stored, computed_node, read_scaling, stored_weight
+from lightning_sphere.parametrized import Stored, computed_node, graph_below, read_scaling, stored_weight
 
 LAYERS = (_ConvNd, nn.Linear)
 CHANNEL_NORMS = (_BatchNorm, _InstanceNorm)
@@ -214,23 +214,7 @@ class _Graph:
 
     def __init__(self, roots: Sequence[Node]) -> None:
         self.roots = set(roots)
-        self.consumers: dict[Node, list[Node]] = defaultdict(list)
-        self.leaf: dict[Tensor, Node] = {}
-        seen: set[Node] = set()
-        stack = list(roots)
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            variable = getattr(node, "variable", None)
-            if variable is not None:
-                self.leaf[variable] = node
-            for child, _ in node.next_functions:
-                if child is not None:
-                    self.consumers[child].append(node)
-                    stack.append(child)
-        self.nodes = seen
+        self.nodes, self.consumers, self.leaf = graph_below(roots)
 
 
 def find_candidates(

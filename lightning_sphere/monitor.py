@@ -297,7 +297,8 @@ class SphereMonitorLogic:
                 if reason:
                     raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {reason}")
         self._close_tracker()
-        clip, algorithm = trainer.gradient_clip_val, str(getattr(trainer.gradient_clip_algorithm, "value", "norm"))
+        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+        algorithm = getattr(algorithm, "value", algorithm)  # Lightning's GradClipAlgorithmType, or a string
         self._value_clipping = (
             f'Trainer(gradient_clip_val={clip}, gradient_clip_algorithm="value")'
             if clip and algorithm == "value"
@@ -608,6 +609,7 @@ class SphereMonitorLogic:
                     continue  # still in eval mode
                 spans.append([step, None])
                 if name not in self._lost:
+                    self._was_lost.pop(name, None)  # lost again: said again, and summed up when it ends
                     self._lose(name, f"{what} is in eval mode since step {step}: it normalizes with running statistics")
             elif spans and spans[-1][1] is None:
                 spans[-1][1] = step - 1  # the last step it normalized with running statistics

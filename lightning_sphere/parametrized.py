@@ -207,26 +207,33 @@ _CONTRACTIONS = {
 }
 
 
+def graph_below(roots: Iterable[Node]) -> tuple[set[Node], dict[Node, list[Node]], dict[Tensor, Node]]:
+    """The autograd graph reachable from ``roots``: its nodes, each node's consumers (the nodes that take its
+    output in), and the ``AccumulateGrad`` node of each leaf tensor."""
+    consumers: dict[Node, list[Node]] = {}
+    leaves: dict[Tensor, Node] = {}
+    seen: set[Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves[variable] = node
+        for child, _ in node.next_functions:
+            if child is not None:
+                consumers.setdefault(child, []).append(node)
+                stack.append(child)
+    return seen, consumers, leaves
+
+
 class _Reader:
     """Follows the stored tensor forward, in creation order, through the graph below the computed weight."""
 
     def __init__(self, root: Node) -> None:
-        self.consumers: dict[Node, list[Node]] = {}
-        self.leaves: dict[Tensor, Node] = {}
-        seen: set[Node] = set()
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            variable = getattr(node, "variable", None)
-            if variable is not None:
-                self.leaves[variable] = node
-            for child, _ in node.next_functions:
-                if child is not None:
-                    self.consumers.setdefault(child, []).append(node)
-                    stack.append(child)
+        _, self.consumers, self.leaves = graph_below([root])
         self.values: dict[tuple[Node, int], _Value] = {}
 
     def leaf(self, tensor: Tensor) -> Node | None:

@@ -1,9 +1,11 @@
 """The framework-free engine: measure armed optimizer steps on the sphere, report on demand.
 
 :class:`SphereTracker` hooks into torch optimizers. A step is measured only when the tracker is armed:
-the step pre-hook copies the tracked weights (``x_k``), the post-hook reduces the step to per-group
-inner products (:class:`~lightning_sphere.geometry.GroupStats`) on the parameters' device, and
-:meth:`SphereTracker.collect` turns them into per-layer summaries with one device-to-host transfer.
+the step pre-hook copies the tracked weights (``x_k``); the gradients are read when the update is about to
+consume them (right away, or after the first call of the step's closure, which computes them: docs/theory.md
+§3.5), held in place for an optimizer known to leave them so, copied otherwise; the post-hook reduces the
+step to per-group inner products (:class:`~lightning_sphere.geometry.GroupStats`) on the parameters' device,
+and :meth:`SphereTracker.collect` turns them into per-layer summaries with one device-to-host transfer.
 An unarmed step costs one Python flag test per hook; a step that never happens (an AMP step skipped for
 inf/nan gradients) fires no hook and records nothing.
 
@@ -729,26 +731,6 @@ def _row_products(
     dtype = math_dtype(s.param)
     x, x1 = s.rows(x0).to(dtype), s.rows(s.param.detach()).to(dtype)
     g = torch.zeros_like(x) if grad is None else s.rows(grad).to(dtype)
-    products = _products(kernels, s, x, x1, g, optimizer, rule, param_group, b, scale0, scale1)
-    if grad is None:
-        products[:, _GRADIENT] = float("nan")
-    return products
-
-
-def _products(
-    kernels: Kernels,
-    s: ParamSlice,
-    x: Tensor,
-    x1: Tensor,
-    g: Tensor,
-    optimizer: torch.optim.Optimizer,
-    rule: OptimizerRule,
-    param_group: dict[str, Any],
-    b: Tensor | None,
-    scale0: Tensor | None,
-    scale1: Tensor | None,
-) -> Tensor:
-    dtype = x.dtype
     one = x.new_ones(())
     s0, s1 = (one if c is None else c.to(dtype) for c in (scale0, scale1))
     lr = param_group.get("lr", 1.0)  # an optimizer without one gets the measured η^e: P is unused
@@ -758,8 +740,11 @@ def _products(
         products[:, _PP] /= lr**2
         if rule.adaptive:  # never stepped: Adam's quantities are undefined
             products[:, _ADAPTIVE] = float("nan")
-        return products
-    m, v = s.rows(moments.exp_avg).to(dtype), s.rows(moments.exp_avg_sq).to(dtype)
-    b = None if b is None else b.to(dtype)
-    eps = scalar(param_group["eps"])
-    return kernels.adam_products(x, x1, g, s0, s1, scalar(lr), m, v, b, moments.inv_bias1, moments.inv_sqrt_bias2, eps)
+    else:
+        m, v = s.rows(moments.exp_avg).to(dtype), s.rows(moments.exp_avg_sq).to(dtype)
+        b = None if b is None else b.to(dtype)
+        bias = (moments.inv_bias1, moments.inv_sqrt_bias2)
+        products = kernels.adam_products(x, x1, g, s0, s1, scalar(lr), m, v, b, *bias, scalar(param_group["eps"]))
+    if grad is None:
+        products[:, _GRADIENT] = float("nan")
+    return products

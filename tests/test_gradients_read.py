@@ -184,3 +184,20 @@ def test_the_first_step_is_measured_on_the_clipped_gradient(tmp_path):
 def test_a_refusal_names_a_third_party_optimizer_by_its_module_path(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"heavyball\.AdamW has no spherical form here"):
         fit(Net(optimizer=lambda p: heavyball.AdamW(p, lr=1e-2)), tmp_path, [SphereMonitor(spherical_correction=True)])
+
+
+def test_the_step_that_ends_swas_batchnorm_epoch_is_measured_as_it_was_taken(tmp_path):
+    """StochasticWeightAveraging (Lightning 2.6) adds an epoch that only updates BatchNorm's statistics: it skips
+    backward and ``zero_grad``, and its one optimizer step consumes the previous step's gradients again, at the
+    averaged weights. The metrics describe that step (the capture's gradient), not a made-up zero."""
+    from pytorch_lightning.callbacks import StochasticWeightAveraging
+
+    capture, logger = Capture(), MemoryLogger()
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    fit(Net(optimizer=lambda p: torch.optim.SGD(p, lr=0.1)), tmp_path, [SphereMonitor(log_every_n_steps=1,
+        per_layer=True), swa, capture], max_steps=-1, max_epochs=2, logger=logger)  # fmt: skip
+    records = logger.sphere()
+    last = max(records)
+    assert last == 8 and len(capture.steps) == 9  # two epochs of 4 steps, and the BatchNorm epoch's one
+    torch.testing.assert_close(capture.steps[8]["net.0"]["grad"], capture.steps[7]["net.0"]["grad"], rtol=0, atol=0)
+    assert_scalars_match(records[last], expected(capture.steps[last]))
