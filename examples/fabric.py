@@ -86,7 +86,8 @@ def main(steps: int = 200, logdir: str | Path | None = None) -> dict[str, float]
     fabric.loggers[0].finalize("success")
 
     columns = ("effective_lr", "angular_update", "norm")
-    fabric.print(f"after {steps} steps of {tracker.corrections[groups[0].module_name]}:")
+    last = (steps - 1) // MEASURE_EVERY * MEASURE_EVERY
+    fabric.print(f"{steps} steps of {tracker.corrections[groups[0].module_name]}; the last measured one, step {last}:")
     fabric.print(f"{'module':<14}" + "".join(f"{column:>16}" for column in columns))
     for name in [*(g.module_name for g in tracker.groups), "all"]:
         fabric.print(f"{name:<14}" + "".join(f"{scalars[f'sphere/{column}/{name}']:>16.3g}" for column in columns))

@@ -371,15 +371,15 @@ class Rewrite:
             if not cos.numel():  # stopped, but the host never saw a finite cosine: say so plainly
                 cos = torch.zeros(1, dtype=worst.dtype)
             self._stops.announced[i] = (
-                f"|cos(g, x)| up to {float(cos.max()):.2g} > {float(self._tolerance[groups.start]):g}"
+                f"|cos(g, x)| up to {float(cos.max()):.2g} > {float(self._tolerance[groups.start]):.2g}"
             )
-            cause = self.safeguards.radial_cause
-            name = m.entry.module_name
-            what = f"{name}'s steps are not tangent to the sphere ({cause})" if cause else f"{name} is not radially "
+            cause, name = self.safeguards.radial_cause, m.entry.module_name
+            what = f"{name}'s steps are not tangent to the sphere: {cause}" if cause else f"{name} is not radially "
             self.safeguards.warn(
-                f"lightning_sphere: {what if cause else what + 'invariant any more'}: on one step most of its "
-                f"{m.entry.num_groups} groups showed {self._stops.announced[i]} (median {float(cos.median()):.2g}); "
-                "its spherical correction stops, and it takes the plain optimizer's steps from now on"
+                f"lightning_sphere: {what if cause else what + 'invariant any more'}. On a step since the last report, "
+                f"most of its {m.entry.num_groups} groups showed {self._stops.announced[i]} (median "
+                f"{float(cos.median()):.2g}, above the gradient test's δ/√d); its spherical correction stops, and it "
+                "takes the plain optimizer's steps from now on"
             )
             if cause:
                 self._stops.announced[i] += " (gradients clipped by value)"
@@ -590,6 +590,9 @@ class AdamGRewrite(Rewrite):
         self.radius = torch.full((self.index.num_groups,), float("nan"), dtype=torch.float64, device=self.index.device)
         #: the gradients divided by r̂ for :meth:`to_real_gradients`: parameter → the gradient tensor so divided
         self._real: dict[Tensor, Tensor] = {}
+        #: whether :meth:`to_real_gradients` was ever asked for, and whether the reminder to was given
+        self._converting = self._reminded = False
+        self._stepped: set[int] = set()  # modules stepped at least once: they have a radius
         #: (module index, norm) for every norm whose running statistics follow the radius, and for each the
         #: layer's bias outside the groups (zeros if none) with its value when the statistics were last synced
         self._statistics: list[tuple[int, nn.Module]] = []
@@ -662,6 +665,7 @@ class AdamGRewrite(Rewrite):
 
     def rewrite(self, measured: bool) -> StepView:
         plan = self.plan()
+        self._remind_to_convert(plan)
         previous = self.radius
         handed = self._hand_back(plan)
         r0 = previous if handed is None else torch.where(handed, float("nan"), previous)
@@ -765,7 +769,27 @@ class AdamGRewrite(Rewrite):
         invariance (the stored gradient is r̂ times it). Once until :meth:`restore_gradients`; a gradient that
         is a new tensor since (``zero_grad`` between a step that never came and the next) counts as not
         divided."""
+        self._converting = True
         self._scale_gradients(lambda r: 1 / r, divide=True)
+
+    def _remind_to_convert(self, plan: Plan) -> None:
+        """Once, at the first step that has radii to convert with (the second one a module is stepped), when
+        nothing ever asked for plain SGD's gradients: clipping them unconverted would silently leave plain
+        SGD's run. Lightning's monitor always converts; a plain loop must say so."""
+        if self._converting or self._reminded:
+            return
+        now = {i for i, slices in enumerate(self._module_slices) if any(plan.active[j] for j in slices)}
+        again, self._stepped = now & self._stepped, self._stepped | now
+        if not again:
+            return
+        self._reminded = True
+        names = ", ".join(m.entry.module_name for m in self.modules)
+        self.safeguards.warn(
+            f"lightning_sphere: the AdamG rewrite keeps {names} at unit norm, so between backward and the step "
+            "their gradients are r̂ times plain SGD's: if anything reads or clips them there (clip_grad_norm_, "
+            "fabric.clip_gradients), call tracker.to_real_gradients() right before it, which gives it plain SGD's "
+            "gradients and silences this (one warning)"
+        )
 
     def restore_gradients(self) -> None:
         """g ← r̂ g in the rows :meth:`to_real_gradients` divided, if the gradients are still those tensors."""

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lightning_sphere.detect import GroupFinder
 from lightning_sphere.distributed import SUPPORTED, check_model, cut_by_shards, rebind
-from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.groups import InvariantGroups, ParamSlice, tolerance_for
 from lightning_sphere.names import get_submodule, named_parameters
 from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported, unwrap_optimizer
 from lightning_sphere.sinks import PER_LAYER, LoggerSink, Selection
@@ -632,11 +632,15 @@ class SphereMonitorLogic:
             if name in self._lost or name in self._clipped:
                 continue
             cos = abs(measurement.scalars.get(f"sphere/grad_cos/{name}", float("nan")))
+            entry = next(g for g in self.groups if g.module_name == name)
+            above = f"max |cos(g, x)| {cos:.2g}, above the gradient test's δ/√d = " + (
+                f"{tolerance_for(entry, self.tolerance, self._finder.compute_dtype):.2g}"
+            )
             if self._value_clipping:
                 self._clipped[name] = (
-                    f"on the step logged at {step} most of its groups' gradients were radial after clipping (max "
-                    f"|cos(g, x)| {cos:.2g}): {self._value_clipping} clips the gradient entry by entry, which gives a "
-                    "tangent gradient a radial part"
+                    f"on the step logged at {step} most of its groups' gradients were radial after clipping ({above}):"
+                    f" {self._value_clipping} clips the gradient entry by entry, which gives a tangent gradient a "
+                    "radial part"
                 )
                 self._framework.warn(
                     f"SphereMonitor: {name}'s steps are not tangent to the sphere: {self._clipped[name]}. Its metrics "
@@ -644,11 +648,7 @@ class SphereMonitorLogic:
                     'gradient. Clipping by norm (gradient_clip_algorithm="norm") keeps steps tangent.'
                 )
             else:
-                self._lose(
-                    name,
-                    f"most of its groups' gradients are radial on the step logged at {step} (max |cos(g, x)| "
-                    f"{cos:.2g}, above the gradient test's δ/√d)",
-                )
+                self._lose(name, f"most of its groups' gradients are radial on the step logged at {step} ({above})")
 
     def _lose(self, name: str, why: str) -> None:
         self._lost[name] = why

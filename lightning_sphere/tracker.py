@@ -209,8 +209,7 @@ class SphereTracker:
             shift=lambda entry: _outside_bias(model, entry),
             warn=warn or (lambda message: warnings.warn(message, stacklevel=2)),
             radial_cause=(
-                "the gradients are clipped entry by entry (clipping by value), which gives a tangent gradient a "
-                "radial part"
+                "its gradients are clipped by value, entry by entry, which gives a tangent gradient a radial part"
                 if gradient_clipping == "value"
                 else None
             ),

@@ -10,6 +10,8 @@ same clipping; now the clipping sees plain SGD's gradients, and the run is plain
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -69,7 +71,7 @@ def test_clipping_by_value_is_named_as_the_cause_of_radial_steps(tmp_path):
 def test_clipping_by_value_stops_a_correction_naming_the_cause(tmp_path):
     monitor = SphereMonitor(log_every_n_steps=1, spherical_correction=True)
     with pytest.warns(
-        UserWarning, match=r"net\.0's steps are not tangent to the sphere \(the gradients are clipped entry"
+        UserWarning, match=r"net\.0's steps are not tangent to the sphere: its gradients are clipped by value, entry"
     ):
         fit(Net(eps=1e-14), tmp_path, [monitor], max_steps=3, **VALUE)
     assert "SGDMRT; stopped: |cos(g, x)| up to" in monitor.summary()
@@ -116,3 +118,29 @@ def test_plain_pytorch_clips_plain_sgds_gradients_with_to_real_gradients():
         weights[correction] = model.state_dict()  # the real weights, under the rewrite too
     for name, value in weights[None].items():
         torch.testing.assert_close(weights["srt"][name], value, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_plain_loop_that_never_converts_the_gradients_is_reminded_once(tmp_path):
+    """Clipping the stored gradients unconverted leaves plain SGD's run with no error (8% of the weights after 40
+    steps in a new user's trial): the tracker says so once, at the first step that has radii; Lightning's
+    monitor converts on every step, and says nothing."""
+    x, y = dataset(16)[:16]
+    for convert in (False, True):
+        model = bn_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = SphereTracker(find_invariant_groups(model, x), [optimizer], correction="srt", model=model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                if convert:
+                    tracker.to_real_gradients()
+                optimizer.step()
+        reminders = [w for w in caught if "call tracker.to_real_gradients() right before it" in str(w.message)]
+        assert len(reminders) == (0 if convert else 1)
+        tracker.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(Net(optimizer=lambda p: torch.optim.SGD(p, lr=0.1)), tmp_path, [SphereMonitor(spherical_correction=True)])
+    assert not [w for w in caught if "to_real_gradients" in str(w.message)]

@@ -104,7 +104,7 @@ def test_fabric_loop(tmp_path, capsys):
     last = load("fabric").main(steps=21, logdir=tmp_path / "fabric")
     out = capsys.readouterr().out
     assert "block1.conv" in out and "_forward_module" not in out and "classifier: output is not normalized" in out
-    assert "after 21 steps of AdamSRT:" in out
+    assert "21 steps of AdamSRT; the last measured one, step 20:" in out
     assert last["sphere/deformation_cos/all"] == pytest.approx(1, abs=1e-6)  # S: no deformation left
     assert [step for step, _ in scalars(tmp_path / "fabric", "train/loss")] == [0, 10, 20]
     assert f"--logdir {tmp_path / 'fabric'}" in out
