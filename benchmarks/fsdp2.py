@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_sphere import SphereMonitor
-from lightning_sphere.distributed import GroupSum
+from lightning_sphere.core.sharding import GroupSum
 from tests.distributed_helpers import on_two_ranks
 from tests.sharded_models import Block
 

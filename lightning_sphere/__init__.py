@@ -7,12 +7,13 @@ does not import Lightning. The public API is :data:`__all__`; the README's *API*
 
 from typing import Any
 
-from lightning_sphere.detect import FoundGroups, find_invariant_groups
-from lightning_sphere.geometry import METRICS, Metric
-from lightning_sphere.groups import COSINE_TOLERANCE, NUMERIC_TOLERANCE, InvariantGroups, ParamSlice
-from lightning_sphere.schemes import Moments, OptimizerRule, register_optimizer
-from lightning_sphere.summary import summarize
-from lightning_sphere.tracker import Measurement, SphereTracker
+from lightning_sphere.core.groups import InvariantGroups, ParamSlice
+from lightning_sphere.core.tolerance import COSINE_TOLERANCE, NUMERIC_TOLERANCE
+from lightning_sphere.detection.api import FoundGroups, find_invariant_groups
+from lightning_sphere.measurement.metrics import METRICS, Metric
+from lightning_sphere.optimizers.registry import Moments, OptimizerRule, register_optimizer
+from lightning_sphere.reporting.summary import summarize
+from lightning_sphere.tracking.tracker import Measurement, SphereTracker
 
 __version__ = "0.1.0"
 

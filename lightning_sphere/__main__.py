@@ -2,7 +2,7 @@
 
 import sys
 
-from lightning_sphere.cli import main
+from lightning_sphere.reporting.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

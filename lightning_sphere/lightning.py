@@ -5,7 +5,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_sphere.monitor import Framework, SphereMonitorLogic
+from lightning_sphere.integrations.lightning.monitor import Framework, SphereMonitorLogic
 
 
 class SphereMonitor(SphereMonitorLogic, Callback):

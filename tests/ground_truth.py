@@ -298,7 +298,7 @@ def _heads_alone(tiny: Probe, real: Probe, layer: nn.Module, real_layer: nn.Modu
 def claim_change(
     model: nn.Module, example: Any, entries: Sequence[Any], eps: float | None = TINY_EPS, seed: int = 0
 ) -> dict[str, float]:
-    """For each detected :class:`~lightning_sphere.groups.InvariantGroups`: the largest output change when
+    """For each detected :class:`~lightning_sphere.core.groups.InvariantGroups`: the largest output change when
     its groups are scaled as the package defines them (the rows of each slice, ``num_groups`` consecutive
     runs), by random per-group factors and by ρ = 2 and 0.5. A change above the tolerance is a false positive.
 
@@ -332,7 +332,7 @@ def claim_change(
 
 
 def _row_scaling(s: Any, factors: Tensor) -> Callable[[Tensor], Tensor]:
-    """Multiply the rows of slice ``s`` (its :meth:`~lightning_sphere.groups.ParamSlice.rows`), group by group."""
+    """Multiply the rows of slice ``s`` (its :meth:`~lightning_sphere.core.groups.ParamSlice.rows`), group by group."""
 
     def scale(t: Tensor) -> Tensor:
         out = t.clone()

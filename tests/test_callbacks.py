@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 
 from lightning_sphere import lightning as for_lightning
 from lightning_sphere import pytorch_lightning as for_pytorch_lightning
-from lightning_sphere.monitor import SphereMonitorLogic
+from lightning_sphere.integrations.lightning.monitor import SphereMonitorLogic
 
 FLAVOURS = {
     "pytorch_lightning": (for_pytorch_lightning.SphereMonitor, pl.Callback),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sphere import find_invariant_groups
-from lightning_sphere.detect import GroupFinder
+from lightning_sphere.detection.finder import GroupFinder
 
 WIDTH, HEADS = 16, 4
 HEAD_DIM = WIDTH // HEADS

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lightning_sphere import find_invariant_groups
-from lightning_sphere.detect import GroupFinder
-from lightning_sphere.groups import cosine_tolerance
+from lightning_sphere.core.tolerance import cosine_tolerance
+from lightning_sphere.detection.finder import GroupFinder
 
 
 class Residual(nn.Module):

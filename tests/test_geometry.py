@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from lightning_sphere.geometry import METRICS, GroupStats, angular_update_equilibrium, sphere_metrics, valid_groups
+from lightning_sphere.measurement.metrics import METRICS, GroupStats, sphere_metrics, valid_groups
+from lightning_sphere.optimizers.equilibrium import angular_update_equilibrium
 from tests import reference
 
 

@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_sphere import OptimizerRule, SphereMonitor, SphereTracker, find_invariant_groups, register_optimizer
-from lightning_sphere.schemes import OPTIMIZERS
+from lightning_sphere.optimizers.registry import OPTIMIZERS
 from tests import reference
 from tests.conftest import bn_net
 from tests.lightning_helpers import Capture, MemoryLogger, Net, assert_scalars_match, dataset, expected, fit

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sphere.groups import InvariantGroups, ParamSlice
+from lightning_sphere.core.groups import InvariantGroups, ParamSlice
 from tests import ground_truth as gt
 
 

@@ -6,17 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sphere.groups import (
-    GRADIENT_TEST,
-    InvariantGroups,
-    ParamSlice,
-    RowIndex,
-    cosine_tolerance,
-    gradient_cosines,
-    indistinct,
-    tolerance_for,
-    verify,
-)
+from lightning_sphere.core.groups import InvariantGroups, ParamSlice
+from lightning_sphere.core.rows import RowIndex
+from lightning_sphere.core.tolerance import GRADIENT_TEST, cosine_tolerance, indistinct, tolerance_for
+from lightning_sphere.detection.gradient_test import gradient_cosines, verify
 
 F64 = torch.float64
 
@@ -367,7 +360,7 @@ def test_an_invalid_channel_range_is_refused(kwargs):
 
 
 def test_reprs_name_parameters_and_shapes_not_their_values():
-    from lightning_sphere.groups import InvariantGroups, ParamSlice
+    from lightning_sphere.core.groups import InvariantGroups, ParamSlice
 
     weight = torch.nn.Parameter(torch.randn(64, 3, 3, 3))
     piece = ParamSlice("conv.weight", weight)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_sphere import kernels
-from lightning_sphere.kernels import COMPILE_FROM, Kernels, should_compile
+from lightning_sphere.kernels.compiled import COMPILE_FROM, Kernels, should_compile
 
 
 def test_compiling_pays_on_gpus_and_for_large_models():

@@ -13,7 +13,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_sphere import SphereMonitor
-from lightning_sphere.geometry import METRICS
+from lightning_sphere.measurement.metrics import METRICS
 from tests.lightning_helpers import Capture, MemoryLogger, Net, assert_scalars_match, expected, fit
 
 SGD_METRICS = [m for m in METRICS if m not in ("deformation_cos", "momentum_radial")]

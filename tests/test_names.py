@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_sphere import SphereMonitor, find_invariant_groups
-from lightning_sphere.names import get_submodule, named_modules, named_parameters
+from lightning_sphere.core.names import get_submodule, named_modules, named_parameters
 from tests.lightning_helpers import MemoryLogger, Net, fit
 
 

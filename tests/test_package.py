@@ -33,7 +33,7 @@ def readme_table(heading: str) -> dict[str, list[str]]:
 
 def test_the_readme_metrics_table_agrees_with_the_metric_registry():
     from lightning_sphere import METRICS
-    from lightning_sphere.geometry import SKIPPED_GROUPS
+    from lightning_sphere.measurement.metrics import SKIPPED_GROUPS
 
     rows = readme_table("## Metrics")
     assert set(rows) == {*METRICS, SKIPPED_GROUPS}

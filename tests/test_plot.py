@@ -18,8 +18,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_sphere import SphereMonitor
-from lightning_sphere import plot as plotting
-from lightning_sphere.cli import main
+from lightning_sphere.reporting import plot as plotting
+from lightning_sphere.reporting.cli import main
 from tests.lightning_helpers import MemoryLogger, Net
 
 #: ηλ = 0.05 at μ = 0.9: the settling time (1 − μ)/(2ηλ) = 1 step falls inside the 16-step run (§7.2).

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_sphere.reduce import REDUCTIONS, segment_reduce
+from lightning_sphere.measurement.reduce import REDUCTIONS, segment_reduce
 from tests.reference import summarize
 
 

@@ -7,8 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from lightning_sphere import OptimizerRule, SphereTracker, find_invariant_groups, register_optimizer
-from lightning_sphere.correction import AdamGRewrite, AdamRewrite, MomentumRewrite
-from lightning_sphere.schemes import MEASURED, OPTIMIZERS, adam_moments, rewrite_for, rule_of, unsupported
+from lightning_sphere.correction.adam import AdamRewrite
+from lightning_sphere.correction.adamg import AdamGRewrite
+from lightning_sphere.correction.momentum import MomentumRewrite
+from lightning_sphere.optimizers.adam import adam_moments
+from lightning_sphere.optimizers.modes import rewrite_for, unsupported
+from lightning_sphere.optimizers.registry import MEASURED, OPTIMIZERS, rule_of
 from tests import reference
 from tests.conftest import bn_net
 

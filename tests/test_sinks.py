@@ -8,8 +8,9 @@ import pytest
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_sphere.sinks import LoggerSink, Selection, custom_scalars_layout, tensorboard_writer
-from lightning_sphere.tracker import Measurement
+from lightning_sphere.reporting.layout import custom_scalars_layout, tensorboard_writer
+from lightning_sphere.reporting.sinks import LoggerSink, Selection
+from lightning_sphere.tracking.tracker import Measurement
 
 SCALARS = {
     "sphere/norm/conv": 1.5,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sphere.groups import InvariantGroups, ParamSlice
-from lightning_sphere.summary import summarize
+from lightning_sphere.core.groups import InvariantGroups, ParamSlice
+from lightning_sphere.reporting.summary import summarize
 
 HEADER = ["module", "granularity", "groups", "d", "normalization", "max|cos(g,x)|"]
 LEFT = {0, 1, 4, 6}  # module, granularity, normalization, correction; the numbers are right-aligned

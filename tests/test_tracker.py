@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sphere import SphereTracker, find_invariant_groups
-from lightning_sphere.tracker import HISTOGRAMS
+from lightning_sphere.measurement.metrics import HISTOGRAMS
 from tests import reference
 from tests.conftest import bn_net
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_sphere import SphereMonitor, find_invariant_groups
-from lightning_sphere.groups import gradient_cosines
+from lightning_sphere.detection.gradient_test import gradient_cosines
 from tests import zoo
 
 

@@ -15,7 +15,6 @@ dimensions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -23,29 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-
-class StepProducts(NamedTuple):
-    """The inner products of one step, per row or per group (each field a tensor of shape ``(M,)``).
-
-    The measurement kernels return them as the columns of one ``(C, 12)`` tensor, in this order.
-    ``pp = ‖P‖²`` holds for every scheme of §2 (``d/η²`` for SGD, b ≡ 1); the ``xa … sa`` fields are
-    defined for the adaptive schemes (Adam, AdamW) only, with ``a`` the bias-corrected momentum and
-    ``s = η a ⊘ b``.
-    """
-
-    xx: Tensor
-    xd: Tensor
-    dd: Tensor
-    xg: Tensor
-    gg: Tensor
-    dg: Tensor
-    pp: Tensor
-    xa: Tensor
-    aa: Tensor
-    xs: Tensor
-    ss: Tensor
-    sa: Tensor
-
+from lightning_sphere.kernels.products import StepProducts
 
 #: Everything :func:`sphere_metrics` needs of one step, one entry per group (tensors of shape ``(M,)``): the
 #: :class:`StepProducts` fields, then the group's size d, 0/1 flags for whether the closed-form effective
@@ -209,8 +186,10 @@ METRICS: dict[str, Metric] = {
     ]
 }
 
+
 #: The metrics whose per-group distribution is logged as a histogram.
 HISTOGRAMS = tuple(name for name, metric in METRICS.items() if metric.histogram)
+
 
 #: The count logged under ``sphere/skipped_groups/all``: groups left out of a step (zero norm, non-finite).
 SKIPPED_GROUPS = "skipped_groups"
@@ -241,26 +220,3 @@ def valid_groups(st: GroupStats) -> Tensor:
     """Groups whose step can be seen on the sphere: finite products, ``x_k ≠ 0`` and ``x_{k+1} ≠ 0``."""
     finite = st.xx.isfinite() & st.xd.isfinite() & st.dd.isfinite()
     return finite & (st.xx > 0) & (st.xx + 2 * st.xd + st.dd > 0)
-
-
-def angular_update_equilibrium(
-    kind: str, lr: float, weight_decay: float, momentum: float = 0.0, dampening: float = 0.0
-) -> float | None:
-    """The angular update, in radians per step, a group settles at once decay balances growth (§7).
-
-    ``kind`` is ``"sgd"`` (``momentum`` is μ, ``0`` without momentum) or ``"adamw"`` (``momentum`` is
-    β1). ``None`` where no fixed value exists: no weight decay, or ηλ ≥ 1. SGD-M's ``dampening`` τ scales
-    both the gradient and the decay entering the buffer, so it acts as a learning rate η(1 − τ) — our
-    derivation, not the paper's wording.
-
-    >>> round(angular_update_equilibrium("sgd", lr=0.1, weight_decay=5e-4, momentum=0.9), 6)
-    0.007255
-    """
-    eta_lambda = lr * weight_decay
-    if not 0 < eta_lambda < 1:
-        return None
-    if kind == "adamw":
-        return (2 * eta_lambda * (1 - momentum) / (1 + momentum)) ** 0.5
-    if momentum == 0:
-        return math.acos(1 - eta_lambda)
-    return (2 * eta_lambda * (1 - dampening) / (1 + momentum)) ** 0.5

@@ -13,30 +13,32 @@ their flags): when it changed, layers are examined again and the tracker is rebu
 from __future__ import annotations
 
 import math
-import numbers
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_sphere.detect import GroupFinder
-from lightning_sphere.distributed import SUPPORTED, check_model, cut_by_shards, rebind
-from lightning_sphere.groups import InvariantGroups, ParamSlice, tolerance_for
-from lightning_sphere.names import get_submodule, named_parameters
-from lightning_sphere.schemes import MODES, cannot_invert, correction_mode, unsupported, unwrap_optimizer
-from lightning_sphere.sinks import PER_LAYER, LoggerSink, Selection
-from lightning_sphere.summary import summarize
-from lightning_sphere.tracker import Measurement, SphereTracker, after_closure
+from lightning_sphere.core.groups import InvariantGroups
+from lightning_sphere.core.names import get_submodule, named_parameters
+from lightning_sphere.core.sharding import SUPPORTED_STRATEGIES
+from lightning_sphere.core.tolerance import tolerance_for
+from lightning_sphere.detection.finder import GroupFinder
+from lightning_sphere.integrations.lightning.arguments import _cadence_mismatch, _check_arguments
+from lightning_sphere.integrations.lightning.checkpoint import _REAL_WEIGHTS, _group_from_spec, _group_spec
+from lightning_sphere.integrations.strategies import check_model, cut_by_shards, rebind
+from lightning_sphere.optimizers.modes import cannot_invert, correction_mode, unsupported
+from lightning_sphere.optimizers.registry import MODES, unwrap_optimizer
+from lightning_sphere.reporting.sinks import PER_LAYER, LoggerSink, Selection
+from lightning_sphere.reporting.summary import summarize
+from lightning_sphere.tracking.probe import after_closure
+from lightning_sphere.tracking.tracker import Measurement, SphereTracker
 
 #: Steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips the first few)
 #: before it is dropped. Steps on which it gets no gradient at all (a branch not used yet) do not count.
 MAX_VERIFICATION_STEPS = 50
-
-#: Measurement only: a tracked group whose |cos(g, x)| exceeds this on a logging step, a gradient more radial
-#: than tangential, has lost its invariance (an L2 term on its weights in the loss, say).
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,8 @@ class SphereMonitorLogic:
         if isinstance(trainer.strategy, self._framework.unsupported_strategies):
             raise error(
                 f"SphereMonitor does not support {type(trainer.strategy).__name__}: it flattens parameters into "
-                f"1-D buffers, so that a filter's entries are not one row on one device. Supported: {SUPPORTED}; or "
-                "remove SphereMonitor from the callbacks."
+                f"1-D buffers, so that a filter's entries are not one row on one device. Supported: "
+                f"{SUPPORTED_STRATEGIES}; or remove SphereMonitor from the callbacks."
             )
         every = self.log_every_n_steps or trainer.log_every_n_steps
         hist = self.histogram_every_n_steps
@@ -709,58 +711,6 @@ class _Signature:
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
-def _check_arguments(error: type[Exception], **arguments: Any) -> None:
-    """Raise ``error`` naming the argument, the expected type and the value, for a value of the wrong type or
-    range. Bools are not taken for numbers."""
-    expected = {
-        "groups": (
-            '"auto", "numeric" or a dict of module or parameter names to "channel", "layer" or a positive int',
-            _valid_groups_spec,
-        ),
-        "log_every_n_steps": ("a positive int or None", lambda v: v is None or (_is_int(v) and v >= 1)),
-        "histogram_every_n_steps": (
-            "an int >= 0 (0 turns histograms off) or None",
-            lambda v: v is None or (_is_int(v) and v >= 0),
-        ),
-        "custom_scalars": ("a bool", lambda v: isinstance(v, bool)),
-        "tolerance": ("a float in (0, 1) or None", lambda v: v is None or (_is_real(v) and 0 < v < 1)),
-        "compile": ("a bool or None", lambda v: v is None or isinstance(v, bool)),
-        "metrics": ("a list of metric names or None", lambda v: v is None or _names(v)),
-        "per_layer": ("a bool or a list of metric names", lambda v: isinstance(v, bool) or _names(v)),
-    }
-    for name, value in arguments.items():
-        what, valid = expected[name]
-        if not valid(value):
-            raise error(f"SphereMonitor(`{name}`) must be {what}, got {value!r} ({type(value).__name__})")
-
-
-def _cadence_mismatch(hist: int, every: int) -> str:
-    return (
-        f"SphereMonitor(`histogram_every_n_steps={hist}`) must be a multiple of the logging cadence ({every} "
-        "steps), since histograms are taken on logging steps; or 0 to turn them off."
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _names(value: Any) -> bool:
-    return isinstance(value, Sequence) and all(isinstance(v, str) for v in value)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _valid_groups_spec(value: Any) -> bool:
-    if isinstance(value, str):
-        return value in ("auto", "numeric")
-    if not isinstance(value, Mapping):
-        return False
-    return all(isinstance(k, str) and (v in ("channel", "layer") or (_is_int(v) and v > 0)) for k, v in value.items())
-
-
 def _agree_across_ranks(trainer: Any, accepted: list[InvariantGroups]) -> list[InvariantGroups]:
     """Rank zero's groups, on every rank: a correction must rewrite the same weights everywhere."""
     if trainer.world_size == 1:
@@ -774,38 +724,6 @@ def _agree_across_ranks(trainer: Any, accepted: list[InvariantGroups]) -> list[I
             "SphereMonitor(groups={...}) to name them explicitly"
         )
     return [mine[n] for n in names]
-
-
-#: What the radii of a checkpoint's monitor state go with: the real weights its state dict holds.
-_REAL_WEIGHTS = "real weights"
-
-
-def _group_spec(entry: InvariantGroups) -> dict[str, Any]:
-    """``entry`` in plain values, parameters by name: what a checkpoint keeps of a rewritten module."""
-    slices = [
-        {"name": s.name, "channel_dims": list(s.channel_dims), "split": s.split, "channels": s.channels}
-        for s in entry.slices
-    ]
-    fields = ("module_name", "num_groups", "norm_name", "norm_type", "granularity", "channels_aligned")
-    return {"slices": slices, **{f: getattr(entry, f) for f in fields}}
-
-
-def _group_from_spec(spec: dict[str, Any], params: Mapping[str, Tensor]) -> InvariantGroups | None:
-    """The :class:`InvariantGroups` :func:`_group_spec` described, on ``params`` (by name); ``None`` if the
-    model has no such parameter any more."""
-    if any(s["name"] not in params for s in spec["slices"]):
-        return None
-    slices = tuple(
-        ParamSlice(
-            s["name"],
-            params[s["name"]],
-            tuple(s["channel_dims"]),
-            s["split"],
-            None if s["channels"] is None else tuple(s["channels"]),
-        )
-        for s in spec["slices"]
-    )
-    return InvariantGroups(**{k: v for k, v in spec.items() if k != "slices"}, slices=slices)
 
 
 def _steps(spans: Sequence[Sequence[int]]) -> str:

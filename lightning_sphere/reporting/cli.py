@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 with a message on stderr for a bad directory)."""
     args = parser().parse_args(argv)
-    from lightning_sphere.plot import plot
+    from lightning_sphere.reporting.plot import plot
 
     outdir = args.outdir if args.outdir is not None else args.logdir / "sphere_plots"
     try:
@@ -42,7 +42,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in written:
         print(path)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

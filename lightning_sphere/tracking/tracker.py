@@ -33,7 +33,6 @@ Plain PyTorch use (the README's loop, with a logging step every 50):
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,40 +42,38 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_sphere.correction import Rewrite, Safeguards, StepView
-from lightning_sphere.distributed import local
-from lightning_sphere.geometry import (
+from lightning_sphere.core.groups import UNOPTIMIZED, InvariantGroups, Stepped
+from lightning_sphere.core.rows import RowIndex
+from lightning_sphere.core.sharding import local
+from lightning_sphere.core.tolerance import tolerance_for
+from lightning_sphere.correction.base import Rewrite, Safeguards, StepView
+from lightning_sphere.kernels.compiled import Kernels, should_compile
+from lightning_sphere.kernels.products import StepProducts
+from lightning_sphere.measurement.metrics import (
     HISTOGRAMS,
     METRICS,
     SKIPPED_GROUPS,
     GroupStats,
-    StepProducts,
     sphere_metrics,
     valid_groups,
 )
-from lightning_sphere.groups import (
-    InvariantGroups,
-    ParamSlice,
-    RowIndex,
-    Stepped,
-    math_dtype,
-    tolerance_for,
+from lightning_sphere.measurement.reduce import segment_reduce
+from lightning_sphere.optimizers.modes import rewrite_for, unsupported
+from lightning_sphere.optimizers.registry import class_path, rule_of, unwrap_optimizer
+from lightning_sphere.tracking.probe import (
+    _buffers_like,
+    _Gradients,
+    _nested,
+    _Probe,
+    _row_products,
+    _view_columns,
+    after_closure,
 )
-from lightning_sphere.kernels import Kernels, scalar, should_compile
-from lightning_sphere.names import get_submodule
-from lightning_sphere.reduce import segment_reduce
-from lightning_sphere.schemes import OptimizerRule, class_path, rewrite_for, rule_of, unsupported, unwrap_optimizer
+from lightning_sphere.tracking.state import _outside_bias, _real_state_dicts, _running_statistics
 
 __all__ = ["HISTOGRAMS", "UNOPTIMIZED", "Measurement", "SphereTracker"]
 
-#: Why a module whose parameters no optimizer steps is not tracked.
-UNOPTIMIZED = "not stepped by any optimizer"
 
-#: The :class:`StepProducts` columns only adaptive optimizers define (NaN before their first step).
-_ADAPTIVE = slice(StepProducts._fields.index("pp"), None)
-_PP = StepProducts._fields.index("pp")
-#: The :class:`StepProducts` columns that involve the gradient.
-_GRADIENT = [StepProducts._fields.index(name) for name in ("xg", "gg", "dg")]
 #: The rows of the histogrammed metrics among all metrics' per-group values.
 _HISTOGRAM_ROWS = [list(METRICS).index(name) for name in HISTOGRAMS]
 
@@ -111,46 +108,6 @@ class _Transfer(NamedTuple):
     histograms: Tensor  # (histogrammed metrics, M), or (0, M)
     stops: Tensor  # (2, groups of all rewrites): stopped (0/1) and the |cos| that stopped each
     radial: Tensor  # (L,): 1 for the modules most of whose measured groups showed a radial gradient
-
-
-@dataclass(eq=False)
-class _Probe:
-    """The tracked modules of one optimizer, and the weights copied before its measured step."""
-
-    optimizer: torch.optim.Optimizer
-    rule: OptimizerRule
-    modules: list[Stepped]  # ordered so that every rewrite's modules follow each other
-    index: RowIndex
-    positions: Tensor  # (M,): each of its groups' index among all tracked groups
-    static: Tensor  # (M, 3): group_size, formula, adaptive
-    rewrites: list[Rewrite] = field(default_factory=list)
-    armed: bool = False
-    snapshot: dict[Tensor, Tensor] | None = None
-    #: The gradients the armed step consumes, once read (:meth:`SphereTracker.gradients_ready`).
-    gradients: _Gradients | None = None
-    #: The buffers the snapshots (weights, and gradients when copied) go into, kept between logging steps:
-    #: allocating them afresh would cost a page fault per page on CPUs, several times the copy itself.
-    buffers: list[Tensor] = field(default_factory=list)
-    gradient_buffers: list[Tensor] = field(default_factory=list)
-    warned_gradient: bool = False
-    #: The step in progress has read its gradients (measured, or made SGD's again for the AdamG rewrite).
-    ready: bool = False
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [s.param for s in self.index.slices]
-
-
-@dataclass(frozen=True)
-class _Gradients:
-    """The gradients one measured step consumes, per parameter of its probe (``None``: it had none), read
-    when the update is about to consume them: after the closure (training step, backward, Lightning's
-    unscaling and clipping) and before the update. ``held``: for an optimizer that leaves gradients as it
-    found them, the gradient tensors themselves and their version counters, checked after the step; else
-    ``None``, the values being copies."""
-
-    tensors: list[Tensor | None]
-    held: list[tuple[Tensor, int] | None] | None
 
 
 class SphereTracker:
@@ -578,172 +535,3 @@ class SphereTracker:
                 if values.numel():
                     histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
         return histograms
-
-
-#: The code of torch's hooked ``Optimizer.step`` (``Optimizer.profile_hook_step``), whose frames tell how many
-#: steps of an optimizer are under way.
-_HOOKED_STEP = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
-
-
-def _nested(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the hooks firing now are those of a step inside another step of ``optimizer``: a subclass whose
-    ``step()`` calls its base class's, both hooked by torch (the base class's once any of its instances
-    exists). Read off the call stack, so that a step that raised leaves nothing behind."""
-    count, frame = 0, sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _HOOKED_STEP and frame.f_locals.get("self") is optimizer:
-            count += 1
-            if count > 1:
-                return True
-        frame = frame.f_back
-    return False
-
-
-def after_closure(
-    args: tuple[Any, ...], kwargs: dict[str, Any], then: Callable[[], None]
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """For a step pre-hook: the step's ``(args, kwargs)`` with its closure made to call ``then`` after its first
-    call, when the step is given a closure (``args`` starts with the optimizer itself); ``None`` without one."""
-    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-    if closure is None:
-        return None
-    called = False
-
-    def closure_then(*a: Any, **k: Any) -> Any:
-        nonlocal called
-        result = closure(*a, **k)
-        if not called:
-            called = True
-            then()
-        return result
-
-    if "closure" in kwargs:
-        return args, {**kwargs, "closure": closure_then}
-    return (args[0], closure_then, *args[2:]), kwargs
-
-
-def _real_state_dicts(model: nn.Module | None, rewrites: Sequence[Rewrite]) -> list[Any]:
-    """State-dict hooks on the modules that own what a rewrite stores differently from the plain optimizer (the
-    AdamG rewrite's unit-norm weights and the running statistics in their scale), so that every ``state_dict()``
-    of the model or of a module holding them — Lightning's checkpoints, ``torch.save`` — holds the plain
-    optimizer's values: it loads and trains without lightning_sphere as the plain optimizer's model does. The
-    model's own tensors are untouched; ``keep_vars=True`` gets them as they are. Returns the hooks' handles."""
-    owner = {t: rewrite for rewrite in rewrites for t in rewrite.real_tensors()}
-    if model is None or not owner:
-        return []
-    handles = []
-    for module in model.modules():
-        tensors = [*module._parameters.items(), *module._buffers.items()]
-        own = [(n, t) for n, t in tensors if t is not None and t in owner]
-        if not own:
-            continue
-
-        def hook(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any, own: Any = own) -> None:
-            with torch.no_grad():
-                for name, tensor in own:
-                    value = state.get(prefix + name)
-                    if isinstance(value, Tensor) and value is not tensor:
-                        state[prefix + name] = owner[tensor].real_value(tensor, value)
-
-        handles.append(module.register_state_dict_post_hook(hook))
-    return handles
-
-
-def _running_statistics(model: nn.Module | None, entry: InvariantGroups) -> tuple[nn.Module, ...] | None:
-    """The normalization of ``entry`` if, in eval mode, it normalizes with running statistics (BatchNorm,
-    InstanceNorm with ``track_running_stats``): the module is then not invariant any more. ``None`` when it
-    cannot be known: no ``model``, or ``entry`` names no normalization (``groups=``) while ``model`` has such
-    normalizations."""
-    if model is None:
-        return None if entry.norm_name else ()
-    if not entry.norm_name:
-        return None if entry.norm_type in _UNKNOWN_NORM and any(map(_keeps_statistics, model.modules())) else ()
-    try:
-        norm = get_submodule(model, entry.norm_name)
-    except AttributeError:
-        return ()
-    return (norm,) if _keeps_statistics(norm) else ()
-
-
-def _outside_bias(model: nn.Module | None, entry: InvariantGroups) -> Tensor | None:
-    """The bias of ``entry``'s layer when it is not in the groups (the normalization cancels it)."""
-    if model is None:
-        return None
-    try:
-        bias = get_submodule(model, entry.module_name)._parameters.get("bias")  # a computed bias is not evaluated
-    except AttributeError:
-        return None
-    return bias if isinstance(bias, Tensor) and all(bias is not p for p in entry.params) else None
-
-
-#: The ``norm_type`` of groups whose normalization detection did not see (numeric and named groups).
-_UNKNOWN_NORM = ("gradient test", "explicit")
-
-
-def _keeps_statistics(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
-
-
-def _buffers_like(buffers: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
-    """``buffers`` if they match ``tensors`` one for one in layout, else new ones that do."""
-    if len(buffers) == len(tensors) and all(_same_layout(b, t) for b, t in zip(buffers, tensors, strict=True)):
-        return buffers
-    return [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors]
-
-
-def _view_columns(probe: _Probe, views: list[StepView]) -> list[tuple[Tensor | None, Tensor | None, Tensor | None]]:
-    """Per slice of the probe: AdamS's b and the AdamG rewrite's scales σ_k, σ_{k+1} as ``(C, 1)`` columns,
-    ``None`` where the step is read as torch took it. The rewrites cover the probe's modules in order."""
-    if not probe.rewrites:
-        return [(None, None, None)] * len(probe.index.slices)
-    columns = []
-    for rewrite, view in zip(probe.rewrites, views, strict=True):
-        n = len(rewrite.slices)
-        b = rewrite.index.spread(view.b) if view.b is not None else [None] * n
-        s0, s1 = (rewrite.index.spread(v) for v in view.scale) if view.scale is not None else ([None] * n,) * 2
-        columns += zip(b, s0, s1, strict=True)
-    return columns
-
-
-def _row_products(
-    kernels: Kernels,
-    s: ParamSlice,
-    x0: Tensor,
-    grad: Tensor | None,
-    optimizer: torch.optim.Optimizer,
-    rule: OptimizerRule,
-    param_group: dict[str, Any],
-    b: Tensor | None,
-    scale0: Tensor | None,
-    scale1: Tensor | None,
-) -> Tensor:
-    """One parameter's :class:`StepProducts` per output channel: ``(C, 12)``.
-
-    ``grad`` is the gradient the update consumed (``None``: it had none, and the products of the gradient are
-    NaN). ``b`` replaces Adam's element-wise denominator (AdamS's, one per row); ``scale0``, ``scale1`` map the
-    stored weights before and after the step to virtual ones (x̃ = σx, so g̃ = g/σ_k by invariance).
-    """
-    dtype = math_dtype(s.param)
-    x, x1 = s.rows(x0).to(dtype), s.rows(s.param.detach()).to(dtype)
-    g = torch.zeros_like(x) if grad is None else s.rows(grad).to(dtype)
-    one = x.new_ones(())
-    s0, s1 = (one if c is None else c.to(dtype) for c in (scale0, scale1))
-    lr = param_group.get("lr", 1.0)  # an optimizer without one gets the measured η^e: P is unused
-    moments = rule.moments(optimizer.state[s.param], param_group) if rule.moments is not None else None
-    if moments is None:
-        products = kernels.sgd_products(x, x1, g, s0, s1)
-        products[:, _PP] /= lr**2
-        if rule.adaptive:  # never stepped: Adam's quantities are undefined
-            products[:, _ADAPTIVE] = float("nan")
-    else:
-        m, v = s.rows(moments.exp_avg).to(dtype), s.rows(moments.exp_avg_sq).to(dtype)
-        b = None if b is None else b.to(dtype)
-        bias = (moments.inv_bias1, moments.inv_sqrt_bias2)
-        products = kernels.adam_products(x, x1, g, s0, s1, scalar(lr), m, v, b, *bias, scalar(param_group["eps"]))
-    if grad is None:
-        products[:, _GRADIENT] = float("nan")
-    return products

@@ -174,6 +174,8 @@ _ELEMENTWISE = frozenset(
         "AbsBackward0",
     }
 )
+
+
 _VIEWS = frozenset(
     {
         "ViewBackward0",
@@ -186,7 +188,11 @@ _VIEWS = frozenset(
         "ExpandBackward0",
     }
 )
+
+
 _POWERS = {"SqrtBackward0": Fraction(1, 2), "RsqrtBackward0": Fraction(-1, 2), "ReciprocalBackward0": Fraction(-1)}
+
+
 #: Reductions and contractions homogeneous of degree 1 in each input that depends on the stored tensor (2:
 #: a variance); their result mixes channels (a single number is common).
 _CONTRACTIONS = {

@@ -37,21 +37,36 @@ from typing import Any
 
 import numpy as np
 
-from lightning_sphere.geometry import METRICS, SKIPPED_GROUPS
+from lightning_sphere.measurement.metrics import METRICS, SKIPPED_GROUPS
 
 #: Pixels per inch of every figure, and the size of one panel in inches: a figure of ``n`` panels is
 #: ``min(n, COLUMNS)`` panels wide and ``ceil(n / COLUMNS)`` high.
 DPI = 100
+
+
 PANEL_INCHES = (4.0, 3.0)
+
+
 COLUMNS = 3
+
+
 #: Metrics drawn on a logarithmic axis: positive and spanning orders of magnitude over a run.
 LOG_SCALE = ("norm", "angular_update", "effective_lr", "sphere_grad_norm")
+
+
 EQUILIBRIUM = "angular_update_equilibrium"
+
+
 #: A settling time beyond this many times the run's last step is written in the panel instead of drawn.
 SETTLING_BEYOND = 1.5
+
+
 HISTOGRAM_BINS = 40
 
+
 _LR_TAG = re.compile(r"^lr-.+")
+
+
 _LR_SUFFIXES = ("-momentum", "-weight_decay")
 
 

@@ -1,40 +1,33 @@
-"""Parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``, Lightning's ``ModelParallelStrategy``).
+"""Parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``): what one rank holds of a tensor.
 
 FSDP2 keeps every parameter, its gradient and its optimizer state as a DTensor sharded on dimension 0 with
 ``torch.chunk``'s rule: rank r holds rows ``[r·⌈N/W⌉, (r+1)·⌈N/W⌉) ∩ [0, N)`` of the N rows, possibly none. A
 group's per-row inner products are computed on the local rows (``to_local()``); its per-group sums are
 partial where its rows span ranks, and :class:`GroupSum` adds them up over the ranks of the mesh. Row sums
 need no communication, so only the batched per-group sums ``(M, k)`` travel: one collective per call of
-:meth:`~lightning_sphere.groups.RowIndex.sum_rows`, that is per measured step and optimizer, and per pass of
+:meth:`~lightning_sphere.core.rows.RowIndex.sum_rows`, that is per measured step and optimizer, and per pass of
 the spherical correction (docs/theory.md §3–§6 for what the sums are).
 
 Only placements whose rows can be read locally are supported: ``Shard(0)`` on a one-dimensional mesh
 (FSDP2), or ``Replicate()`` on every mesh dimension. Anything else (tensor parallelism's ``Shard(1)``, which
 splits every row across ranks; ``Shard(0)`` on a tensor-parallel mesh; hybrid 2-D meshes) is refused by
-:func:`unsupported_placement`: a row sum there would need a reduction the monitor does not do.
+:func:`unsupported_placement`: a row sum there would need a reduction the monitor does not do. What a
+training strategy must look like to be supported is :mod:`lightning_sphere.integrations.strategies`'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_sphere.names import named_parameters
-
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sharded
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
-
-#: What the refusals name as supported.
-SUPPORTED = (
-    "DDP (`strategy='ddp'`), ModelParallelStrategy with FSDP2 only (`fully_shard` on the data-parallel mesh in "
-    "`configure_model`, and no tensor-parallel plan on any weight), or a single device"
-)
 
 
 def is_dtensor(t: Any) -> bool:
@@ -89,44 +82,19 @@ def _placement_problem(param: Tensor) -> str | None:
     return f"of shape {tuple(param.shape)}, a DTensor with placements {placements} on the mesh {names}"
 
 
+#: What the refusals name as supported.
+SUPPORTED_STRATEGIES = (
+    "DDP (`strategy='ddp'`), ModelParallelStrategy with FSDP2 only (`fully_shard` on the data-parallel mesh in "
+    "`configure_model`, and no tensor-parallel plan on any weight), or a single device"
+)
+
+
 _WHY = (
     "Only Shard(0) on a one-dimensional data-parallel mesh (FSDP2's fully_shard) or Replicate keeps each "
     "filter's rows whole and measured once; tensor parallelism (RowwiseParallel's Shard(1) splits every row, "
     "ColwiseParallel's Shard(0) on the tensor-parallel mesh, 2-D meshes) is not supported. Supported: "
-    f"{SUPPORTED}; or remove SphereMonitor from the callbacks."
+    f"{SUPPORTED_STRATEGIES}; or remove SphereMonitor from the callbacks."
 )
-
-
-def check_model(model: nn.Module) -> str | None:
-    """Why ``model`` cannot be monitored, naming every parameter of two or more dimensions (those the monitor
-    may track) whose placement :func:`unsupported_placement` refuses; ``None`` if none."""
-    problems = [
-        f"`{name}` {problem}"
-        for name, p in named_parameters(model)
-        if p.dim() >= 2 and (problem := _placement_problem(p))
-    ]
-    if not problems:
-        return None
-    return f"SphereMonitor cannot measure parameter{'s' if len(problems) > 1 else ''} {'; '.join(problems)}. {_WHY}"
-
-
-def rebind(entries: Sequence[Any], model: nn.Module) -> list[Any]:
-    """``entries`` (``InvariantGroups``) with every slice's parameter looked up by name in ``model`` now.
-
-    FSDP2 swaps a module's parameters for unsharded copies during forward and back afterwards: detection
-    reads the graph while some layers hold their unsharded copies, the optimizer steps the sharded ones.
-    """
-    from dataclasses import replace
-
-    params = dict(named_parameters(model))
-    out = []
-    for entry in entries:
-        slices = tuple(
-            s if params.get(s.name, s.param) is s.param else replace(s, param=params[s.name]) for s in entry.slices
-        )
-        same = all(a is b for a, b in zip(slices, entry.slices, strict=True))
-        out.append(entry if same else replace(entry, slices=slices))
-    return out
 
 
 def unsharded_aliases(model: nn.Module) -> dict[Tensor, Tensor]:
@@ -150,22 +118,6 @@ def unsharded_aliases(model: nn.Module) -> dict[Tensor, Tensor]:
             if unsharded is not None:
                 aliases[fsdp_param.sharded_param] = unsharded
     return aliases
-
-
-def cut_by_shards(entries: Sequence[Any]) -> list[tuple[Any, str]]:
-    """The ``entries`` (``InvariantGroups``) whose output channels a shard of dim 0 cuts across (a grouped
-    ConvTranspose weight, whose channel is (group, dim 1)), with why they cannot be measured."""
-    out = []
-    for entry in entries:
-        for s in entry.slices:
-            if s.split > 1 and sharded_rows(s.param) is not None:
-                why = (
-                    f"{s.name} is a grouped ConvTranspose weight, whose output channels FSDP2's shards of dim 0 cut "
-                    "across; leave this layer out of fully_shard to track it"
-                )
-                out.append((entry, why))
-                break
-    return out
 
 
 class GroupSum:

@@ -1,5 +1,6 @@
 """Where measurements go, and which of them: every Lightning logger gets the selected scalars, TensorBoard also
-the histograms and a custom-scalars layout with one multi-line chart per metric across layers."""
+the histograms and the custom-scalars layout (:mod:`lightning_sphere.reporting.layout`).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ import difflib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lightning_sphere.geometry import HISTOGRAMS, METRICS, SKIPPED_GROUPS
-from lightning_sphere.tracker import Measurement
+from lightning_sphere.measurement.metrics import HISTOGRAMS, SKIPPED_GROUPS
+from lightning_sphere.reporting.layout import _EQUILIBRIUM, LOGGABLE, custom_scalars_layout, tensorboard_writer
+from lightning_sphere.tracking.tracker import Measurement
 
 #: The metrics logged with a line per layer by default, the headline ones; every selected metric is also
 #: logged over all groups (``sphere/<metric>/all``).
 PER_LAYER = ("effective_lr", "angular_update", "norm")
-
-#: Every metric a selection may name: the registry's, then the count of groups left out of a step.
-LOGGABLE = (*METRICS, SKIPPED_GROUPS)
-
-_EQUILIBRIUM = "angular_update_equilibrium"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,32 +82,6 @@ def _known(names: Sequence[str], argument: str) -> set[str]:
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"`{argument}`: {unknown[0]!r} is not a metric{hint}; the metrics are {', '.join(LOGGABLE)}")
     return set(names)
-
-
-def tensorboard_writer(logger: Any) -> Any | None:
-    """The ``SummaryWriter`` behind a TensorBoard-like logger, ``None`` for other loggers."""
-    experiment = getattr(logger, "experiment", None)
-    has = all(callable(getattr(experiment, name, None)) for name in ("add_histogram", "add_custom_scalars"))
-    return experiment if has else None
-
-
-def custom_scalars_layout(metrics: Iterable[str] = LOGGABLE) -> dict[str, dict[str, list[Any]]]:
-    """One multi-line chart per metric, every layer a line, whatever a run measured: the layout depends on the
-    selected ``metrics`` alone, so that runs of any optimizer, with or without the correction, write the same
-    charts (TensorBoard shows a chart once per distinct definition). The measured angular update shares its
-    chart with the §7 equilibrium it should settle at. ``skipped_groups``, logged only when groups were left out
-    of a step, has no chart: its cards appear in the Scalars tab when it happens."""
-    metrics = set(metrics)
-    charts = {}
-    for metric in METRICS:
-        if metric == _EQUILIBRIUM and "angular_update" in metrics:
-            continue
-        if metric in metrics:
-            tags = [rf"sphere/{metric}/.*"]
-            if metric == "angular_update":
-                tags.append(rf"sphere/{_EQUILIBRIUM}/.*")
-            charts[metric] = ["Multiline", tags]
-    return {"sphere": charts}
 
 
 class LoggerSink:

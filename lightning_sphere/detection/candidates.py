@@ -18,9 +18,10 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from lightning_sphere.groups import GRADIENT_TEST, InvariantGroups, ParamSlice
-from lightning_sphere.names import named_modules, named_parameters
-from lightning_sphere.parametrized import stored_weight
+from lightning_sphere.core.groups import InvariantGroups, ParamSlice
+from lightning_sphere.core.names import named_modules, named_parameters
+from lightning_sphere.core.tolerance import GRADIENT_TEST
+from lightning_sphere.detection.parametrized import stored_weight
 
 #: Granularities a mapping may ask for, besides a number of channels per group.
 GRANULARITIES = ("channel", "layer")

@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 from torch import nn
 
-from lightning_sphere.groups import InvariantGroups
-from lightning_sphere.names import model_order, position
+from lightning_sphere.core.groups import InvariantGroups
+from lightning_sphere.core.names import model_order, position
 
 
 class _Column(NamedTuple):
