@@ -15,7 +15,7 @@ from lightning_sphere.optimizers.registry import Moments, OptimizerRule, registe
 from lightning_sphere.reporting.summary import summarize
 from lightning_sphere.tracking.tracker import Measurement, SphereTracker
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "COSINE_TOLERANCE",

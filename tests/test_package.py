@@ -52,3 +52,13 @@ def test_every_public_name_is_documented():
         obj = getattr(lightning_sphere, name)
         if callable(obj):
             assert (obj.__doc__ or "").strip(), name
+
+
+def test_the_version_is_the_changelogs_newest():
+    from pathlib import Path
+
+    import lightning_sphere
+
+    changelog = (Path(__file__).resolve().parent.parent / "CHANGELOG.md").read_text()
+    newest = changelog.split("\n## ", 1)[1].split()[0]
+    assert lightning_sphere.__version__ == newest
