@@ -150,3 +150,11 @@ def test_equilibrium_matches_a_simulated_sgd_run():
         x = x1
     settled = (sum(t * t for t in thetas[-1000:]) / 1000) ** 0.5
     assert settled == pytest.approx(angular_update_equilibrium("sgd", lr, wd), rel=0.05)
+
+
+def test_group_stats_begin_with_the_kernels_columns_in_their_order():
+    """The tracker stacks the kernels' per-group sums and its own four fields into one ``(M, 16)`` tensor, read back
+    by position: the two field lists must agree."""
+    from lightning_sphere.kernels.products import StepProducts
+
+    assert GroupStats._fields == (*StepProducts._fields, "group_size", "formula", "adaptive", "equilibrium")

@@ -83,6 +83,7 @@ class ParamSlice:
     def _local_kept(self) -> tuple[int, int, range]:
         """Sharded parameters: the local rows of dim 0 that belong to the groups (start, stop) and the global
         channel index of each local row of :meth:`rows`."""
+        assert self._shard is not None  # only asked of sharded parameters
         offset, count = self._shard
         if self.channel_dims != (0,):  # every local row holds a part of every channel (or of the one)
             return 0, count, range(self.num_channels)
@@ -143,7 +144,8 @@ class ParamSlice:
 
     def _row_order(self) -> list[int]:
         shaped = self._local_shaped(self.param)
-        others = sorted((d for d in range(shaped.dim()) if d not in self.channel_dims), key=lambda d: -shaped.stride(d))
+        strides = shaped.stride()
+        others = sorted((d for d in range(shaped.dim()) if d not in self.channel_dims), key=lambda d: -strides[d])
         return [*self.channel_dims, *others]
 
 

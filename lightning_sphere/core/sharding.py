@@ -18,7 +18,7 @@ training strategy must look like to be supported is :mod:`lightning_sphere.integ
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sh
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -154,9 +154,9 @@ def group_sum_for(params: Iterable[Tensor]) -> GroupSum | None:
         ValueError: for parameters sharded over different meshes, or placed in a way :func:`sharded_rows`
             refuses.
     """
-    meshes = []
+    meshes: list[Any] = []
     for p in params:
-        if sharded_rows(p) is not None and all(p.device_mesh is not m for m in meshes):
+        if is_dtensor(p) and sharded_rows(p) is not None and all(p.device_mesh is not m for m in meshes):
             meshes.append(p.device_mesh)
     if not meshes:
         return None

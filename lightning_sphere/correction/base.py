@@ -75,9 +75,14 @@ class Scheme(Protocol):
     x_{k+1} = x_k − η a ⊘ b (docs/theory.md §2) as the optimizer registry describes it
     (:class:`~lightning_sphere.optimizers.OptimizerRule`, which the algorithms do not import)."""
 
-    name: str
-    moments: Callable[[dict[str, Any], ParamGroup], Moments | None] | None
-    decoupled_decay: Callable[[ParamGroup], bool]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def moments(self) -> Callable[[dict[str, Any], ParamGroup], Moments | None] | None: ...
+
+    @property
+    def decoupled_decay(self) -> Callable[[ParamGroup], bool]: ...
 
     def decay_factor(self, group: ParamGroup) -> float: ...
 

@@ -81,7 +81,7 @@ def adam_apply(
         x1.copy_(torch.where(mask, x1 + taken - step, x1))
     else:
         x0 = (x1 + step) / decay_factor
-    if keep is not None:
+    if keep is not None and along is not None:
         m.copy_(torch.where(mask, keep * m - along * x0, m))
         if ratio is not None:
             v.copy_(torch.where(mask, ratio * v, v))
@@ -126,7 +126,7 @@ def adamg_direction(
     step = lr * g
     u0 = (x1 + step) / decay_factor
     y = torch.where(fresh, x1, decay_factor * u0 - step * inv_r0_sq)
-    if norm is not None:
+    if norm is not None and mask is not None and back is not None and r0 is not None:
         real = r0 * (x1 + step) - step / r0
         x1.copy_(torch.where(mask, y / norm, torch.where(back, real, x1)))
         return x1.new_empty(0)

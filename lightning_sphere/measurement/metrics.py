@@ -22,22 +22,29 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_sphere.kernels.products import StepProducts
 
-#: Everything :func:`sphere_metrics` needs of one step, one entry per group (tensors of shape ``(M,)``): the
-#: :class:`StepProducts` fields, then the group's size d, 0/1 flags for whether the closed-form effective
-#: learning rate applies (``formula``) and whether ``a``, ``b`` come from Adam's state (``adaptive``), and
-#: the §7 equilibrium for the group's hyper-parameters (NaN where none applies).
-GroupStats = NamedTuple(  # type: ignore[misc]
-    "GroupStats",
-    [
-        *((name, Tensor) for name in StepProducts._fields),
-        ("group_size", Tensor),
-        ("formula", Tensor),
-        ("adaptive", Tensor),
-        ("equilibrium", Tensor),
-    ],
-)
+class GroupStats(NamedTuple):
+    """Everything :func:`sphere_metrics` needs of one step, one entry per group (tensors of shape ``(M,)``): the
+    :class:`~lightning_sphere.kernels.products.StepProducts` fields, then the group's size d, 0/1 flags for whether
+    the closed-form effective learning rate applies (``formula``) and whether ``a``, ``b`` come from Adam's state
+    (``adaptive``), and the §7 equilibrium for the group's hyper-parameters (NaN where none applies)."""
+
+    xx: Tensor
+    xd: Tensor
+    dd: Tensor
+    xg: Tensor
+    gg: Tensor
+    dg: Tensor
+    pp: Tensor
+    xa: Tensor
+    aa: Tensor
+    xs: Tensor
+    ss: Tensor
+    sa: Tensor
+    group_size: Tensor
+    formula: Tensor
+    adaptive: Tensor
+    equilibrium: Tensor
 
 
 class Sphere(NamedTuple):

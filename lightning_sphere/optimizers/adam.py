@@ -39,10 +39,10 @@ def adam_moments(state: dict[str, Any], group: ParamGroup) -> Moments | None:
 
 
 def _adamw_equilibrium(group: ParamGroup) -> float | None:
-    lr = host_float(group["lr"])
-    if lr is None:
+    lr, beta1 = host_float(group["lr"]), host_float(group["betas"][0])
+    if lr is None or beta1 is None:
         return None
-    return angular_update_equilibrium("adamw", lr, group["weight_decay"], host_float(group["betas"][0]))
+    return angular_update_equilibrium("adamw", lr, group["weight_decay"], beta1)
 
 
 def _adam_equilibrium(group: ParamGroup) -> float | None:

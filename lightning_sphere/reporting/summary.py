@@ -52,7 +52,7 @@ def summarize(
         f"{_count(sum(g.num_groups for g in groups), 'radially invariant group')}, "
         f"{tracked:,} of {total:,} trainable parameters tracked ({share})"
     ]
-    columns = _COLUMNS
+    columns: tuple[_Column, ...] = _COLUMNS
     if corrections:
         columns += (_Column("correction", lambda g: corrections.get(g.module_name, "-"), False),)
     if groups:
