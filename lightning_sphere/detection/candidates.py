@@ -26,6 +26,30 @@ from lightning_sphere.detection.parametrized import stored_weight
 #: Granularities a mapping may ask for, besides a number of channels per group.
 GRANULARITIES = ("channel", "layer")
 
+#: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
+#: or more dimensions, from its gradient alone) or a mapping from module or parameter names to a granularity.
+GroupsSpec = str | Mapping[str, str | int]
+
+
+def initial_candidates(
+    model: nn.Module, groups: GroupsSpec
+) -> tuple[list[InvariantGroups], dict[str, InvariantGroups], dict[str, str]]:
+    """What ``groups`` asks for before any forward pass: the candidates, frozen ones included (they wait until
+    they train); the coarser candidate to try when one fails its test, by module (numeric: per channel, then
+    whole); and the modules left out, with the reason. ``"auto"`` adds the graph's candidates later.
+
+    Raises:
+        ValueError: for a ``groups`` of another kind, or a mapping the model does not fit.
+    """
+    if groups == "auto":
+        return weight_norm_groups(model, trainable_only=False), {}, {}
+    if groups == "numeric":
+        pairs, shared = numeric_candidates(model, trainable_only=False)
+        return [per_channel for per_channel, _ in pairs], {whole.module_name: whole for _, whole in pairs}, shared
+    if isinstance(groups, Mapping):
+        return mapped_groups(model, groups), {}, {}
+    raise ValueError(f'groups must be "auto", "numeric" or a mapping of names to granularities, got {groups!r}')
+
 
 def weight_norm_groups(model: nn.Module, trainable_only: bool = True) -> list[InvariantGroups]:
     """One group per row of each weight-normalized direction tensor (whole tensor for ``dim=None``).

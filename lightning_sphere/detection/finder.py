@@ -8,26 +8,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sphere.core.groups import UNOPTIMIZED, InvariantGroups
-from lightning_sphere.core.names import get_submodule, model_order, named_modules, position
-from lightning_sphere.core.tolerance import GRADIENT_TEST, indistinct, noise_floor, random_cosine, tolerance_for
-from lightning_sphere.detection.candidates import mapped_groups, numeric_candidates, weight_norm_groups
-from lightning_sphere.detection.gradient_test import verify
+from lightning_sphere.core.names import model_order, named_modules, position
+from lightning_sphere.detection.candidates import GroupsSpec, initial_candidates
+from lightning_sphere.detection.gradient_test import failure_reason, verify_with_fallback
 from lightning_sphere.detection.layers import LAYERS, find_candidates
 from lightning_sphere.detection.parametrized import stored_weight
 from lightning_sphere.detection.recorder import DataflowRecorder
 
-#: What to look for: ``"auto"`` (the graph, plus weight normalization), ``"numeric"`` (every parameter of two
-#: or more dimensions, from its gradient alone) or a mapping from module or parameter names to a granularity.
-GroupsSpec = str | Mapping[str, str | int]
-
+T = TypeVar("T")
 
 #: Steps a candidate may show a gradient that cannot judge it (zero, not finite) before it is rejected.
 MAX_TRIES = 50
@@ -84,37 +80,18 @@ class GroupFinder:
         #: of rejected ones (what a checkpoint keeps, :meth:`restore`).
         self.verdicts: dict[str, float | str] = {}
         self._recorder: DataflowRecorder | None = None
-        #: Coarser candidates to try when a finer one fails its test (numeric: per channel, then whole).
-        self._fallback: dict[str, InvariantGroups] = {}
         #: Modules called during a recorded step whose output reached no analyzed backward pass (reset by
         #: :meth:`reexamine`): not recorded again until then.
         self._unused: dict[str, str] = {}
         self._tries: dict[str, int] = {}
         self.auto = groups == "auto"
         # Frozen tensors are candidates too: they wait, listed as frozen, until they train (and get a gradient).
-        if groups == "auto":
-            self.pending = weight_norm_groups(model, trainable_only=False)
-            self.analyzed = False
-        elif groups == "numeric":
-            pairs, shared = numeric_candidates(model, trainable_only=False)
-            self.pending = [per_channel for per_channel, _ in pairs]
-            self._fallback = {whole.module_name: whole for _, whole in pairs}
-            self.rejected.update(shared)  # the second owner of a tied weight: the test is its first owner's
-            self.analyzed = True
-        elif isinstance(groups, Mapping):
-            self.pending = mapped_groups(model, groups)
-            self.analyzed = True
-        else:
-            raise ValueError(f'groups must be "auto", "numeric" or a mapping of names to granularities, got {groups!r}')
-        declared = {p for g in self.pending for p in g.params}
-        self._weight_normed = [m for m in model.modules() if any(p in declared for p in m.parameters())]
+        # _fallback: the coarser candidate to try when a finer one fails its test (numeric: per channel, then whole).
+        self.pending, self._fallback, shared = initial_candidates(model, groups)
+        self.rejected.update(shared)  # the second owner of a tied weight: the test is its first owner's
+        self.analyzed = not self.auto  # "auto" reads its other candidates off a graph first
         #: Module name → the parameters whose trainability decides whether it can be examined.
-        self.watched: dict[str, tuple[nn.Parameter, ...]] = {g.module_name: g.params for g in self.pending}
-        if self.auto:
-            for name, module in named_modules(model):
-                stored = stored_weight(module) if isinstance(module, LAYERS) else None
-                if stored is not None and module not in self._weight_normed:
-                    self.watched.setdefault(name, stored.params)
+        self.watched, self._weight_normed = _watched(model, self.pending, self.auto)
         self._layers = {name: m for name, m in named_modules(model) if name in self.watched}
 
     @property
@@ -236,36 +213,7 @@ class GroupFinder:
 
         ``stepped``: the parameters some optimizer steps (``None``: not asked, as for plain PyTorch).
         """
-        out: dict[str, str] = {}
-        accepted = {g.module_name: g.params for g in self.accepted}
-        pending = {g.module_name: g.params for g in self.pending}
-        for name in self._in_model_order(dict.fromkeys([*self.watched, *self.rejected, *pending, *accepted])):
-            if name in tracked:
-                continue
-            params = accepted.get(name) or pending.get(name) or self.watched.get(name, ())
-            if name in self.rejected:
-                out[name] = self.rejected[name]
-            elif not all(p.requires_grad for p in params):
-                out[name] = "weight is frozen"
-            elif stepped is not None and not all(p in stepped for p in params):
-                out[name] = UNOPTIMIZED
-            elif name in pending:
-                out[name] = "waiting for a gradient to verify it"
-            elif name in accepted:
-                out[name] = "verified, tracked from its next step"
-            elif name in self._unused:
-                out[name] = self._unused[name]
-            else:
-                out[name] = "not called yet"
-        return out
-
-    def _in_model_order(self, names: Collection[str]) -> list[str]:
-        order = model_order(self.model)
-        return sorted(names, key=lambda name: position(order, name))
-
-    def _sort_accepted(self) -> None:
-        order = model_order(self.model)
-        self.accepted.sort(key=lambda entry: position(order, entry.module_name))
+        return _untracked(self, stepped, tracked)
 
     def verify(
         self, grads: Mapping[nn.Parameter, Tensor], entries: Sequence[InvariantGroups] | None = None
@@ -281,18 +229,14 @@ class GroupFinder:
         if not any(all(p in grads for p in e.params) for e in chosen):
             return []
         others = [e for e in self.pending if e not in chosen]
-        accepted, rejected, waiting = verify(chosen, grads, self.tolerance, self.compute_dtype)
-        retry = [self._fallback.pop(entry.module_name) for entry in rejected if entry.module_name in self._fallback]
-        if retry:
-            accepted_again, rejected_again, _ = verify(retry, grads, self.tolerance, self.compute_dtype)
-            accepted += accepted_again
-            retried = {entry.module_name for entry in retry}
-            rejected = [e for e in rejected if e.module_name not in retried] + rejected_again
-        self.accepted += accepted
-        self._sort_accepted()
+        accepted, rejected, waiting = verify_with_fallback(
+            chosen, grads, self._fallback, self.tolerance, self.compute_dtype
+        )
+        self.accepted[:] = _in_model_order(self.model, self.accepted + accepted, _module_name)
         self.verdicts |= {verdict_key(e): e.cosine for e in accepted}
         for entry in rejected:
-            self.rejected[entry.module_name] = self.verdicts[verdict_key(entry)] = self._why(entry)
+            why = failure_reason(entry, self.model, self.tolerance, self.compute_dtype)
+            self.rejected[entry.module_name] = self.verdicts[verdict_key(entry)] = why
         self.pending = others + waiting
         for entry in waiting:
             if all(p in grads for p in entry.params):
@@ -306,35 +250,6 @@ class GroupFinder:
         """Whether a pending candidate has shown a gradient that could not judge it (it will be tried again)."""
         names = {g.module_name for g in self.pending}
         return any(name in names for name in self._tries)
-
-    def _why(self, entry: InvariantGroups) -> str:
-        """The true reason a candidate failed the gradient test."""
-        d = entry.group_size
-        yardstick = (
-            f"max |cos(g, x)| = {entry.cosine:.1e} > {tolerance_for(entry, self.tolerance, self.compute_dtype):.1e}, "
-            f"while a random direction shows about 1/√d = {random_cosine(d):.1e} (d = {d:,})"
-        )
-        if entry.norm_type == GRADIENT_TEST:
-            if indistinct(entry, self.compute_dtype):
-                floor = noise_floor(self.compute_dtype or entry.slices[0].param.dtype)
-                return (
-                    f"the gradient test cannot tell at d = {d:,}: 16-bit round-off ({floor:.1e}) reaches what a random "
-                    "direction shows; name it in groups= to track it"
-                )
-            return f"gradient not orthogonal to the weights: {yardstick}"
-        eps = getattr(self._norm(entry), "eps", None)
-        if isinstance(eps, float) and eps > 0:
-            return (
-                f"invariant only up to the eps of {entry.norm_name} ({entry.norm_type}), eps={eps:g}, which is not "
-                f"small next to the variance it normalizes on this batch: {yardstick}"
-            )
-        return f"gradient not orthogonal to the weights, whatever the structure says: {yardstick}"
-
-    def _norm(self, entry: InvariantGroups) -> nn.Module | None:
-        try:
-            return get_submodule(self.model, entry.norm_name) if entry.norm_name else None
-        except AttributeError:
-            return None
 
     def restore(self, verdicts: Mapping[str, float | str]) -> None:
         """Decide pending candidates as an earlier run did (:func:`verdict_key` → cosine, or → reason), so that
@@ -353,7 +268,7 @@ class GroupFinder:
             self.verdicts[verdict_key(entry)] = verdict
             self._fallback.pop(entry.module_name, None)
         self.pending = keep
-        self._sort_accepted()
+        self.accepted[:] = _in_model_order(self.model, self.accepted, _module_name)
 
     def reject(self, entries: Sequence[InvariantGroups], why: str) -> None:
         """Reject pending candidates without a verdict from their gradient, with the reason ``why``."""
@@ -375,6 +290,60 @@ _NO_GRAPH = (
     "called with gradients off (torch.no_grad, or inside torch.utils.checkpoint(use_reentrant=True), whose "
     "graph cannot be read: use use_reentrant=False)"
 )
+
+
+def _untracked(finder: GroupFinder, stepped: Collection[Tensor] | None, tracked: Collection[str]) -> dict[str, str]:
+    """:meth:`GroupFinder.untracked`: the state of every watched module, as the reason it is not tracked."""
+    out: dict[str, str] = {}
+    accepted = {g.module_name: g.params for g in finder.accepted}
+    pending = {g.module_name: g.params for g in finder.pending}
+    watched = [*finder.watched, *finder.rejected, *pending, *accepted]
+    for name in _in_model_order(finder.model, dict.fromkeys(watched), lambda name: name):
+        if name in tracked:
+            continue
+        params = accepted.get(name) or pending.get(name) or finder.watched.get(name, ())
+        if name in finder.rejected:
+            out[name] = finder.rejected[name]
+        elif not all(p.requires_grad for p in params):
+            out[name] = "weight is frozen"
+        elif stepped is not None and not all(p in stepped for p in params):
+            out[name] = UNOPTIMIZED
+        elif name in pending:
+            out[name] = "waiting for a gradient to verify it"
+        elif name in accepted:
+            out[name] = "verified, tracked from its next step"
+        elif name in finder._unused:
+            out[name] = finder._unused[name]
+        else:
+            out[name] = "not called yet"
+    return out
+
+
+def _in_model_order(model: nn.Module, items: Iterable[T], module_name: Callable[[T], str]) -> list[T]:
+    """``items`` in the order of their modules in ``model`` (``named_modules()``), whatever order they came in."""
+    order = model_order(model)
+    return sorted(items, key=lambda item: position(order, module_name(item)))
+
+
+def _module_name(entry: InvariantGroups) -> str:
+    return entry.module_name
+
+
+def _watched(
+    model: nn.Module, declared: Sequence[InvariantGroups], auto: bool
+) -> tuple[dict[str, tuple[nn.Parameter, ...]], list[nn.Module]]:
+    """The modules a finder watches (module name → the parameters whose trainability decides whether it can be
+    examined): those of the ``declared`` candidates and, with ``auto``, every layer with a stored weight; and the
+    modules that own a declared parameter (weight-normalized ones), which the graph leaves alone."""
+    params = {p for g in declared for p in g.params}
+    owners = [m for m in model.modules() if any(p in params for p in m.parameters())]
+    watched: dict[str, tuple[nn.Parameter, ...]] = {g.module_name: g.params for g in declared}
+    if auto:
+        for name, module in named_modules(model):
+            stored = stored_weight(module) if isinstance(module, LAYERS) else None
+            if stored is not None and module not in owners:
+                watched.setdefault(name, stored.params)
+    return watched, owners
 
 
 def verdict_key(entry: InvariantGroups) -> str:

@@ -1,5 +1,5 @@
 """The gradient test (docs/theory.md §1.2): a candidate group is kept while its gradient is orthogonal to
-its weights, within :func:`~lightning_sphere.core.tolerance.tolerance_for`.
+its weights, within :func:`~lightning_sphere.core.tolerance.tolerance_for`; and why a candidate failed it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sphere.core.groups import InvariantGroups
+from lightning_sphere.core.names import get_submodule
 from lightning_sphere.core.rows import RowIndex, math_dtype
-from lightning_sphere.core.tolerance import GRADIENT_TEST, indistinct, tolerance_for
+from lightning_sphere.core.tolerance import GRADIENT_TEST, indistinct, noise_floor, random_cosine, tolerance_for
 
 
 @torch.no_grad()
@@ -71,3 +72,60 @@ def verify(
         else:
             rejected.append(replace(entry, cosine=cos))
     return accepted, rejected, waiting
+
+
+def verify_with_fallback(
+    groups: Sequence[InvariantGroups],
+    grads: Mapping[nn.Parameter, Tensor],
+    fallback: dict[str, InvariantGroups],
+    tolerance: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[list[InvariantGroups], list[InvariantGroups], list[InvariantGroups]]:
+    """:func:`verify`, then the coarser candidate ``fallback[module]`` of each module rejected (the numeric
+    test: per channel, then whole), which is popped from ``fallback`` and replaces its finer one's verdict.
+
+    One device-to-host transfer, two when a fallback is tried.
+    """
+    accepted, rejected, waiting = verify(groups, grads, tolerance, compute_dtype)
+    retry = [fallback.pop(entry.module_name) for entry in rejected if entry.module_name in fallback]
+    if retry:
+        accepted_again, rejected_again, _ = verify(retry, grads, tolerance, compute_dtype)
+        accepted += accepted_again
+        retried = {entry.module_name for entry in retry}
+        rejected = [e for e in rejected if e.module_name not in retried] + rejected_again
+    return accepted, rejected, waiting
+
+
+def failure_reason(
+    entry: InvariantGroups, model: nn.Module, tolerance: float | None, compute_dtype: torch.dtype | None
+) -> str:
+    """The true reason a candidate of ``model`` failed the gradient test: its cosine next to the threshold and
+    to a random direction's; 16-bit round-off when the test cannot tell; the normalization's eps when the
+    structure vouched for it."""
+    d = entry.group_size
+    yardstick = (
+        f"max |cos(g, x)| = {entry.cosine:.1e} > {tolerance_for(entry, tolerance, compute_dtype):.1e}, "
+        f"while a random direction shows about 1/√d = {random_cosine(d):.1e} (d = {d:,})"
+    )
+    if entry.norm_type == GRADIENT_TEST:
+        if indistinct(entry, compute_dtype):
+            floor = noise_floor(compute_dtype or entry.slices[0].param.dtype)
+            return (
+                f"the gradient test cannot tell at d = {d:,}: 16-bit round-off ({floor:.1e}) reaches what a random "
+                "direction shows; name it in groups= to track it"
+            )
+        return f"gradient not orthogonal to the weights: {yardstick}"
+    eps = getattr(_norm(model, entry), "eps", None)
+    if isinstance(eps, float) and eps > 0:
+        return (
+            f"invariant only up to the eps of {entry.norm_name} ({entry.norm_type}), eps={eps:g}, which is not "
+            f"small next to the variance it normalizes on this batch: {yardstick}"
+        )
+    return f"gradient not orthogonal to the weights, whatever the structure says: {yardstick}"
+
+
+def _norm(model: nn.Module, entry: InvariantGroups) -> nn.Module | None:
+    try:
+        return get_submodule(model, entry.norm_name) if entry.norm_name else None
+    except AttributeError:
+        return None

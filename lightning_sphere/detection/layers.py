@@ -30,7 +30,8 @@ from lightning_sphere.core.names import named_parameters
 from lightning_sphere.core.sharding import unsharded_aliases
 from lightning_sphere.detection.parametrized import Stored, read_scaling, stored_weight
 from lightning_sphere.detection.recorder import CHANNEL_NORMS, LAYERS, _Call, _Graph, _NormNamer
-from lightning_sphere.detection.walk import _Norm, _Ties, _Walk
+from lightning_sphere.detection.scaling import ChannelTies, NormReached
+from lightning_sphere.detection.walk import ScalingWalk
 
 
 @dataclass
@@ -175,7 +176,7 @@ def _structural_groups(
     graph: _Graph,
     namer: _NormNamer,
     names: dict[Tensor, str],
-    standardized: tuple[_Ties, list[_Norm]] | None,
+    standardized: tuple[ChannelTies, list[NormReached]] | None,
 ) -> InvariantGroups | str:
     """The groups the layer's output (or its standardized weight) decides, on ``weight``, or why it has none."""
     transposed = isinstance(layer, _ConvTransposeNd)
@@ -186,13 +187,13 @@ def _structural_groups(
         ties, norms = standardized
         with_bias = False
     else:
-        ties = _Ties(channels)
+        ties = ChannelTies(channels)
         norms, broken, reasons = [], set(), []
         for call in calls:
             dim = 1 if isinstance(layer, _ConvNd) else len(call.shape) - 1
             if not call.shape or call.shape[dim] != channels:
                 return "its output does not hold its channels where expected"
-            walk = _Walk(graph, ties, namer)
+            walk = ScalingWalk(graph, ties, namer)
             norms += walk.run(call.output, _channel_ids(call.shape, dim, channels))
             broken |= walk.broken
             reasons.append(walk.reason)
@@ -247,7 +248,7 @@ def _channel_ids(shape: Sequence[int], dim: int, channels: int) -> Tensor:
     return torch.arange(channels, dtype=torch.int32).view(view).expand(*shape)
 
 
-def _group_size(ties: _Ties, channels: int, start: int = 0, stop: int | None = None) -> int:
+def _group_size(ties: ChannelTies, channels: int, start: int = 0, stop: int | None = None) -> int:
     """The smallest run of consecutive channels, dividing the channels ``start:stop``, that holds every tied
     set among them whole."""
     stop = channels if stop is None else stop
@@ -262,7 +263,7 @@ def _group_size(ties: _Ties, channels: int, start: int = 0, stop: int | None = N
     return count
 
 
-def _kept_range(ties: _Ties, channels: int, broken: set[int]) -> tuple[int, int] | None:
+def _kept_range(ties: ChannelTies, channels: int, broken: set[int]) -> tuple[int, int] | None:
     """The channels whose scale never reaches the loss, when they are one run ``(start, stop)`` of at least
     two channels not tied to a broken one (the q and k rows of a fused qkv projection); else ``None``."""
     lost = {ties.find(c) for c in broken}
@@ -274,7 +275,7 @@ def _kept_range(ties: _Ties, channels: int, broken: set[int]) -> tuple[int, int]
 
 def _standardized(
     weight: Tensor, calls: Sequence[_Call], graph: _Graph, channels: int, transposed: bool
-) -> tuple[_Ties, list[_Norm]] | None:
+) -> tuple[ChannelTies, list[NormReached]] | None:
     """Ties and normalizations when the layer's weight (``weight``, the tensor stored and stepped) is normalized
     per output channel before its use (weight standardization, in the layer's forward or in a
     parametrization), so that the layer is invariant whatever follows; else ``None``."""
@@ -282,8 +283,8 @@ def _standardized(
     if leaf is None:
         return None
     inside = set().union(*(c.interior() for c in calls))
-    ties = _Ties(channels)
-    walk = _Walk(graph, ties, lambda node: None, inside=inside)
+    ties = ChannelTies(channels)
+    walk = ScalingWalk(graph, ties, lambda node: None, inside=inside)
     shape = tuple(weight.shape)
     norms = walk.run(leaf, _channel_ids(shape, 1 if transposed else 0, shape[1 if transposed else 0]))
     return (ties, norms) if norms and not walk.broken else None

@@ -1,0 +1,66 @@
+"""Rules for contractions: matrix products, convolutions and attention.
+
+A contraction sums products over a dimension: the degrees of its two operands add, and the channels met along
+the contracted dimension tie (:meth:`~lightning_sphere.detection.scaling.WalkContext.reduce`).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+from torch.autograd.graph import Node
+
+from lightning_sphere.detection.scaling import ScaledValue, WalkContext, output_shape
+
+
+def matmul(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``a @ b`` (``mm``, ``bmm``): ``a`` contracted over its last dimension, ``b`` over its second to last."""
+    a, b = inputs[0], inputs[1]
+    out = output_shape(node)
+    ids = None
+    if a is not None:
+        ids = walk.reduce(node, a.ids, [a.ids.dim() - 1]).expand(out)
+    if b is not None:
+        other = walk.reduce(node, b.ids, [b.ids.dim() - 2]).expand(out)
+        ids = other if ids is None else walk.merge(ids, other)
+    degree = (a.degree if a else 0) + (b.degree if b else 0)
+    assert ids is not None
+    return [ScaledValue(Fraction(degree), ids, shift_free=False, channels_kept=False)]
+
+
+def convolution(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """A convolution without bias, of a scaled input ``(N, C_in, *)`` or by a scaled weight ``(C_out, C_in, *k)``
+    (not transposed, not grouped): each output entry ties all the input's channels, or scales with its filter."""
+    bias = node._saved_bias_sym_sizes_opt
+    if bias is not None and math.prod(bias) > 0:
+        raise walk.break_at(node, " (a bias on the way)")
+    x, w = inputs[0], inputs[1]
+    out = output_shape(node)
+    ids = None
+    if x is not None:
+        ids = walk.reduce(node, x.ids, list(range(1, x.ids.dim()))).expand(out)
+    if w is not None:
+        if node._saved_transposed or node._saved_groups != 1:
+            raise walk.break_at(node)
+        per = walk.reduce(node, w.ids, list(range(1, w.ids.dim()))).flatten()
+        other = per.view(1, -1, *[1] * (len(out) - 2)).expand(out)
+        ids = other if ids is None else walk.merge(ids, other)
+    degree = (x.degree if x else 0) + (w.degree if w else 0)
+    assert ids is not None
+    return [ScaledValue(Fraction(degree), ids, shift_free=False, channels_kept=False)]
+
+
+def attention(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``scaled_dot_product_attention`` of a scaled value ``v`` ``(…, heads, S, E)`` (a scaled query or key
+    changes the softmax): each output entry is a weighted sum over the sequence, degree unchanged."""
+    if [i for i, v in enumerate(inputs) if v is not None] != [2]:
+        raise walk.break_at(node, " as a query or key")
+    value = inputs[2]
+    assert value is not None
+    ids = walk.reduce(node, value.ids, [value.ids.dim() - 2])
+    shape = output_shape(node)
+    if ids.dim() >= 3 and ids.shape[-3] < shape[-3] and shape[-3] % ids.shape[-3] == 0:
+        # grouped-query attention (enable_gqa): each key/value head serves consecutive query heads
+        ids = ids.repeat_interleave(shape[-3] // ids.shape[-3], dim=-3)
+    return [ScaledValue(value.degree, ids.expand(shape), shift_free=False, channels_kept=False)]

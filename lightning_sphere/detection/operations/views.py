@@ -1,0 +1,114 @@
+"""Rules for views and concatenation: operations that only move entries (and so their channels).
+
+The output's channel ids are the input's, moved as the operation moves entries; the degree is unchanged. Only a
+squeeze, an unsqueeze or an expand keeps channel c of the tensor as output channel c of the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.graph import Node
+
+from lightning_sphere.detection.scaling import (
+    ScaledValue,
+    WalkContext,
+    first_scaled,
+    output_shape,
+    reshape_ids,
+    signed,
+)
+
+
+def reshape(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``view``, ``reshape``, ``squeeze``, ``unsqueeze``, ``expand``: the output shape comes from the node's
+    metadata."""
+    value, op = first_scaled(inputs), node.name()
+    out = output_shape(node)
+    ids = value.ids.expand(out) if op == "ExpandBackward0" else reshape_ids(value.ids, out)
+    return [value.moved(ids, keeps_channels=op.startswith(("Squeeze", "Unsqueeze", "Expand")))]
+
+
+def permute(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    value = first_scaled(inputs)
+    return [value.moved(value.ids.permute([signed(d) for d in node._saved_dims]), keeps_channels=False)]
+
+
+def transpose(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    value = first_scaled(inputs)
+    ids = value.ids.transpose(signed(node._saved_dim0), signed(node._saved_dim1))
+    return [value.moved(ids, keeps_channels=False)]
+
+
+def t(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    value = first_scaled(inputs)
+    return [value.moved(value.ids.t(), keeps_channels=False)]
+
+
+def slice_(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``x[..., start:end:step, ...]`` along one dimension."""
+    value = first_scaled(inputs)
+    index = [slice(None)] * value.ids.dim()
+    start, end = signed(node._saved_start), signed(node._saved_end)
+    index[signed(node._saved_dim)] = slice(start, end, node._saved_step)
+    return [value.moved(value.ids[tuple(index)], keeps_channels=False)]
+
+
+def select(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    value = first_scaled(inputs)
+    ids = value.ids.select(signed(node._saved_dim), signed(node._saved_index))
+    return [value.moved(ids, keeps_channels=False)]
+
+
+def split(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``split``, ``split_with_sizes``, ``unbind``: one output per part."""
+    value, op = first_scaled(inputs), node.name()
+    dim = signed(node._saved_dim)
+    if op == "UnbindBackward0":
+        parts = value.ids.unbind(dim)
+    else:
+        sizes = node._saved_split_size if op == "SplitBackward0" else list(node._saved_split_sizes)
+        parts = value.ids.split(sizes, dim)
+    return [value.moved(p, keeps_channels=False) for p in parts]
+
+
+def cat(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``torch.cat``: the parts that scale must share one degree; those that do not hold ``-1``."""
+    out = output_shape(node)
+    dim = signed(node._saved_dim) % len(out)
+    sizes: list[int | None] = []
+    for (child, nr), value in zip(node.next_functions, inputs, strict=True):
+        if value is not None:
+            sizes.append(value.ids.shape[dim])
+        elif child is not None:
+            sizes.append(child._input_metadata[nr].shape[dim])
+        else:
+            sizes.append(None)
+    unknown = [i for i, s in enumerate(sizes) if s is None]
+    if len(unknown) > 1:
+        raise walk.break_at(node)
+    if unknown:
+        sizes[unknown[0]] = out[dim] - sum(s for s in sizes if s is not None)
+    parts = []
+    for size, value in zip(sizes, inputs, strict=True):
+        shape = list(out)
+        shape[dim] = size
+        parts.append(
+            value.ids.expand(shape) if value is not None else torch.tensor(-1, dtype=torch.int32).expand(shape)
+        )
+    # dimensions broadcast in every part stay broadcast: concatenate one slice of them
+    flat = [d for d in range(len(out)) if d != dim and all(p.stride(d) == 0 for p in parts)]
+    index = tuple(slice(0, 1) if d in flat else slice(None) for d in range(len(out)))
+    joined = torch.cat([p[index] for p in parts], dim).expand(out)
+    present = [v for v in inputs if v is not None]
+    degrees = {v.degree for v in present}
+    if len(degrees) > 1:
+        raise walk.break_at(node)
+    return [
+        ScaledValue(
+            degrees.pop(),
+            joined,
+            statistic=all(v.statistic for v in present),
+            shift_free=all(v.shift_free for v in present),
+            channels_kept=False,
+        )
+    ]
