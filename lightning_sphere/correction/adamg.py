@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sphere.correction.base import ParamGroup, Plan, Rewrite, Scheme, StepView, _finite, _name_of
+from lightning_sphere.correction.base import ParamGroup, Rewrite, Scheme, StepView, _finite
+from lightning_sphere.correction.safeguards import Plan, _name_of
 from lightning_sphere.kernels.compiled import scalar
 from lightning_sphere.kernels.rewrites import AdamGSums
 
@@ -59,7 +60,7 @@ class AdamGRewrite(Rewrite):
                     self._shifts.append((b, b.to(n.running_mean.dtype, copy=True)))
             elif norms:
                 name = m.entry.module_name
-                self._retire(
+                self.guard.retire(
                     i,
                     "its norm's running statistics do not follow its groups one by one",
                     f"lightning_sphere: {name} takes plain SGD's steps: the AdamG rewrite keeps its weights at unit "
@@ -126,10 +127,10 @@ class AdamGRewrite(Rewrite):
         sums = self._sum(plan, lambda s, group: self.kernels.adamg_sums(*args[s]), len(AdamGSums._fields))
         st = AdamGSums(*sums.unbind(1))
         fresh = r0.isnan()
-        stopped_before = self._stops.groups
+        stopped_before = self.guard.stops.groups
         mask = self.verdict(plan, st, _finite(sums))
         # Newly stopped (invariance lost) with a radius: give them plain SGD's weights, r̂ (x_{k+1} + η g) − η g/r̂.
-        back = self._stops.groups & ~stopped_before & ~fresh
+        back = self.guard.stops.groups & ~stopped_before & ~fresh
         spread = self.index.spread
         columns = [spread(c) for c in (1 / r0.square(), fresh, mask, back, r0)]
         for j, (s, _) in enumerate(self.slices):

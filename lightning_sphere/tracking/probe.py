@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from lightning_sphere.core.groups import ParamSlice, Stepped
 from lightning_sphere.core.rows import RowIndex, math_dtype
 from lightning_sphere.core.sharding import local
-from lightning_sphere.correction.base import Rewrite, Safeguards, StepView
+from lightning_sphere.correction.base import Rewrite, StepView
+from lightning_sphere.correction.safeguards import Safeguards
 from lightning_sphere.kernels.compiled import Kernels, scalar
 from lightning_sphere.kernels.products import StepProducts
 from lightning_sphere.measurement.metrics import GroupStats

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.core.names import get_submodule
 from lightning_sphere.core.tolerance import tolerance_for
-from lightning_sphere.correction.base import Rewrite, Safeguards
+from lightning_sphere.correction.base import Rewrite
+from lightning_sphere.correction.safeguards import Safeguards
 
 
 def _safeguards(
