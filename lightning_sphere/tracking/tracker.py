@@ -4,7 +4,7 @@
 the step pre-hook copies the tracked weights (``x_k``); the gradients are read when the update is about to
 consume them (right away, or after the first call of the step's closure, which computes them: docs/theory.md
 §3.5), held in place for an optimizer known to leave them so, copied otherwise; the post-hook reduces the
-step to per-group inner products (:class:`~lightning_sphere.geometry.GroupStats`) on the parameters' device,
+step to per-group inner products (:class:`~lightning_sphere.measurement.metrics.GroupStats`) on the parameters' device,
 and :meth:`SphereTracker.collect` turns them into per-layer summaries with one device-to-host transfer.
 An unarmed step costs one Python flag test per hook; a step that never happens (an AMP step skipped for
 inf/nan gradients) fires no hook and records nothing.
@@ -69,13 +69,13 @@ class Measurement:
 
     Attributes:
         scalars: ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all`` → value (units: see
-            :data:`~lightning_sphere.geometry.METRICS`), plus ``sphere/skipped_groups/all``, the number of
+            :data:`~lightning_sphere.measurement.metrics.METRICS`), plus ``sphere/skipped_groups/all``, the number of
             groups left out (zero norm, non-finite values). A metric undefined for a layer has no key: the
             Adam diagnostics for other optimizers, the equilibrium where §7 predicts none, gradient metrics
             when every gradient is zero.
         histograms: ``sphere_hist/<metric>/<module name>`` → the per-group values (CPU, 1-D), when asked for.
         radial: the modules most of whose measured groups showed a radial gradient on the step (|cos(g, x_k)|
-            above the gradient test's δ/√d, :func:`~lightning_sphere.groups.tolerance_for`): not invariant
+            above the gradient test's δ/√d, :func:`~lightning_sphere.core.tolerance.tolerance_for`): not invariant
             any more (one eps-dominated channel alone does not count).
     """
 
@@ -104,14 +104,14 @@ class SphereTracker:
         optimizers: the optimizers that step them. A module whose parameters are not all in one
             optimizer is left out; the reason is in :attr:`untracked`.
         correction: ``None``, or the spherical correction to apply after every real step of the tracked
-            groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.schemes.rewrite_for`).
+            groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.optimizers.rewrite_for`).
             Measurements then describe the corrected update.
         compile: run the per-row kernels compiled with ``torch.compile``; ``None`` decides by size and
             device (:func:`~lightning_sphere.kernels.should_compile`).
         model: the model the groups belong to. With it, a correction stops for a module whose normalization
             leaves training mode (BatchNorm in eval mode normalizes with running statistics, so the module is
             not invariant any more); without, only the gradient test below catches that.
-        tolerance: δ of the gradient test, :func:`~lightning_sphere.groups.tolerance_for`: a corrected group's
+        tolerance: δ of the gradient test, :func:`~lightning_sphere.core.tolerance.tolerance_for`: a corrected group's
             gradient counts as radial above δ/√d (at least 16-bit round-off for 16-bit weights or
             ``compute_dtype``); a module most of whose groups are radial on a step is not corrected again.
             ``None``: the detection's defaults.
