@@ -217,7 +217,8 @@ def equilibrium_figure(name: str, steps: int, logdir: Path, figure: Path) -> Pat
 
 def draw_equilibrium(logdir: Path, name: str, figure: Path) -> Path:
     """The figure of :func:`equilibrium_figure` from the run's event files under ``logdir``."""
-    from lightning_sphere.reporting.plot import metric_figure, read_runs
+    from lightning_sphere.reporting.plot import metric_figure
+    from lightning_sphere.reporting.runs import read_runs
 
     config = EQUILIBRIUM[name]
     fig = metric_figure(read_runs(logdir, progress=False), "angular_update", layers=["all"])

@@ -8,15 +8,8 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.core.groups import ParamSlice
-from lightning_sphere.correction.base import (
-    ParamGroup,
-    Plan,
-    Rewrite,
-    Scheme,
-    StepView,
-    _finite,
-    _transport_coefficients,
-)
+from lightning_sphere.correction.base import ParamGroup, Rewrite, Scheme, StepView, _finite, _transport_coefficients
+from lightning_sphere.correction.safeguards import Plan
 from lightning_sphere.kernels.compiled import scalar
 from lightning_sphere.kernels.rewrites import RewriteSums
 

@@ -6,9 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_sphere.correction.base import ParamGroup, Plan, Rewrite, Scheme, StepView, _finite, _name_of
+from lightning_sphere.correction.base import ParamGroup, Rewrite, Scheme, StepView, _finite
+from lightning_sphere.correction.safeguards import Plan, _name_of
+from lightning_sphere.correction.statistics import RunningStatistics
 from lightning_sphere.kernels.compiled import scalar
 from lightning_sphere.kernels.rewrites import AdamGSums
 
@@ -23,8 +25,9 @@ class AdamGRewrite(Rewrite):
     A BatchNorm (or InstanceNorm) that keeps running statistics averages what it sees: the outputs of the
     stored weights, 1/r̂ times SGD's. So that eval mode computes what it would under plain SGD, its running
     mean and variance are kept in the same scale, multiplied by r̂_k/r̂_{k+1} and its square whenever the
-    radius moves. A module whose norm does that for other channels than its groups (channels moved on the
-    way, several norms) takes plain SGD's steps instead.
+    radius moves (:class:`~lightning_sphere.correction.statistics.RunningStatistics`). A module whose norm
+    does that for other channels than its groups (channels moved on the way, several norms) takes plain SGD's
+    steps instead.
     """
 
     shared = ("lr", "weight_decay")
@@ -42,24 +45,16 @@ class AdamGRewrite(Rewrite):
         #: whether :meth:`to_real_gradients` was ever asked for, and whether the reminder to was given
         self._converting = self._reminded = False
         self._stepped: set[int] = set()  # modules stepped at least once: they have a radius
-        #: (module index, norm) for every norm whose running statistics follow the radius, and for each the
-        #: layer's bias outside the groups (zeros if none) with its value when the statistics were last synced
-        self._statistics: list[tuple[int, nn.Module]] = []
-        self._shifts: list[tuple[Tensor, Tensor]] = []
+        #: the running statistics of the norms after the modules, kept in the stored weights' scale
+        self.statistics = RunningStatistics(self.index)
         unknown = []
         for i, m in enumerate(self.modules):
             norms = self.safeguards.norms(m.entry)
             if norms is None:
                 unknown.append(m.entry.module_name)
-            elif norms and m.entry.channels_aligned and all(n.num_features == m.entry.num_groups for n in norms):
-                self._statistics += [(i, n) for n in norms]
-                bias = self.safeguards.shift(m.entry)
-                for n in norms:
-                    b = n.running_mean.new_zeros(n.num_features) if bias is None else bias.detach()
-                    self._shifts.append((b, b.to(n.running_mean.dtype, copy=True)))
-            elif norms:
+            elif norms and not self.statistics.follow(i, m.entry, norms, self.safeguards.shift):
                 name = m.entry.module_name
-                self._retire(
+                self.guard.retire(
                     i,
                     "its norm's running statistics do not follow its groups one by one",
                     f"lightning_sphere: {name} takes plain SGD's steps: the AdamG rewrite keeps its weights at unit "
@@ -126,10 +121,10 @@ class AdamGRewrite(Rewrite):
         sums = self._sum(plan, lambda s, group: self.kernels.adamg_sums(*args[s]), len(AdamGSums._fields))
         st = AdamGSums(*sums.unbind(1))
         fresh = r0.isnan()
-        stopped_before = self._stops.groups
+        stopped_before = self.guard.stops.groups
         mask = self.verdict(plan, st, _finite(sums))
         # Newly stopped (invariance lost) with a radius: give them plain SGD's weights, r̂ (x_{k+1} + η g) − η g/r̂.
-        back = self._stops.groups & ~stopped_before & ~fresh
+        back = self.guard.stops.groups & ~stopped_before & ~fresh
         spread = self.index.spread
         columns = [spread(c) for c in (1 / r0.square(), fresh, mask, back, r0)]
         for j, (s, _) in enumerate(self.slices):
@@ -147,9 +142,9 @@ class AdamGRewrite(Rewrite):
         # Rewritten: the new radius; stepped and not rewritten: the stored weights are the real ones now.
         self.radius = torch.where(mask, r1, torch.where(plan.stepped, float("nan"), r0))
         handed = back if handed is None else handed | back
-        if self._statistics:  # the stored weights' scale went from 1/scale0 (or r̂ given back) to 1/r̂_{k+1}
+        if self.statistics.norms:  # the stored weights' scale went from 1/scale0 (or r̂ given back) to 1/r̂_{k+1}
             factor = torch.where(handed, previous, torch.where(mask, scale0 / r1, one))
-            self._rescale_statistics(factor, torch.where(previous.isnan(), one, previous))
+            self.statistics.rescale(factor, torch.where(previous.isnan(), one, previous))
         scale0 = torch.where(handed, previous, scale0)
         mask = mask | handed
         scale0 = torch.where(mask | ~plan.stepped, scale0, one)
@@ -157,36 +152,6 @@ class AdamGRewrite(Rewrite):
 
     def view(self, step: StepView) -> StepView:
         return step
-
-    def _rescale_statistics(self, factor: Tensor, old_scale: Tensor) -> None:
-        """Keep every synced norm's running statistics those of plain SGD in the stored scale (see
-        :meth:`_rescaled_statistics`), in place, and note the layer's bias they are synced with now."""
-        means, variances = self._rescaled_statistics(factor, old_scale)
-        torch._foreach_copy_([n.running_mean for _, n in self._statistics], means)
-        torch._foreach_copy_([n.running_var for _, n in self._statistics], variances)
-        torch._foreach_copy_([r for _, r in self._shifts], [b.to(r.dtype) for b, r in self._shifts])
-
-    def _rescaled_statistics(self, factor: Tensor, old_scale: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Every synced norm's running (means, variances) for plain SGD in the stored scale, per group, out of
-        place: variance × ``factor``² and mean = b + (plain mean − b)·(stored/real scale), b the layer's bias
-        outside the groups. A forward's update keeps that relation; a step that moved b rebases it (× (1 − 1/r̂)
-        of the move, ``old_scale`` the r̂ before the step), and the radius moving from r̂ to r̂' rescales it by
-        ``factor`` = r̂/r̂' about b. All in a few ``_foreach`` calls."""
-        means, variances, factors, coefficients = [], [], [], []
-        for i, norm in self._statistics:
-            groups = self.index.groups[i]
-            means.append(norm.running_mean)
-            variances.append(norm.running_var)
-            factors.append(factor[groups].to(norm.running_mean.dtype))
-            coefficients.append((1 - 1 / old_scale[groups]).to(norm.running_mean.dtype))
-        biases = [b.to(m.dtype) for (b, _), m in zip(self._shifts, means, strict=True)]
-        synced = [r for _, r in self._shifts]
-        variances = torch._foreach_mul(variances, torch._foreach_mul(factors, factors))
-        means = torch._foreach_addcmul(means, torch._foreach_sub(biases, synced), coefficients)
-        torch._foreach_sub_(means, biases)
-        torch._foreach_mul_(means, factors)
-        torch._foreach_add_(means, biases)
-        return means, variances
 
     def real_value(self, live: Tensor, value: Tensor) -> Tensor | None:
         """What ``live`` — a parameter this rewrite steps, or a running statistic it keeps in the stored scale —
@@ -201,17 +166,11 @@ class AdamGRewrite(Rewrite):
                 rows.copy_(torch.where(k, rows * r.to(rows.dtype), rows))
                 s.write_rows(out, rows)
                 return out
-        for j, (_, norm) in enumerate(self._statistics):
-            if live is norm.running_mean or live is norm.running_var:
-                scale = torch.where(known, self.radius, 1)
-                means, variances = self._rescaled_statistics(scale, scale)
-                return (means if live is norm.running_mean else variances)[j].to(value.dtype, copy=True)
-        return None
+        return self.statistics.real_value(live, value, self.radius)
 
     def real_tensors(self) -> list[Tensor]:
         """The tensors :meth:`real_value` knows: the stepped parameters and the synced running statistics."""
-        norms = [t for _, n in self._statistics for t in (n.running_mean, n.running_var)]
-        return [s.param for s, _ in self.slices] + norms
+        return [s.param for s, _ in self.slices] + self.statistics.tensors()
 
     def to_real_gradients(self) -> None:
         """g ← g/r̂ in the rows whose radius is known: the gradient plain SGD has at the real weights r̂ u, by
@@ -263,9 +222,9 @@ class AdamGRewrite(Rewrite):
         """Give every module its real weights r̂ u (and its norms their statistics in that scale), forget the
         radii: the model is then plain SGD's, to export, to evaluate or to train on without the rewrite."""
         known = ~self.radius.isnan()
-        if self._statistics:
+        if self.statistics.norms:
             scale = torch.where(known, self.radius, 1)
-            self._rescale_statistics(scale, scale)
+            self.statistics.rescale(scale, scale)
         with torch.no_grad():
             for (s, _), r, k in zip(self.slices, self.index.spread(self.radius), self.index.spread(known), strict=True):
                 x = s.rows(s.param.detach())
@@ -297,7 +256,7 @@ class AdamGRewrite(Rewrite):
                 x = s.rows(s.param.detach())
                 x.copy_(torch.where(k, x / r.to(x.dtype), x))
                 s.write_rows(s.param.detach(), x)
-            if self._statistics:
+            if self.statistics.norms:
                 scale = torch.where(known, self.radius, 1)
-                self._rescale_statistics(1 / scale, scale)  # the layer's bias has not moved since: no rebase
+                self.statistics.rescale(1 / scale, scale)  # the layer's bias has not moved since: no rebase
         return given

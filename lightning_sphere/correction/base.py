@@ -23,33 +23,33 @@ rescaling and transport act on the optimizer's state tensors in place, so that i
 Everything runs on the device with no host sync, in the fused per-row kernels of
 :mod:`lightning_sphere.kernels.rewrites`, with the per-group arithmetic batched over all the modules of a rewrite.
 
-**When the correction steps aside.** A rewrite touches only the rows a step actually moved and may
-rewrite; every other row, and its optimizer state, keeps the plain optimizer's bits:
+**When the correction steps aside** (a module torch did not step, a step that cannot be undone, a zero or
+non-finite group, a module that lost its invariance): :mod:`lightning_sphere.correction.safeguards`, whose
+:class:`~lightning_sphere.correction.safeguards.Guard` each rewrite owns; the rows it leaves keep the plain
+optimizer's bits.
 
-- a module torch did not step (no gradient on any of its parameters) is left alone;
-- a module whose step cannot be undone (lr·weight_decay ≥ 1, see :meth:`Rewrite.cannot_invert`) or that torch
-  stepped only in part takes the plain step (AdamG: on its real weights, r̂ u), with one warning;
-- a group whose x_k or x_{k+1} is zero, or whose step shows a non-finite value, takes the plain step;
-- a module whose normalization leaves training mode (running statistics: not invariant any more), and a
-  module whose gradient shows a radial part (most of its groups above the |cos(g, x_k)| tolerance, tested
-  on the device on every corrected step), are not corrected again; the first is announced at once, the
-  second when the tracker next reports (:meth:`Rewrite.report`).
+**Adding an algorithm.** Subclass :class:`Rewrite`: name the hyper-parameters a module's param groups must
+share (:attr:`Rewrite.shared`), the decay the undo divides out (:meth:`Rewrite.decays`), and implement
+:meth:`Rewrite.rewrite` (start with :meth:`Rewrite.plan`, reduce the step with a kernel of
+:mod:`lightning_sphere.kernels.rewrites` through :meth:`Rewrite._sum`, let :meth:`Rewrite.verdict` pick the
+groups, write them with ``torch.where`` so the others keep torch's bits), and, if the measurement must read
+the step differently or the moments wait for it, :meth:`Rewrite.view` and :meth:`Rewrite.transport`. Which
+optimizer gets it is the optimizer registry's ``correction`` (:mod:`lightning_sphere.optimizers`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_sphere.core.groups import InvariantGroups, ParamSlice, Stepped
+from lightning_sphere.core.groups import ParamSlice, Stepped
 from lightning_sphere.core.rows import RowIndex
 from lightning_sphere.core.sharding import local
-from lightning_sphere.core.tolerance import tolerance_for
+from lightning_sphere.correction.safeguards import Guard, Plan, Safeguards
 from lightning_sphere.kernels.compiled import Kernels, host_float
 from lightning_sphere.kernels.rewrites import AdamGSums, RewriteSums
 
@@ -87,29 +87,6 @@ class Scheme(Protocol):
     def decay_factor(self, group: ParamGroup) -> float: ...
 
 
-@dataclass(frozen=True)
-class Safeguards:
-    """What a rewrite needs to know to step aside.
-
-    Attributes:
-        tolerance: module → the |cos(g, x_k)| above which a group's gradient counts as radial (a module most
-            of whose groups are radial on a step is not corrected again).
-        norms: module → the normalization modules whose eval mode breaks its invariance (those that then
-            normalize with running statistics); ``None`` when its normalization is not known (a module named
-            in ``groups=``) but the model has such normalizations.
-        warn: how to announce that the correction steps aside.
-    """
-
-    tolerance: Callable[[InvariantGroups], float] = tolerance_for
-    norms: Callable[[InvariantGroups], tuple[nn.Module, ...] | None] = lambda entry: ()
-    warn: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=3)
-    #: module → its layer's bias when the normalization cancels it (so it is not in the groups), else None
-    shift: Callable[[InvariantGroups], Tensor | None] = lambda entry: None
-    #: what makes the gradient the step used radial even where the layer is invariant (clipping by value), if
-    #: anything: a radial gradient then stops a correction all the same, and the message names it
-    radial_cause: str | None = None
-
-
 class StepView(NamedTuple):
     """How the measurement must read a corrected step (docs/theory.md §3 with the corrected update), per group.
 
@@ -122,32 +99,6 @@ class StepView(NamedTuple):
 
     b: Tensor | None = None
     scale: tuple[Tensor, Tensor] | None = None
-
-
-class Plan(NamedTuple):
-    """What a step did to a rewrite's modules, read on the host before any kernel runs (no sync).
-
-    Attributes:
-        active: per slice, whether torch stepped its parameter (it had a gradient).
-        allowed: per module, whether the rewrite may touch it on this step.
-        stepped: ``(M,)`` bool, the groups of the modules torch stepped, wholly or in part.
-        rewrite: ``(M,)`` bool, the groups of the allowed modules.
-    """
-
-    active: tuple[bool, ...]
-    allowed: tuple[bool, ...]
-    stepped: Tensor
-    rewrite: Tensor
-
-
-@dataclass
-class _Stops:
-    """The groups whose correction stopped for good, on the device, and what the host knows of them."""
-
-    groups: Tensor  # (M,) bool: the gradient showed a radial part on some step
-    worst: Tensor  # (M,) the largest |cos(g, x_k)| that stopped each group
-    retired: dict[int, str] = field(default_factory=dict)  # module index → why it is not corrected any more
-    announced: dict[int, str] = field(default_factory=dict)  # module index → why, once the host knows
 
 
 class Rewrite:
@@ -163,7 +114,7 @@ class Rewrite:
         mode: ``"srt"``, ``"s"`` or ``"rt"``.
         kernels: the per-row kernels to run.
         rule: the optimizer's registry entry.
-        safeguards: when to step aside (see the module's docstring).
+        safeguards: when to step aside (see :mod:`~lightning_sphere.correction.safeguards`).
     """
 
     #: Hyper-parameters all param groups of one module must share for the algorithm to apply.
@@ -195,21 +146,16 @@ class Rewrite:
             start += len(m.entry.slices)
         #: each slice's module, as an index into ``modules``
         self._module_of_slice = [i for i, slices in enumerate(self._module_slices) for _ in slices]
-        self._norms = [safeguards.norms(m.entry) or () for m in self.modules]
-        device = index.device
-        self._tolerance = index.per_module([safeguards.tolerance(m.entry) for m in self.modules])
-        #: (8 ulps)² of each module's dtype: how far a zero x_k may come back from the undo
-        self._round_off = index.per_module(
-            [(8 * torch.finfo(m.entry.slices[0].param.dtype).eps) ** 2 for m in self.modules]
+        #: where the rewrite steps aside: :meth:`plan`, :meth:`verdict`, and what stopped for good
+        self.guard = Guard(
+            self.modules,
+            index,
+            self.slices,
+            self._module_slices,
+            safeguards,
+            rule.name,
+            partial(self.cannot_invert, rule=rule),
         )
-        self._stops = _Stops(
-            torch.zeros(index.num_groups, dtype=torch.bool, device=device),
-            torch.zeros(index.num_groups, dtype=torch.float64, device=device),
-        )
-        self._masks: dict[tuple[bool, ...], Tensor] = {}
-        self._blocked: dict[tuple[Any, ...], str | None] = {}
-        self._warned: set[str] = set()
-        self._partial: set[int] = set()  # modules torch stepped in part at least once
 
     @property
     def label(self) -> str:
@@ -219,14 +165,7 @@ class Rewrite:
     @property
     def notes(self) -> dict[str, str]:
         """Module name → where the correction steps aside for good, for the summary."""
-        out = {}
-        for i, m in enumerate(self.modules):
-            reason = self._stops.retired.get(i) or self._stops.announced.get(i)
-            if reason:
-                out[m.entry.module_name] = reason
-            elif i in self._partial:
-                out[m.entry.module_name] = "plain steps whenever torch steps it only in part"
-        return out
+        return self.guard.notes
 
     @classmethod
     def check(cls, module: Stepped) -> str | None:
@@ -308,116 +247,29 @@ class Rewrite:
     def restore_gradients(self) -> None:
         """Undo :meth:`to_real_gradients`, before the update consumes the gradients."""
 
-    # ---------------------------------------------------------------- stepping aside
+    # ---------------------------------------------------------------- stepping aside (the guard's)
 
     def plan(self) -> Plan:
-        """Which modules torch stepped and which the rewrite may touch, from Python attributes only: read
-        after the step, since the step's own closure (Lightning's) computes the gradients."""
-        active = tuple(s.param.grad is not None for s, _ in self.slices)
-        allowed, stepped = [], []
-        for i, slices in enumerate(self._module_slices):
-            flags = [active[j] for j in slices]
-            stepped.append(any(flags))
-            allowed.append(all(flags) and self._may_rewrite(i))
-            if any(flags) and not all(flags) and i not in self._partial:
-                self._partial.add(i)
-                idle = [self.slices[j][0].name for j in slices if not active[j]]
-                self.safeguards.warn(
-                    f"lightning_sphere: {self.modules[i].entry.module_name} takes the plain {self.rule.name} step "
-                    f"whenever torch steps only part of it ({', '.join(idle)} had no gradient): its groups span "
-                    "all of its parameters (one warning per module)"
-                )
-        return Plan(active, tuple(allowed), self._mask(tuple(stepped)), self._mask(tuple(allowed)))
-
-    def _mask(self, per_module: tuple[bool, ...]) -> Tensor:
-        """``(M,)`` bool of per-module flags, copied to the device once per distinct pattern."""
-        if per_module not in self._masks:
-            self._masks[per_module] = self.index.per_module(per_module, torch.bool)
-        return self._masks[per_module]
-
-    def _may_rewrite(self, i: int) -> bool:
-        """Whether module ``i`` may be rewritten now, as far as the host can tell."""
-        if i in self._stops.retired:
-            return False
-        for norm in self._norms[i]:
-            if not norm.training:
-                self._retire(i, f"{_name_of(norm, self.modules[i])} left training mode")
-                return False
-        group = self.modules[i].param_groups[0]
-        key = (id(group), *(_version(group.get(k)) for k in ("lr", "weight_decay")))
-        if key not in self._blocked:
-            self._blocked[key] = self.cannot_invert(group, self.rule)
-        reason = self._blocked[key]
-        if reason is not None:
-            name = self.modules[i].entry.module_name
-            if name not in self._warned:
-                self._warned.add(name)
-                self.safeguards.warn(
-                    f"lightning_sphere: {name} takes the plain {self.rule.name} steps while its param group has "
-                    f"{reason}; its correction resumes once lr·weight_decay is below 1 (one warning per module)"
-                )
-            return False
-        return True
-
-    def _retire(self, i: int, reason: str, message: str | None = None) -> None:
-        self._stops.retired[i] = reason
-        self.safeguards.warn(
-            message
-            or f"lightning_sphere: {self.modules[i].entry.module_name} is not radially invariant any more ({reason}): "
-            "its spherical correction stops, and it takes the plain optimizer's steps from now on"
-        )
+        """Which modules torch stepped and which the rewrite may touch
+        (:meth:`~lightning_sphere.correction.safeguards.Guard.plan`)."""
+        return self.guard.plan()
 
     def verdict(self, plan: Plan, sums: RewriteSums | AdamGSums, finite: Tensor) -> Tensor:
-        """``(M,)`` bool: the groups this step rewrites, on the device.
-
-        A group is rewritten when its module is allowed (``plan``), the step's ``sums`` (per group) are
-        ``finite``, x_{k+1} is non-zero and x_k is too: above the round-off of undoing the step (a zero x_k
-        comes back from the undo as noise, eight ulps of ``undo`` at most). A module most of whose judged
-        groups (those with a non-zero gradient and x_k) show a radial gradient, |cos(g, x_k)| above its
-        tolerance, has lost its invariance: it is stopped for good (:meth:`report` tells the host later).
-        One group alone does not stop it: a channel whose pre-norm variance is small next to the norm's eps
-        is only approximately invariant and reads a few 1e-3.
-        """
-        xx, xg, gg = sums.xx, sums.xg, sums.gg
-        alive = xx > self._round_off * sums.undo
-        cos = xg.abs() / (xx * gg).sqrt()
-        judged = plan.rewrite & alive & (gg > 0) & cos.isfinite()
-        radial = judged & (cos > self._tolerance)
-        modules = self.index.module_of_group
-        votes = torch.zeros(len(self.modules), 2, dtype=torch.int32, device=cos.device)
-        votes.index_add_(0, modules, torch.stack([radial, judged], 1).int())
-        lost = (2 * votes[:, 0] > votes[:, 1])[modules]
-        stops = self._stops
-        stops.worst = torch.where(lost & ~stops.groups, cos.to(stops.worst.dtype), stops.worst)
-        stops.groups = stops.groups | lost
-        return plan.rewrite & finite & alive & (sums.x1x1 > 0) & ~stops.groups
+        """``(M,)`` bool: the groups this step rewrites, on the device
+        (:meth:`~lightning_sphere.correction.safeguards.Guard.verdict`)."""
+        return self.guard.verdict(plan, sums, finite)
 
     def stopped(self) -> tuple[Tensor, Tensor]:
-        """The device-side stops: ``(M,)`` bool and each stopped group's |cos(g, x_k)| on the step that stopped
-        it, to bring to the host with the tracker's next report."""
-        return self._stops.groups, self._stops.worst
+        """The device-side stops, for the tracker's next report
+        (:meth:`~lightning_sphere.correction.safeguards.Guard.stopped`)."""
+        return self.guard.stopped()
 
     def report(self, stopped: Tensor, worst: Tensor) -> None:
-        """Announce, once per module, what :meth:`verdict` stopped; ``stopped``, ``worst`` on the host."""
-        for i, (m, groups) in enumerate(zip(self.modules, self.index.groups, strict=True)):
-            if i in self._stops.announced or not stopped[groups].any():
-                continue
-            cos = worst[groups][stopped[groups] & worst[groups].isfinite()]
-            if not cos.numel():  # stopped, but the host never saw a finite cosine: say so plainly
-                cos = torch.zeros(1, dtype=worst.dtype)
-            self._stops.announced[i] = (
-                f"|cos(g, x)| up to {float(cos.max()):.2g} > {float(self._tolerance[groups.start]):.2g}"
-            )
-            cause, name = self.safeguards.radial_cause, m.entry.module_name
-            what = f"{name}'s steps are not tangent to the sphere: {cause}" if cause else f"{name} is not radially "
-            self.safeguards.warn(
-                f"lightning_sphere: {what if cause else what + 'invariant any more'}. On a step since the last report, "
-                f"most of its {m.entry.num_groups} groups showed {self._stops.announced[i]} (median "
-                f"{float(cos.median()):.2g}, above the gradient test's δ/√d); its spherical correction stops, and it "
-                "takes the plain optimizer's steps from now on"
-            )
-            if cause:
-                self._stops.announced[i] += " (gradients clipped by value)"
+        """Announce, once per module, what :meth:`verdict` stopped; ``stopped``, ``worst`` on the host
+        (:meth:`~lightning_sphere.correction.safeguards.Guard.report`)."""
+        self.guard.report(stopped, worst)
+
+    # ---------------------------------------------------------------- per-row work
 
     def _sum(self, plan: Plan, per_slice: Callable[[ParamSlice, ParamGroup], Tensor], width: int) -> Tensor:
         """Per-group sums ``(M, width)`` of ``per_slice`` over the slices of the allowed modules (zero elsewhere)."""
@@ -432,17 +284,6 @@ class Rewrite:
     def _rows(self, s: ParamSlice, *state: str) -> list[Tensor]:
         """Row views of a parameter and of its named optimizer state tensors."""
         return [s.rows(s.param.detach()), *(s.rows(self.optimizer.state[s.param][name]) for name in state)]
-
-
-def _version(value: Any) -> Any:
-    """A hashable stand-in for a hyper-parameter that changes when it does, without reading a tensor's value."""
-    return (id(value), value._version) if isinstance(value, Tensor) else value
-
-
-def _name_of(norm: nn.Module, module: Stepped) -> str:
-    entry = module.entry
-    kind = type(norm).__name__
-    return f"{entry.norm_name} ({kind})" if entry.norm_name else kind
 
 
 def _finite(sums: Tensor) -> Tensor:

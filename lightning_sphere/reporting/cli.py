@@ -1,4 +1,5 @@
-"""The ``lightning-sphere`` command: ``lightning-sphere plot LOGDIR [-o OUTDIR]`` (see :mod:`lightning_sphere.plot`)."""
+"""The ``lightning-sphere`` command: ``lightning-sphere plot LOGDIR [-o OUTDIR]``
+(see :mod:`lightning_sphere.reporting.plot`)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ PER_LAYER = ("effective_lr", "angular_update", "norm")
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """Which keys of a :class:`~lightning_sphere.tracker.Measurement` reach the loggers.
+    """Which keys of a :class:`~lightning_sphere.tracking.Measurement` reach the loggers.
 
     Every selected metric is logged over all groups (``sphere/<metric>/all``); those in ``per_layer`` also per
     tracked module (``sphere/<metric>/<module name>``). Two keys are logged only when they say something:

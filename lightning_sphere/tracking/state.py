@@ -1,10 +1,12 @@
 """What the model and its normalizations look like to a correction: running statistics, a bias the norm cancels,
-and state dicts that hold the plain optimizer's weights under the AdamG rewrite.
+the safeguards built from them and the tracker's arguments, and state dicts that hold the plain optimizer's
+weights under the AdamG rewrite.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +14,37 @@ from torch import Tensor, nn
 
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.core.names import get_submodule
+from lightning_sphere.core.tolerance import tolerance_for
 from lightning_sphere.correction.base import Rewrite
+from lightning_sphere.correction.safeguards import Safeguards
+
+
+def _safeguards(
+    model: nn.Module | None,
+    tolerance: float | None,
+    compute_dtype: torch.dtype | None,
+    warn: Callable[[str], None] | None,
+    gradient_clipping: str | None,
+) -> Safeguards:
+    """The corrections' :class:`Safeguards` from :class:`~lightning_sphere.tracking.SphereTracker`'s arguments
+    of the same names (see there).
+
+    Raises:
+        ValueError: ``gradient_clipping`` is not ``None``, ``"value"`` or ``"norm"``.
+    """
+    if gradient_clipping not in (None, "value", "norm"):
+        raise ValueError(f'gradient_clipping must be None, "value" or "norm", got {gradient_clipping!r}')
+    return Safeguards(
+        tolerance=lambda entry: tolerance_for(entry, tolerance, compute_dtype),
+        norms=lambda entry: _running_statistics(model, entry),
+        shift=lambda entry: _outside_bias(model, entry),
+        warn=warn or (lambda message: warnings.warn(message, stacklevel=2)),
+        radial_cause=(
+            "its gradients are clipped by value, entry by entry, which gives a tangent gradient a radial part"
+            if gradient_clipping == "value"
+            else None
+        ),
+    )
 
 
 def _real_state_dicts(model: nn.Module | None, rewrites: Sequence[Rewrite]) -> list[Any]:

@@ -4,7 +4,7 @@
 the step pre-hook copies the tracked weights (``x_k``); the gradients are read when the update is about to
 consume them (right away, or after the first call of the step's closure, which computes them: docs/theory.md
 §3.5), held in place for an optimizer known to leave them so, copied otherwise; the post-hook reduces the
-step to per-group inner products (:class:`~lightning_sphere.geometry.GroupStats`) on the parameters' device,
+step to per-group inner products (:class:`~lightning_sphere.measurement.metrics.GroupStats`) on the parameters' device,
 and :meth:`SphereTracker.collect` turns them into per-layer summaries with one device-to-host transfer.
 An unarmed step costs one Python flag test per hook; a step that never happens (an AMP step skipped for
 inf/nan gradients) fires no hook and records nothing.
@@ -33,22 +33,16 @@ Plain PyTorch use (the README's loop, with a logging step every 50):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sphere.core.groups import UNOPTIMIZED, InvariantGroups, Stepped
-from lightning_sphere.core.rows import RowIndex
-from lightning_sphere.core.sharding import local
-from lightning_sphere.core.tolerance import tolerance_for
-from lightning_sphere.correction.base import Rewrite, Safeguards, StepView
+from lightning_sphere.correction.base import Rewrite
 from lightning_sphere.kernels.compiled import Kernels, should_compile
-from lightning_sphere.kernels.products import StepProducts
 from lightning_sphere.measurement.metrics import (
     HISTOGRAMS,
     METRICS,
@@ -58,18 +52,9 @@ from lightning_sphere.measurement.metrics import (
     valid_groups,
 )
 from lightning_sphere.measurement.reduce import segment_reduce
-from lightning_sphere.optimizers.modes import rewrite_for, unsupported
-from lightning_sphere.optimizers.registry import class_path, rule_of, unwrap_optimizer
-from lightning_sphere.tracking.probe import (
-    _buffers_like,
-    _Gradients,
-    _nested,
-    _Probe,
-    _row_products,
-    _view_columns,
-    after_closure,
-)
-from lightning_sphere.tracking.state import _outside_bias, _real_state_dicts, _running_statistics
+from lightning_sphere.optimizers.registry import unwrap_optimizer
+from lightning_sphere.tracking.probe import _Probe, _Record
+from lightning_sphere.tracking.state import _real_state_dicts, _safeguards
 
 __all__ = ["HISTOGRAMS", "UNOPTIMIZED", "Measurement", "SphereTracker"]
 
@@ -84,13 +69,13 @@ class Measurement:
 
     Attributes:
         scalars: ``sphere/<metric>/<module name>`` and ``sphere/<metric>/all`` → value (units: see
-            :data:`~lightning_sphere.geometry.METRICS`), plus ``sphere/skipped_groups/all``, the number of
+            :data:`~lightning_sphere.measurement.metrics.METRICS`), plus ``sphere/skipped_groups/all``, the number of
             groups left out (zero norm, non-finite values). A metric undefined for a layer has no key: the
             Adam diagnostics for other optimizers, the equilibrium where §7 predicts none, gradient metrics
             when every gradient is zero.
         histograms: ``sphere_hist/<metric>/<module name>`` → the per-group values (CPU, 1-D), when asked for.
         radial: the modules most of whose measured groups showed a radial gradient on the step (|cos(g, x_k)|
-            above the gradient test's δ/√d, :func:`~lightning_sphere.groups.tolerance_for`): not invariant
+            above the gradient test's δ/√d, :func:`~lightning_sphere.core.tolerance.tolerance_for`): not invariant
             any more (one eps-dominated channel alone does not count).
     """
 
@@ -119,14 +104,14 @@ class SphereTracker:
         optimizers: the optimizers that step them. A module whose parameters are not all in one
             optimizer is left out; the reason is in :attr:`untracked`.
         correction: ``None``, or the spherical correction to apply after every real step of the tracked
-            groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.schemes.rewrite_for`).
+            groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.optimizers.rewrite_for`).
             Measurements then describe the corrected update.
         compile: run the per-row kernels compiled with ``torch.compile``; ``None`` decides by size and
             device (:func:`~lightning_sphere.kernels.should_compile`).
         model: the model the groups belong to. With it, a correction stops for a module whose normalization
             leaves training mode (BatchNorm in eval mode normalizes with running statistics, so the module is
             not invariant any more); without, only the gradient test below catches that.
-        tolerance: δ of the gradient test, :func:`~lightning_sphere.groups.tolerance_for`: a corrected group's
+        tolerance: δ of the gradient test, :func:`~lightning_sphere.core.tolerance.tolerance_for`: a corrected group's
             gradient counts as radial above δ/√d (at least 16-bit round-off for 16-bit weights or
             ``compute_dtype``); a module most of whose groups are radial on a step is not corrected again.
             ``None``: the detection's defaults.
@@ -158,96 +143,37 @@ class SphereTracker:
         warn: Callable[[str], None] | None = None,
         gradient_clipping: str | None = None,
     ) -> None:
-        if gradient_clipping not in (None, "value", "norm"):
-            raise ValueError(f'gradient_clipping must be None, "value" or "norm", got {gradient_clipping!r}')
-        self._safeguards = Safeguards(
-            tolerance=lambda entry: tolerance_for(entry, tolerance, compute_dtype),
-            norms=lambda entry: _running_statistics(model, entry),
-            shift=lambda entry: _outside_bias(model, entry),
-            warn=warn or (lambda message: warnings.warn(message, stacklevel=2)),
-            radial_cause=(
-                "its gradients are clipped by value, entry by entry, which gives a tangent gradient a radial part"
-                if gradient_clipping == "value"
-                else None
-            ),
-        )
+        self._safeguards = _safeguards(model, tolerance, compute_dtype, warn, gradient_clipping)
         optimizers = [unwrap_optimizer(o) for o in optimizers]
-        owner: dict[Tensor, tuple[int, dict[str, Any]]] = {}
-        for index, optimizer in enumerate(optimizers):
-            for param_group in optimizer.param_groups:
-                for p in param_group["params"]:
-                    owner[p] = (index, param_group)
-        self.groups: list[InvariantGroups] = []
-        self.untracked: dict[str, str] = {}
-        stepped: dict[int, list[tuple[int, Stepped]]] = {}
-        offset = 0
-        for entry in groups:
-            owners = [owner.get(p) for p in entry.params]
-            if any(o is None for o in owners):
-                self.untracked[entry.module_name] = UNOPTIMIZED
-            elif len({o[0] for o in owners}) > 1:
-                self.untracked[entry.module_name] = "its parameters are stepped by different optimizers"
-            else:
-                module = Stepped(entry, tuple(o[1] for o in owners))
-                stepped.setdefault(owners[0][0], []).append((offset, module))
-                self.groups.append(entry)
-                offset += entry.num_groups
+        self.groups, self.untracked, stepped = _by_optimizer(groups, optimizers)
         params = [p for entry in self.groups for p in entry.params]
         self.device = params[0].device if params else torch.device("cpu")
         self.kernels = Kernels(
             should_compile(sum(g.numel for g in self.groups), self.device) if compile is None else compile
         )
         dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self._stats = torch.zeros(offset, len(GroupStats._fields), dtype=dtype, device=self.device)
-        self._measured = torch.zeros(offset, dtype=torch.bool, device=self.device)
+        total = sum(g.num_groups for g in self.groups)
+        self._record = _Record(
+            torch.zeros(total, len(GroupStats._fields), dtype=dtype, device=self.device),
+            torch.zeros(total, dtype=torch.bool, device=self.device),
+        )
         sizes = torch.tensor([g.num_groups for g in self.groups], dtype=torch.long)
         self._segment = torch.repeat_interleave(torch.arange(len(self.groups)), sizes).to(self.device)
         #: each group's gradient-test threshold δ/√d, to tell on logging steps whether a module stays invariant
         self._radial_tolerance = torch.repeat_interleave(
             torch.tensor([self._safeguards.tolerance(g) for g in self.groups], dtype=torch.float64), sizes
-        ).to(self.device, self._stats.dtype)
-        self._probes = [self._probe(optimizers[i], modules, correction) for i, modules in stepped.items()]
+        ).to(self.device, dtype)
+        self._probes = [
+            _Probe.build(optimizers[i], modules, correction, self.kernels, self._safeguards, self._record)
+            for i, modules in stepped.items()
+        ]
         self._handles = []
-        for probe in self._probes:
-            self._handles.append(probe.optimizer.register_step_pre_hook(partial(self._before_step, probe)))
-            self._handles.append(probe.optimizer.register_step_post_hook(lambda *_, p=probe: self._after_step(p)))
+        for probe in self._probes:  # bound methods: an unarmed, uncorrected step costs one flag test per hook
+            self._handles.append(probe.optimizer.register_step_pre_hook(probe.before_step))
+            self._handles.append(probe.optimizer.register_step_post_hook(probe.after_step))
         self._handles += _real_state_dicts(model, self._rewrites)
         self._histograms = False
         self._last_values: Tensor | None = None  # the last collected step's per-group values, if not sent
-        self._recorded = False
-
-    def _probe(
-        self, optimizer: torch.optim.Optimizer, modules: list[tuple[int, Stepped]], correction: str | None
-    ) -> _Probe:
-        """One optimizer's modules: their row index, the fields of their groups that never change, and,
-        when correcting, one rewrite per algorithm over the modules it fits."""
-        rule = rule_of(optimizer)
-        reason = None if correction is None else unsupported(optimizer, correction)
-        if reason:
-            raise ValueError(reason)
-        algorithms: dict[type[Rewrite] | None, list[tuple[int, Stepped]]] = {}
-        for offset, module in modules:
-            algorithm = None if correction is None else rewrite_for(optimizer, module.param_groups[0], correction)
-            reason = None if algorithm is None else algorithm.check(module)
-            if reason:
-                raise ValueError(reason)
-            algorithms.setdefault(algorithm, []).append((offset, module))
-        ordered = [pair for pairs in algorithms.values() for pair in pairs]
-        index = RowIndex([m.entry for _, m in ordered], self.device)
-        positions = torch.cat([torch.arange(o, o + m.entry.num_groups) for o, m in ordered]).to(self.device)
-        size = index.per_module([m.entry.group_size for _, m in ordered], self._stats.dtype)
-        static = torch.stack([size, torch.full_like(size, rule.formula), torch.full_like(size, rule.adaptive)], 1)
-        probe = _Probe(optimizer, rule, [m for _, m in ordered], index, positions, static)
-        start = 0
-        for algorithm, pairs in algorithms.items():
-            if algorithm is not None:
-                part = index.select(start, start + len(pairs))
-                modules = [m for _, m in pairs]
-                probe.rewrites.append(
-                    algorithm(modules, part, optimizer, correction, self.kernels, rule, self._safeguards)
-                )
-            start += len(pairs)
-        return probe
 
     @property
     def corrections(self) -> dict[str, str]:
@@ -290,20 +216,20 @@ class SphereTracker:
         A step that never happens (an AMP step skipped for inf/nan gradients) leaves the optimizer armed.
         """
         for probe in self._probes:
-            probe.armed, probe.snapshot, probe.gradients = True, None, None
+            probe.arm(True)
         self._histograms = histograms
 
     def disarm(self) -> None:
         """Measure nothing until armed again."""
         for probe in self._probes:
-            probe.armed, probe.snapshot, probe.gradients = False, None, None
+            probe.arm(False)
 
     def snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         """Copy the weights now, as the step pre-hook would: for a step whose pre-hook has already run. Its
         gradients are read at :meth:`gradients_ready`, which the caller must then call before the update."""
         for probe in self._probes_of(optimizer):
             if probe.armed and probe.snapshot is None:
-                self._copy_weights(probe)
+                probe.copy_weights()
 
     def gradients_ready(self, optimizer: torch.optim.Optimizer) -> None:
         """The gradients of ``optimizer``'s parameters are now the ones its update will consume: measure them (an
@@ -312,7 +238,7 @@ class SphereTracker:
         the closure's first call; call it yourself only for a step whose pre-hook ran before this tracker
         existed. Once per step: later calls do nothing."""
         for probe in self._probes_of(optimizer):
-            self._gradients_ready(probe)
+            probe.gradients_ready()
 
     def to_real_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Give the modules of the AdamG rewrite the gradients plain SGD has at their real weights, g/r̂ (the
@@ -347,143 +273,20 @@ class SphereTracker:
             for rewrite in self._rewrites:
                 rewrite.release()
 
-    def _before_step(
-        self, probe: _Probe, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """The step pre-hook: copy x_k when armed; read the gradients now, or, when the step is given a closure
-        that computes them (Lightning's, LBFGS's), right after the closure's first call."""
-        if not probe.armed and not probe.rewrites:
-            return None  # the hot path of an unarmed, uncorrected step: nothing to do
-        if _nested(optimizer):
-            return None  # a subclass's step() calling its base class's: both fire the hooks; the outer one acts
-        probe.ready = False
-        if probe.armed and probe.snapshot is None:
-            self._copy_weights(probe)
-        wrapped = after_closure(args, kwargs, lambda: self._gradients_ready(probe))
-        if wrapped is None:
-            self._gradients_ready(probe)
-        return wrapped
-
-    def _copy_weights(self, probe: _Probe) -> None:
-        params = [local(p) for p in probe.params]  # FSDP2: this rank's shard; its rows are measured here
-        probe.buffers = _buffers_like(probe.buffers, params)
-        with torch.no_grad():
-            torch._foreach_copy_(probe.buffers, params)
-        probe.snapshot = dict(zip(probe.params, probe.buffers, strict=True))
-        probe.gradients = None
-
-    def _gradients_ready(self, probe: _Probe) -> None:
-        if probe.ready:
-            return  # a closure called again (LBFGS): the gradients of x_k were read on its first call
-        probe.ready = True
-        with torch.no_grad():
-            for rewrite in probe.rewrites:
-                rewrite.restore_gradients()
-            if probe.snapshot is not None and probe.gradients is None:
-                probe.gradients = self._read_gradients(probe)
-
-    def _read_gradients(self, probe: _Probe) -> _Gradients:
-        """The gradients as the update will consume them: held in place, for an optimizer known to leave them
-        so, else copied (and divided by the GradScaler's scale when the optimizer unscales them itself)."""
-        grads = [p.grad for p in probe.params]
-        scale = getattr(probe.optimizer, "grad_scale", None)  # set by GradScaler.step for fused optimizers
-        if probe.rule.gradient_intact and scale is None:
-            held = [None if g is None else (g, g._version) for g in grads]
-            return _Gradients([None if g is None else local(g) for g in grads], held)
-        present = [local(g) for g in grads if g is not None]
-        probe.gradient_buffers = _buffers_like(probe.gradient_buffers, present)
-        if present:
-            torch._foreach_copy_(probe.gradient_buffers, present)
-            if scale is not None:
-                torch._foreach_div_(probe.gradient_buffers, scale)
-        copies = iter(probe.gradient_buffers)
-        return _Gradients([None if g is None else next(copies) for g in grads], None)
-
-    def _after_step(self, probe: _Probe) -> None:
-        if probe.snapshot is None and not probe.rewrites:
-            return  # the hot path of an unarmed, uncorrected step: nothing to do
-        if _nested(probe.optimizer):
-            return  # the end of a base class's step inside a subclass's: the step is not over
-        snapshot, probe.snapshot = probe.snapshot, None
-        gradients, probe.gradients = probe.gradients, None
-        probe.ready = False
-        if snapshot is not None:
-            probe.armed = False
-            self._recorded = True
-        with torch.no_grad():
-            steps = [rewrite.rewrite(measured=snapshot is not None) for rewrite in probe.rewrites]
-            if snapshot is not None:
-                grads = self._consumed(probe, gradients)
-                views = [r.view(step) for r, step in zip(probe.rewrites, steps, strict=True)]
-                self._measure(probe, snapshot, grads, views)
-            for rewrite, step in zip(probe.rewrites, steps, strict=True):
-                rewrite.transport(step)
-
-    def _consumed(self, probe: _Probe, gradients: _Gradients | None) -> dict[Tensor, Tensor | None]:
-        """Parameter → the gradient its update consumed, ``None`` where there was none to read (or none was
-        read: a closure the optimizer never called), or where a gradient held in place changed in the step."""
-        if gradients is None:
-            return dict.fromkeys(probe.params)
-        tensors = list(gradients.tensors)
-        if gradients.held is not None:
-            for i, (p, held) in enumerate(zip(probe.params, gradients.held, strict=True)):
-                if held is not None and (p.grad is not held[0] or held[0]._version != held[1]):
-                    tensors[i] = None
-                    self._warn_changed(probe)
-        return dict(zip(probe.params, tensors, strict=True))
-
-    def _warn_changed(self, probe: _Probe) -> None:
-        if not probe.warned_gradient:
-            probe.warned_gradient = True
-            self._safeguards.warn(
-                f"lightning_sphere: {class_path(type(probe.optimizer))} changed or dropped p.grad in step(), which "
-                "its registry entry says it leaves as it is (gradient_intact=True): the gradient metrics of that "
-                "step are not logged. Register it with gradient_intact=False (one warning per optimizer)"
-            )
-
-    def _measure(
-        self,
-        probe: _Probe,
-        snapshot: dict[Tensor, Tensor],
-        grads: dict[Tensor, Tensor | None],
-        views: list[StepView],
-    ) -> None:
-        """The :class:`GroupStats` of the step just taken, for every group of the probe, into ``_stats``."""
-        slices = [(s, group) for m in probe.modules for s, group in zip(m.entry.slices, m.param_groups, strict=True)]
-        per_row = [
-            _row_products(
-                self.kernels, s, snapshot[s.param], grads[s.param], probe.optimizer, probe.rule, group, *columns
-            )
-            for (s, group), columns in zip(slices, _view_columns(probe, views), strict=True)
-        ]
-        products = StepProducts(*probe.index.sum_rows(per_row).to(self._stats.dtype).unbind(1))
-        equilibrium = [probe.rule.equilibrium(m.param_groups[0]) for m in probe.modules]
-        group_size, formula, adaptive = probe.static.unbind(1)
-        stats = GroupStats(
-            *products,
-            group_size=group_size,
-            formula=formula,
-            adaptive=adaptive,
-            equilibrium=probe.index.per_module(
-                [float("nan") if e is None else e for e in equilibrium], group_size.dtype
-            ),
-        )
-        self._stats.index_copy_(0, probe.positions, torch.stack(stats, 1))
-        self._measured[probe.positions] = True
-
     def collect(self) -> Measurement | None:
         """Summaries of the steps measured since the last call; ``None`` if no step was measured.
 
         All math stays on the device; one device-to-host transfer brings the results back.
         """
-        if not self._recorded:
+        record = self._record
+        if not record.recorded:
             return None
-        self._recorded = False
+        record.recorded = False
         with torch.no_grad():
-            stats = GroupStats(*self._stats.unbind(1))
+            stats = GroupStats(*record.stats.unbind(1))
             metrics = sphere_metrics(stats)
-            values = torch.stack(list(metrics.values())).masked_fill(~self._measured, float("nan"))
-            skipped = (self._measured & ~valid_groups(stats)).sum(dtype=values.dtype)
+            values = torch.stack(list(metrics.values())).masked_fill(~record.measured, float("nan"))
+            skipped = (record.measured & ~valid_groups(stats)).sum(dtype=values.dtype)
             how = [metric.reduction for metric in METRICS.values()]
             result, count = segment_reduce(values, self._segment, len(self.groups), how)
             rows = _HISTOGRAM_ROWS if self._histograms else []
@@ -498,7 +301,7 @@ class SphereTracker:
             radial = (2 * votes[:, 0] > votes[:, 1]).to(values.dtype)
             transfer = _Transfer(result, count, skipped[None], values[rows], stops, radial)
             host = torch.cat([part.flatten() for part in transfer]).cpu()
-            self._measured.zero_()
+            record.measured.zero_()
         pieces = host.split([part.numel() for part in transfer])
         host = _Transfer(*(p.view(part.shape) for p, part in zip(pieces, transfer, strict=True)))
         start = 0
@@ -535,3 +338,32 @@ class SphereTracker:
                 if values.numel():
                     histograms[f"sphere_hist/{metric}/{entry.module_name}"] = values
         return histograms
+
+
+def _by_optimizer(
+    groups: Sequence[InvariantGroups], optimizers: Sequence[torch.optim.Optimizer]
+) -> tuple[list[InvariantGroups], dict[str, str], dict[int, list[tuple[int, Stepped]]]]:
+    """The modules of ``groups`` whose parameters one optimizer steps: ``(tracked, untracked, stepped)`` with
+    ``untracked`` module name → why not, and ``stepped`` optimizer index → its modules (with their param groups),
+    each with the offset of its groups among all tracked groups (``tracked``'s order)."""
+    owner: dict[Tensor, tuple[int, dict[str, Any]]] = {}
+    for index, optimizer in enumerate(optimizers):
+        for param_group in optimizer.param_groups:
+            for p in param_group["params"]:
+                owner[p] = (index, param_group)
+    tracked: list[InvariantGroups] = []
+    untracked: dict[str, str] = {}
+    stepped: dict[int, list[tuple[int, Stepped]]] = {}
+    offset = 0
+    for entry in groups:
+        owners = [owner.get(p) for p in entry.params]
+        if any(o is None for o in owners):
+            untracked[entry.module_name] = UNOPTIMIZED
+        elif len({o[0] for o in owners}) > 1:
+            untracked[entry.module_name] = "its parameters are stepped by different optimizers"
+        else:
+            module = Stepped(entry, tuple(o[1] for o in owners))
+            stepped.setdefault(owners[0][0], []).append((offset, module))
+            tracked.append(entry)
+            offset += entry.num_groups
+    return tracked, untracked, stepped
