@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from lightning_sphere.core.tolerance import tolerance_for
 from lightning_sphere.detection.finder import GroupFinder
 from lightning_sphere.integrations.lightning.arguments import _cadence_mismatch, _check_arguments
 from lightning_sphere.integrations.lightning.checkpoint import _REAL_WEIGHTS, _group_from_spec, _group_spec
+from lightning_sphere.integrations.lightning.framework import Framework
 from lightning_sphere.integrations.strategies import check_model, cut_by_shards, rebind
 from lightning_sphere.optimizers.modes import cannot_invert, correction_mode, unsupported
 from lightning_sphere.optimizers.registry import MODES, unwrap_optimizer
@@ -39,18 +39,6 @@ from lightning_sphere.tracking.tracker import Measurement, SphereTracker
 #: Steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips the first few)
 #: before it is dropped. Steps on which it gets no gradient at all (a branch not used yet) do not count.
 MAX_VERIFICATION_STEPS = 50
-
-
-@dataclass(frozen=True)
-class Framework:
-    """What differs between the two Lightning packages."""
-
-    misconfiguration: type[Exception]
-    info: Callable[[str], None]
-    warn: Callable[[str], None]
-    unsupported_strategies: tuple[type, ...]
-    #: strategies that shard the model in ``configure_model``, after ``setup``: groups are looked for at fit start
-    sharding_strategies: tuple[type, ...] = ()
 
 
 class SphereMonitorLogic:
