@@ -22,16 +22,20 @@ from torch import Tensor
 
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.core.names import get_submodule, named_parameters
-from lightning_sphere.core.sharding import SUPPORTED_STRATEGIES
 from lightning_sphere.core.tolerance import tolerance_for
 from lightning_sphere.detection.finder import GroupFinder
-from lightning_sphere.integrations.lightning.arguments import _cadence_mismatch, _check_arguments
+from lightning_sphere.integrations.lightning.arguments import (
+    _cadence_mismatch,
+    _check_arguments,
+    _check_optimizers,
+    _correction,
+    _selection,
+)
 from lightning_sphere.integrations.lightning.checkpoint import _REAL_WEIGHTS, _group_from_spec, _group_spec
 from lightning_sphere.integrations.lightning.framework import Framework
-from lightning_sphere.integrations.strategies import check_model, cut_by_shards, rebind
-from lightning_sphere.optimizers.modes import cannot_invert, correction_mode, unsupported
-from lightning_sphere.optimizers.registry import MODES, unwrap_optimizer
-from lightning_sphere.reporting.sinks import PER_LAYER, LoggerSink, Selection
+from lightning_sphere.integrations.strategies import check_model, cut_by_shards, flat_buffer_refusal, rebind
+from lightning_sphere.optimizers.registry import unwrap_optimizer
+from lightning_sphere.reporting.sinks import PER_LAYER, LoggerSink
 from lightning_sphere.reporting.summary import summarize
 from lightning_sphere.tracking.probe import after_closure
 from lightning_sphere.tracking.tracker import Measurement, SphereTracker
@@ -132,8 +136,9 @@ class SphereMonitorLogic:
         metrics: Sequence[str] | None = None,
         per_layer: bool | Sequence[str] = PER_LAYER,
     ) -> None:
+        error = self._framework.misconfiguration
         _check_arguments(
-            self._framework.misconfiguration,
+            error,
             groups=groups,
             log_every_n_steps=log_every_n_steps,
             histogram_every_n_steps=histogram_every_n_steps,
@@ -143,21 +148,9 @@ class SphereMonitorLogic:
             metrics=metrics,
             per_layer=per_layer,
         )
-        error = self._framework.misconfiguration
-        if log_every_n_steps and histogram_every_n_steps and histogram_every_n_steps % log_every_n_steps:
-            raise error(_cadence_mismatch(histogram_every_n_steps, log_every_n_steps))
-        try:
-            self.selection = Selection.of(metrics, per_layer)
-        except ValueError as err:
-            raise error(f"SphereMonitor: {err}") from None
+        self.selection = _selection(error, metrics, per_layer)
         self.groups_spec = groups
-        try:
-            self.correction = correction_mode(spherical_correction)
-        except ValueError:
-            raise error(
-                f"SphereMonitor(`spherical_correction`) must be True, False or one of {MODES}, got "
-                f"{spherical_correction!r} ({type(spherical_correction).__name__})"
-            ) from None
+        self.correction = _correction(error, spherical_correction)
         self.compile = compile
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -243,13 +236,9 @@ class SphereMonitorLogic:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        error = self._framework.misconfiguration
         if isinstance(trainer.strategy, self._framework.unsupported_strategies):
-            raise error(
-                f"SphereMonitor does not support {type(trainer.strategy).__name__}: it flattens parameters into "
-                f"1-D buffers, so that a filter's entries are not one row on one device. Supported: "
-                f"{SUPPORTED_STRATEGIES}; or remove SphereMonitor from the callbacks."
-            )
+            raise self._framework.misconfiguration(flat_buffer_refusal(trainer.strategy))
+        error = self._framework.misconfiguration
         every = self.log_every_n_steps or trainer.log_every_n_steps
         hist = self.histogram_every_n_steps
         hist = 10 * every if hist is None else hist
@@ -281,11 +270,7 @@ class SphereMonitorLogic:
                 raise self._framework.misconfiguration(reason)
             if self._finder is None:
                 self._find_groups(trainer, pl_module)
-        if self.correction is not None:
-            for optimizer in trainer.optimizers:
-                reason = unsupported(optimizer, self.correction) or cannot_invert(optimizer, self.correction)
-                if reason:
-                    raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {reason}")
+        _check_optimizers(self._framework.misconfiguration, trainer.optimizers, self.correction)
         self._close_tracker()
         clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
         algorithm = getattr(algorithm, "value", algorithm)  # Lightning's GradClipAlgorithmType, or a string
