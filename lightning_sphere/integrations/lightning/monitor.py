@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.core.groups import InvariantGroups
-from lightning_sphere.core.names import get_submodule, named_parameters
+from lightning_sphere.core.names import get_submodule
 from lightning_sphere.core.tolerance import tolerance_for
 from lightning_sphere.detection.finder import GroupFinder
 from lightning_sphere.integrations.lightning.arguments import (
@@ -31,7 +31,7 @@ from lightning_sphere.integrations.lightning.arguments import (
     _correction,
     _selection,
 )
-from lightning_sphere.integrations.lightning.checkpoint import _REAL_WEIGHTS, _group_from_spec, _group_spec
+from lightning_sphere.integrations.lightning.checkpoint import CheckpointState
 from lightning_sphere.integrations.lightning.framework import Framework
 from lightning_sphere.integrations.strategies import check_model, cut_by_shards, flat_buffer_refusal, rebind
 from lightning_sphere.optimizers.registry import unwrap_optimizer
@@ -191,12 +191,7 @@ class SphereMonitorLogic:
         self._norms: list[tuple[str, str, torch.nn.Module]] = []
         self._value_clipping: str | None = None  # the Trainer's clipping by value, as the user wrote it
         self._step_hooks: list[Any] = []
-        # Restored from a checkpoint: the verification verdicts by candidate (so that a resumed run tracks
-        # the same groups) and the AdamG rewrite's virtual radii.
-        self._verdicts: dict[str, float | str] = {}
-        self._radii: dict[str, Tensor] = {}  # with the stored weights (a checkpoint of version 0.1)
-        self._resumed: dict[str, Tensor] = {}  # with the real weights (checkpoints since)
-        self._resumed_groups: list[dict[str, Any]] = []  # the groups of those radii
+        self._checkpoint = CheckpointState()
 
     @property
     def groups(self) -> list[InvariantGroups]:
@@ -292,8 +287,9 @@ class SphereMonitorLogic:
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._remove_step_hooks()
         self._step_hooks = [opt.register_step_pre_hook(self._before_step) for opt in trainer.optimizers]
-        if self._resumed and self.correction is not None and self._finder is not None:
-            self._resume_rewrite(trainer)
+        finder, checkpoint = self._finder, self._checkpoint
+        if checkpoint.resumed and self.correction is not None and finder is not None:
+            checkpoint.resume_rewrite(finder.model, trainer.optimizers, self.correction)
         # The last step of fit is measured too (charts end where training ends, and `metrics` holds values
         # after any fit of at least one step); unknown for iterable data with no max_steps, or a max_time.
         total = trainer.estimated_stepping_batches
@@ -378,8 +374,8 @@ class SphereMonitorLogic:
                 finder.reject([entry], why)
                 self._framework.warn(f"SphereMonitor: {entry.module_name} is not tracked: {why}")
         before = len(finder.accepted)
-        if self._verdicts:
-            finder.restore(self._verdicts)
+        if self._checkpoint.verdicts:
+            finder.restore(self._checkpoint.verdicts)
         # Only modules of optimizers that have not stepped yet in this batch: after its step, an optimizer's
         # gradients no longer belong to its weights.
         stepped_before, self._stepped_in_batch = self._stepped_in_batch, self._stepped_in_batch | {optimizer}
@@ -457,7 +453,7 @@ class SphereMonitorLogic:
             # stay inspectable.
             self._tracker.close()
         if stage == "fit":  # what a checkpoint restored was for this fit, not for the next model
-            self._verdicts, self._radii, self._resumed, self._resumed_groups = {}, {}, {}, []
+            self._checkpoint.forget()
 
     def state_dict(self) -> dict[str, Any]:
         """The verification verdicts, by candidate (module, parameters, granularity: a resumed run reuses one
@@ -465,24 +461,11 @@ class SphereMonitorLogic:
         carries the moments the correction rescales and transports; the model's holds the real weights under
         the AdamG rewrite (:meth:`~lightning_sphere.SphereTracker.radii`), from which a resumed run's rewrite
         goes on with these radii."""
-        verdicts = self._verdicts | ({} if self._finder is None else self._finder.verdicts)
-        radii = self._tracker.radii() if self._tracker is not None else {}
-        groups = [_group_spec(g) for g in self.groups if g.module_name in radii]
-        return {
-            "accepted": {k: v for k, v in verdicts.items() if not isinstance(v, str)},
-            "rejected": {k: v for k, v in verdicts.items() if isinstance(v, str)},
-            "radii": radii,
-            "radii_of": _REAL_WEIGHTS,
-            "rewritten": groups,
-        }
+        finder = self._finder
+        return self._checkpoint.state_dict({} if finder is None else finder.verdicts, self._tracker)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._verdicts = dict(state_dict.get("accepted", {})) | dict(state_dict.get("rejected", {}))
-        radii = dict(state_dict.get("radii", {}))
-        if state_dict.get("radii_of") == _REAL_WEIGHTS:
-            self._resumed, self._resumed_groups = radii, list(state_dict.get("rewritten", []))
-        else:  # a checkpoint of lightning_sphere 0.1: the stored unit-norm weights, with their radii
-            self._radii = radii
+        self._checkpoint.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ helpers
 
@@ -494,19 +477,6 @@ class SphereMonitorLogic:
             self._tracker.arm(histograms=bool(hist) and (step % hist == 0 or last))
         else:
             self._tracker.disarm()
-
-    def _resume_rewrite(self, trainer: Any) -> None:
-        """A checkpoint written under the AdamG rewrite holds the real weights r̂ u, and its monitor state the
-        radii and the groups they go with: store u again before the first forward pass, so that the run goes on
-        as if it had never stopped (its groups are read off that pass's graph only later)."""
-        model = self._finder.model
-        params = dict(named_parameters(model))
-        groups = [g for spec in self._resumed_groups if (g := _group_from_spec(spec, params)) is not None]
-        if groups:
-            tracker = SphereTracker(groups, trainer.optimizers, self.correction, model=model, warn=lambda _: None)
-            self._radii |= {name: self._resumed[name] for name in tracker.resume(self._resumed)}
-            tracker.close(release=False)
-        self._resumed, self._resumed_groups = {}, []
 
     def _compile_again(self) -> None:
         if self._eager is not None:
@@ -528,7 +498,7 @@ class SphereMonitorLogic:
             return
         if self._tracker is None and not eligible:
             return
-        radii = self._radii | (self._tracker.radii() if self._tracker is not None else {})
+        radii = self._checkpoint.radii | (self._tracker.radii() if self._tracker is not None else {})
         self._close_tracker(release=False)  # the radii go on in the new tracker
         accepted = _agree_across_ranks(trainer, eligible) if self.correction else eligible
         try:
