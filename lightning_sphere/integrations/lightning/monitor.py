@@ -21,8 +21,6 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.core.groups import InvariantGroups
-from lightning_sphere.core.names import get_submodule
-from lightning_sphere.core.tolerance import tolerance_for
 from lightning_sphere.detection.finder import GroupFinder
 from lightning_sphere.integrations.lightning.arguments import (
     _cadence_mismatch,
@@ -33,6 +31,7 @@ from lightning_sphere.integrations.lightning.arguments import (
 )
 from lightning_sphere.integrations.lightning.checkpoint import CheckpointState
 from lightning_sphere.integrations.lightning.framework import Framework
+from lightning_sphere.integrations.lightning.invariance import InvarianceWatch
 from lightning_sphere.integrations.strategies import check_model, cut_by_shards, flat_buffer_refusal, rebind
 from lightning_sphere.optimizers.registry import unwrap_optimizer
 from lightning_sphere.reporting.sinks import PER_LAYER, LoggerSink
@@ -180,16 +179,7 @@ class SphereMonitorLogic:
         self._signatures = _Signature()
         self._changed = False  # membership may have changed on this batch: announce at its end
         self._announced: dict[str, str] = {}  # module → "tracked" or why not, as last told
-        # Measurement only: tracked modules whose invariance was lost later, with why (while it is lost, and
-        # once it held only for a while); modules whose gradient turned radial under clipping by value; the
-        # steps on which each tracked module's normalization was in eval mode; the tracked modules'
-        # normalizations that keep running statistics.
-        self._lost: dict[str, str] = {}
-        self._was_lost: dict[str, str] = {}
-        self._clipped: dict[str, str] = {}
-        self._eval_steps: dict[str, list[list[int]]] = {}
-        self._norms: list[tuple[str, str, torch.nn.Module]] = []
-        self._value_clipping: str | None = None  # the Trainer's clipping by value, as the user wrote it
+        self._invariance = InvarianceWatch(self._framework)
         self._step_hooks: list[Any] = []
         self._checkpoint = CheckpointState()
 
@@ -210,14 +200,7 @@ class SphereMonitorLogic:
             return "lightning_sphere: no training step seen yet"
         corrections = {} if self._tracker is None else self._tracker.corrections
         text = summarize(self.groups, self._finder.model, self._untracked(), corrections)
-        for heading, reasons in (
-            ("invariance lost (still measured, no longer on a sphere)", self._lost),
-            ("invariance lost for a while (measured off the sphere then)", self._was_lost),
-            ("steps not tangent to the sphere (still measured)", self._clipped),
-        ):
-            if reasons:
-                text += f"\n{heading}:\n" + "\n".join(f"  {name}: {why}" for name, why in reasons.items())
-        return text
+        return text + self._invariance.summary_sections()
 
     def _untracked(self) -> dict[str, str]:
         tracked = {g.module_name for g in self.groups}
@@ -267,13 +250,7 @@ class SphereMonitorLogic:
                 self._find_groups(trainer, pl_module)
         _check_optimizers(self._framework.misconfiguration, trainer.optimizers, self.correction)
         self._close_tracker()
-        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
-        algorithm = getattr(algorithm, "value", algorithm)  # Lightning's GradClipAlgorithmType, or a string
-        self._value_clipping = (
-            f'Trainer(gradient_clip_val={clip}, gradient_clip_algorithm="value")'
-            if clip and algorithm == "value"
-            else None
-        )
+        self._invariance.read_clipping(trainer)
         self._summarized = False
         self._signature = None
         self._record_next = self._eager_next = True
@@ -418,17 +395,18 @@ class SphereMonitorLogic:
             self._recording = False
             self._record_next = bool(finder.unseen_layers())
         self._compile_again()
-        if self._norms and self.correction is None:
-            self._check_norms(trainer)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if self.correction is None:  # with the correction on, the tracker stops correcting such modules itself
+            self._invariance.check_norms(step)
         measurement = None if self._tracker is None else self._tracker.collect()
         if measurement is not None:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
             logged = self.selection(measurement)
             self._metrics = logged.scalars
             self._sink.write(trainer.loggers, logged, step)
             self._histogram_due = step if self._cadence[1] and not measurement.histograms else None
             if self.correction is None:
-                self._check_gradients(trainer, measurement)
+                compute_dtype = finder.compute_dtype
+                self._invariance.check_gradients(step, measurement, self.groups, self.tolerance, compute_dtype)
         if finder is not None and self._signature is not None:
             self._follow_trainable(trainer)  # a flag flipped in training_step: the summary says so now
         if finder is None or not self._changed:
@@ -511,17 +489,13 @@ class SphereMonitorLogic:
                 tolerance=self.tolerance,
                 compute_dtype=finder.compute_dtype,
                 warn=self._framework.warn,
-                gradient_clipping="value" if self._value_clipping else None,
+                gradient_clipping="value" if self._invariance.value_clipping else None,
             )
         except ValueError as err:
             raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {err}") from err
         self._tracker_input = [e.module_name for e in eligible]
         self._tracker.load_radii(radii)
-        self._norms = [
-            (g.module_name, g.norm_name, norm)
-            for g in self._tracker.groups
-            if g.norm_name and getattr(norm := get_submodule(finder.model, g.norm_name), "track_running_stats", False)
-        ]
+        self._invariance.watch_norms(self._tracker.groups, finder.model)
         self._changed = True
         self._arm(trainer)
         if stepping is not None:
@@ -541,66 +515,6 @@ class SphereMonitorLogic:
                 "bypasses every layer and normalization is missed there (the gradient test still catches what it "
                 "breaks). Call `self.manual_backward(loss)` instead of `loss.backward()`."
             )
-
-    def _check_norms(self, trainer: Any) -> None:
-        """Measurement only: a tracked module is not invariant while its normalization is in eval mode; said once
-        when that starts, once when it ends, and in the summary by the steps it held."""
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for name, norm_name, norm in self._norms:
-            what = f"{norm_name} ({type(norm).__name__})"
-            spans = self._eval_steps.setdefault(name, [])
-            if not norm.training:
-                if spans and spans[-1][1] is None:
-                    continue  # still in eval mode
-                spans.append([step, None])
-                if name not in self._lost:
-                    self._was_lost.pop(name, None)  # lost again: said again, and summed up when it ends
-                    self._lose(name, f"{what} is in eval mode since step {step}: it normalizes with running statistics")
-            elif spans and spans[-1][1] is None:
-                spans[-1][1] = step - 1  # the last step it normalized with running statistics
-                if self._lost.get(name, "").startswith(what):
-                    del self._lost[name]
-                    self._was_lost[name] = f"{what} was in eval mode on {_steps(spans)}"
-                    self._framework.info(
-                        f"SphereMonitor: {name} is radially invariant again: {what} is back in training mode (it was "
-                        f"in eval mode on {_steps(spans)}, normalizing with running statistics)"
-                    )
-
-    def _check_gradients(self, trainer: Any, measurement: Measurement) -> None:
-        """Measurement only: a tracked module most of whose groups showed a radial gradient on a logging step
-        (|cos(g, x)| above the gradient test's δ/√d; the correction's own rule): a path around its norm, an
-        L2 term on it. One eps-dominated channel alone, whose pre-norm variance is small next to the norm's
-        eps, does not count. Under clipping by value the gradient the step used is not the loss's: the verdict
-        is on the step, and says so."""
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for name in measurement.radial:
-            if name in self._lost or name in self._clipped:
-                continue
-            cos = abs(measurement.scalars.get(f"sphere/grad_cos/{name}", float("nan")))
-            entry = next(g for g in self.groups if g.module_name == name)
-            above = f"max |cos(g, x)| {cos:.2g}, above the gradient test's δ/√d = " + (
-                f"{tolerance_for(entry, self.tolerance, self._finder.compute_dtype):.2g}"
-            )
-            if self._value_clipping:
-                self._clipped[name] = (
-                    f"on the step logged at {step} most of its groups' gradients were radial after clipping ({above}):"
-                    f" {self._value_clipping} clips the gradient entry by entry, which gives a tangent gradient a "
-                    "radial part"
-                )
-                self._framework.warn(
-                    f"SphereMonitor: {name}'s steps are not tangent to the sphere: {self._clipped[name]}. Its metrics "
-                    "describe those steps; whether the layer itself is still invariant cannot be read off a clipped "
-                    'gradient. Clipping by norm (gradient_clip_algorithm="norm") keeps steps tangent.'
-                )
-            else:
-                self._lose(name, f"most of its groups' gradients are radial on the step logged at {step} ({above})")
-
-    def _lose(self, name: str, why: str) -> None:
-        self._lost[name] = why
-        self._framework.warn(
-            f"SphereMonitor: {name} is not radially invariant any more: {why}. It is still measured, but its "
-            "metrics no longer describe a step on the sphere."
-        )
 
     def _statuses(self) -> dict[str, str]:
         return {g.module_name: "tracked" for g in self.groups} | self._untracked()
@@ -667,13 +581,6 @@ def _agree_across_ranks(trainer: Any, accepted: list[InvariantGroups]) -> list[I
             "SphereMonitor(groups={...}) to name them explicitly"
         )
     return [mine[n] for n in names]
-
-
-def _steps(spans: Sequence[Sequence[int]]) -> str:
-    """Runs of steps in words: "step 3", "steps 3–5 and 9"."""
-    runs = [f"{a}" if a == b else f"{a}–{b}" for a, b in spans]
-    listed = runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + f" and {runs[-1]}"
-    return f"step{'s' if len(runs) > 1 or spans[0][0] != spans[0][1] else ''} {listed}"
 
 
 def _compute_dtype(trainer: Any) -> torch.dtype | None:
