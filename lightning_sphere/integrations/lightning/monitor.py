@@ -12,7 +12,6 @@ their flags): when it changed, layers are examined again and the tracker is rebu
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +22,6 @@ from torch import Tensor
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.detection.finder import GroupFinder
 from lightning_sphere.integrations.lightning.arguments import (
-    _cadence_mismatch,
     _check_arguments,
     _check_optimizers,
     _correction,
@@ -32,12 +30,13 @@ from lightning_sphere.integrations.lightning.arguments import (
 from lightning_sphere.integrations.lightning.checkpoint import CheckpointState
 from lightning_sphere.integrations.lightning.framework import Framework
 from lightning_sphere.integrations.lightning.invariance import InvarianceWatch
+from lightning_sphere.integrations.lightning.metric_log import MetricLog
 from lightning_sphere.integrations.strategies import check_model, cut_by_shards, flat_buffer_refusal, rebind
 from lightning_sphere.optimizers.registry import unwrap_optimizer
-from lightning_sphere.reporting.sinks import PER_LAYER, LoggerSink
+from lightning_sphere.reporting.sinks import PER_LAYER
 from lightning_sphere.reporting.summary import summarize
 from lightning_sphere.tracking.probe import after_closure
-from lightning_sphere.tracking.tracker import Measurement, SphereTracker
+from lightning_sphere.tracking.tracker import SphereTracker
 
 #: Steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips the first few)
 #: before it is dropped. Steps on which it gets no gradient at all (a branch not used yet) do not count.
@@ -154,10 +153,7 @@ class SphereMonitorLogic:
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.tolerance = tolerance
-        self._sink = LoggerSink(custom_scalars, self.selection.metrics)
-        self._metrics: dict[str, float] = {}
-        self._last_step: int | None = None  # the step fit ends at, when the Trainer knows it
-        self._histogram_due: int | None = None  # the last logged step, if its histograms were not written
+        self._log = MetricLog(self.selection, custom_scalars, self._framework.warn)
         self._finder: GroupFinder | None = None
         self._tracker: SphereTracker | None = None
         self._tracker_input: list[str] = []  # the modules the tracker was built for
@@ -170,7 +166,6 @@ class SphereMonitorLogic:
         self._summarized = False
         self._steps_seen = 0
         self._stepped_in_batch: set[Any] = set()
-        self._cadence = (0, 0)
         # The trainable parameters the optimizers step (→ which one), as at the start of the batch (a
         # toggle_optimizer freezes some during a step), and what they looked like at the last check: when
         # that changes (a layer unfrozen, a param group added), layers are examined again.
@@ -191,7 +186,7 @@ class SphereMonitorLogic:
     @property
     def metrics(self) -> dict[str, float]:
         """The last logged values, with the loggers' keys."""
-        return dict(self._metrics)
+        return dict(self._log.metrics)
 
     def summary(self) -> str:
         """The table printed at the start of training: tracked modules, and every other layer with the reason
@@ -217,21 +212,11 @@ class SphereMonitorLogic:
         if isinstance(trainer.strategy, self._framework.unsupported_strategies):
             raise self._framework.misconfiguration(flat_buffer_refusal(trainer.strategy))
         error = self._framework.misconfiguration
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        hist = self.histogram_every_n_steps
-        hist = 10 * every if hist is None else hist
-        if every and hist % every:
-            raise error(_cadence_mismatch(hist, every))
-        if hist and not self.selection.histograms:
-            hist = 0  # no histogrammed metric selected
+        cadence = self._log.cadence_for(trainer, error, self.log_every_n_steps, self.histogram_every_n_steps)
         self._finder = None
         if not isinstance(trainer.strategy, self._framework.sharding_strategies):
             self._find_groups(trainer, pl_module)  # else at fit start, once configure_model has sharded it
-        if not every:
-            self._framework.warn(
-                "SphereMonitor: `log_every_n_steps=0` on the Trainer turns logging off; nothing is measured."
-            )
-        self._cadence = (every, hist)
+        self._log.follow(cadence)
 
     def _find_groups(self, trainer: Any, pl_module: Any) -> None:
         try:
@@ -255,11 +240,7 @@ class SphereMonitorLogic:
         self._signature = None
         self._record_next = self._eager_next = True
         self._steps_seen = 0
-        if not trainer.loggers:
-            self._framework.warn(
-                "SphereMonitor: the Trainer has no logger; metrics are still measured and kept in "
-                "`SphereMonitor.metrics`. Pass `logger=TensorBoardLogger(...)` to see them in charts."
-            )
+        self._log.check_loggers(trainer.loggers)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._remove_step_hooks()
@@ -267,19 +248,12 @@ class SphereMonitorLogic:
         finder, checkpoint = self._finder, self._checkpoint
         if checkpoint.resumed and self.correction is not None and finder is not None:
             checkpoint.resume_rewrite(finder.model, trainer.optimizers, self.correction)
-        # The last step of fit is measured too (charts end where training ends, and `metrics` holds values
-        # after any fit of at least one step); unknown for iterable data with no max_steps, or a max_time.
-        total = trainer.estimated_stepping_batches
-        self._last_step = int(total) if math.isfinite(total) and total > 0 else None
-        self._histogram_due = None
+        self._log.start(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Histograms of the last logged step, when fit ended before the cadence took them (early stopping,
         ``max_time``): one more device→host transfer, at the end of fit only."""
-        if self._histogram_due is not None and self._tracker is not None:
-            histograms = self.selection(Measurement({}, self._tracker.last_histograms())).histograms
-            self._sink.write_histograms(trainer.loggers, histograms, self._histogram_due)
-        self._histogram_due = None
+        self._log.write_due_histograms(trainer.loggers, self._tracker)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         finder = self._finder
@@ -296,7 +270,7 @@ class SphereMonitorLogic:
                 self._eager_next = False
                 self._eager = torch.compiler.set_stance("force_eager")
         if self._tracker is not None:
-            self._arm(trainer)
+            self._log.arm(trainer, self._tracker)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         if self._recording:
@@ -400,10 +374,7 @@ class SphereMonitorLogic:
             self._invariance.check_norms(step)
         measurement = None if self._tracker is None else self._tracker.collect()
         if measurement is not None:
-            logged = self.selection(measurement)
-            self._metrics = logged.scalars
-            self._sink.write(trainer.loggers, logged, step)
-            self._histogram_due = step if self._cadence[1] and not measurement.histograms else None
+            self._log.write(trainer.loggers, measurement, step)
             if self.correction is None:
                 compute_dtype = finder.compute_dtype
                 self._invariance.check_gradients(step, measurement, self.groups, self.tolerance, compute_dtype)
@@ -447,15 +418,6 @@ class SphereMonitorLogic:
 
     # ------------------------------------------------------------------ helpers
 
-    def _arm(self, trainer: Any) -> None:
-        every, hist = self._cadence
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # the step this batch will log at, plus one
-        last = step == self._last_step
-        if every and (step % every == 0 or last):
-            self._tracker.arm(histograms=bool(hist) and (step % hist == 0 or last))
-        else:
-            self._tracker.disarm()
-
     def _compile_again(self) -> None:
         if self._eager is not None:
             self._eager.__exit__(None, None, None)  # the compiler's stance as it was
@@ -497,7 +459,7 @@ class SphereMonitorLogic:
         self._tracker.load_radii(radii)
         self._invariance.watch_norms(self._tracker.groups, finder.model)
         self._changed = True
-        self._arm(trainer)
+        self._log.arm(trainer, self._tracker)
         if stepping is not None:
             self._tracker.snapshot(stepping)  # this step's pre-hook ran before the tracker existed
 
