@@ -13,12 +13,21 @@ from typing import Any
 from torch import nn
 
 from lightning_sphere.core.names import named_parameters
-from lightning_sphere.core.sharding import _WHY, _placement_problem, sharded_rows
+from lightning_sphere.core.sharding import _WHY, SUPPORTED_STRATEGIES, _placement_problem, sharded_rows
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sharded
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+
+
+def flat_buffer_refusal(strategy: Any) -> str:
+    """Why SphereMonitor refuses ``strategy``, one that flattens parameters into 1-D buffers (FSDP1, DeepSpeed)."""
+    return (
+        f"SphereMonitor does not support {type(strategy).__name__}: it flattens parameters into "
+        f"1-D buffers, so that a filter's entries are not one row on one device. Supported: "
+        f"{SUPPORTED_STRATEGIES}; or remove SphereMonitor from the callbacks."
+    )
 
 
 def check_model(model: nn.Module) -> str | None:

@@ -1,4 +1,5 @@
-"""``SphereMonitor``'s arguments, checked at construction: the type and range each takes, named in the error."""
+"""``SphereMonitor``'s arguments, checked at construction (the type and range each takes, named in the error) and
+against the optimizers at fit start; the metrics selection and the correction mode they give."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
+from lightning_sphere.optimizers.modes import cannot_invert, correction_mode, unsupported
+from lightning_sphere.optimizers.registry import MODES
+from lightning_sphere.reporting.sinks import Selection
+
 
 def _check_arguments(error: type[Exception], **arguments: Any) -> None:
     """Raise ``error`` naming the argument, the expected type and the value, for a value of the wrong type or
-    range. Bools are not taken for numbers."""
+    range, and for a histogram cadence that is not a multiple of the logging cadence. Bools are not taken for
+    numbers."""
     expected = {
         "groups": (
             '"auto", "numeric" or a dict of module or parameter names to "channel", "layer" or a positive int',
@@ -31,6 +39,29 @@ def _check_arguments(error: type[Exception], **arguments: Any) -> None:
         what, valid = expected[name]
         if not valid(value):
             raise error(f"SphereMonitor(`{name}`) must be {what}, got {value!r} ({type(value).__name__})")
+    every, hist = arguments.get("log_every_n_steps"), arguments.get("histogram_every_n_steps")
+    if every and hist and hist % every:
+        raise error(_cadence_mismatch(hist, every))
+
+
+def _selection(error: type[Exception], metrics: Sequence[str] | None, per_layer: bool | Sequence[str]) -> Selection:
+    """The keys to log (:class:`~lightning_sphere.reporting.sinks.Selection`); ``error`` for an unknown metric."""
+    try:
+        return Selection.of(metrics, per_layer)
+    except ValueError as err:
+        raise error(f"SphereMonitor: {err}") from None
+
+
+def _correction(error: type[Exception], spherical_correction: Any) -> str | None:
+    """The correction mode ``spherical_correction`` names (``None``: measurement only); ``error`` for another
+    value."""
+    try:
+        return correction_mode(spherical_correction)
+    except ValueError:
+        raise error(
+            f"SphereMonitor(`spherical_correction`) must be True, False or one of {MODES}, got "
+            f"{spherical_correction!r} ({type(spherical_correction).__name__})"
+        ) from None
 
 
 def _cadence_mismatch(hist: int, every: int) -> str:
@@ -38,6 +69,19 @@ def _cadence_mismatch(hist: int, every: int) -> str:
         f"SphereMonitor(`histogram_every_n_steps={hist}`) must be a multiple of the logging cadence ({every} "
         "steps), since histograms are taken on logging steps; or 0 to turn them off."
     )
+
+
+def _check_optimizers(
+    error: type[Exception], optimizers: Sequence[torch.optim.Optimizer], correction: str | None
+) -> None:
+    """At fit start: ``error`` for an optimizer or option the spherical ``correction`` cannot honour, or a param
+    group whose lr·weight_decay ≥ 1 it could not undo."""
+    if correction is None:
+        return
+    for optimizer in optimizers:
+        reason = unsupported(optimizer, correction) or cannot_invert(optimizer, correction)
+        if reason:
+            raise error(f"SphereMonitor(spherical_correction=...): {reason}")
 
 
 def _is_int(value: Any) -> bool:

@@ -8,49 +8,48 @@ the torch optimizer step hooks measure armed steps (they do not fire on AMP-skip
 ``on_train_batch_end`` collects and logs at Lightning's own step and cadence. ``on_train_batch_start``
 compares the set of trainable parameters the optimizers step with the last batch's (a Python pass over
 their flags): when it changed, layers are examined again and the tracker is rebuilt.
+
+:class:`SphereMonitorLogic` is the hooks; each concern is a collaborator in a module of its own, the hooks wiring
+them together (a module imports only those listed before it):
+
+- :class:`~.framework.Framework`: what differs between the two Lightning packages (errors, info, warnings);
+- :mod:`~.arguments`: the constructor's arguments checked, the metrics selection and correction mode they give;
+- :class:`~.announcements.Announcements`: the summary, then one line per membership change;
+- :class:`~.follower.GroupFollower`: the group finder fed by the hooks (recording, analysis, verification, the
+  trainable parameters stepped);
+- :class:`~.tracked.TrackedModules`: the tracker of the verified, stepped modules, rebuilt when they change;
+- :class:`~.metric_log.MetricLog`: the logging cadence, the loggers, the last values;
+- :class:`~.invariance.InvarianceWatch`: measurement only, modules whose invariance is lost on some steps;
+- :class:`~.checkpoint.CheckpointState`: verdicts and the AdamG rewrite's radii, saved and restored.
 """
 
 from __future__ import annotations
 
-import math
-import operator
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_sphere.core.groups import InvariantGroups
-from lightning_sphere.core.names import get_submodule, named_parameters
-from lightning_sphere.core.sharding import SUPPORTED_STRATEGIES
-from lightning_sphere.core.tolerance import tolerance_for
-from lightning_sphere.detection.finder import GroupFinder
-from lightning_sphere.integrations.lightning.arguments import _cadence_mismatch, _check_arguments
-from lightning_sphere.integrations.lightning.checkpoint import _REAL_WEIGHTS, _group_from_spec, _group_spec
-from lightning_sphere.integrations.strategies import check_model, cut_by_shards, rebind
-from lightning_sphere.optimizers.modes import cannot_invert, correction_mode, unsupported
-from lightning_sphere.optimizers.registry import MODES, unwrap_optimizer
-from lightning_sphere.reporting.sinks import PER_LAYER, LoggerSink, Selection
+from lightning_sphere.integrations.lightning.announcements import Announcements
+from lightning_sphere.integrations.lightning.arguments import (
+    _check_arguments,
+    _check_optimizers,
+    _correction,
+    _selection,
+)
+from lightning_sphere.integrations.lightning.checkpoint import CheckpointState
+from lightning_sphere.integrations.lightning.follower import GroupFollower
+from lightning_sphere.integrations.lightning.framework import Framework
+from lightning_sphere.integrations.lightning.invariance import InvarianceWatch
+from lightning_sphere.integrations.lightning.metric_log import MetricLog
+from lightning_sphere.integrations.lightning.tracked import TrackedModules
+from lightning_sphere.integrations.strategies import check_model, flat_buffer_refusal
+from lightning_sphere.optimizers.registry import unwrap_optimizer
+from lightning_sphere.reporting.sinks import PER_LAYER
 from lightning_sphere.reporting.summary import summarize
-from lightning_sphere.tracking.probe import after_closure
-from lightning_sphere.tracking.tracker import Measurement, SphereTracker
-
-#: Steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips the first few)
-#: before it is dropped. Steps on which it gets no gradient at all (a branch not used yet) do not count.
-MAX_VERIFICATION_STEPS = 50
-
-
-@dataclass(frozen=True)
-class Framework:
-    """What differs between the two Lightning packages."""
-
-    misconfiguration: type[Exception]
-    info: Callable[[str], None]
-    warn: Callable[[str], None]
-    unsupported_strategies: tuple[type, ...]
-    #: strategies that shard the model in ``configure_model``, after ``setup``: groups are looked for at fit start
-    sharding_strategies: tuple[type, ...] = ()
+from lightning_sphere.tracking.tracker import SphereTracker
 
 
 class SphereMonitorLogic:
@@ -144,8 +143,9 @@ class SphereMonitorLogic:
         metrics: Sequence[str] | None = None,
         per_layer: bool | Sequence[str] = PER_LAYER,
     ) -> None:
+        error = self._framework.misconfiguration
         _check_arguments(
-            self._framework.misconfiguration,
+            error,
             groups=groups,
             log_every_n_steps=log_every_n_steps,
             histogram_every_n_steps=histogram_every_n_steps,
@@ -155,336 +155,135 @@ class SphereMonitorLogic:
             metrics=metrics,
             per_layer=per_layer,
         )
-        error = self._framework.misconfiguration
-        if log_every_n_steps and histogram_every_n_steps and histogram_every_n_steps % log_every_n_steps:
-            raise error(_cadence_mismatch(histogram_every_n_steps, log_every_n_steps))
-        try:
-            self.selection = Selection.of(metrics, per_layer)
-        except ValueError as err:
-            raise error(f"SphereMonitor: {err}") from None
+        self.selection = _selection(error, metrics, per_layer)
         self.groups_spec = groups
-        try:
-            self.correction = correction_mode(spherical_correction)
-        except ValueError:
-            raise error(
-                f"SphereMonitor(`spherical_correction`) must be True, False or one of {MODES}, got "
-                f"{spherical_correction!r} ({type(spherical_correction).__name__})"
-            ) from None
+        self.correction = _correction(error, spherical_correction)
         self.compile = compile
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.tolerance = tolerance
-        self._sink = LoggerSink(custom_scalars, self.selection.metrics)
-        self._metrics: dict[str, float] = {}
-        self._last_step: int | None = None  # the step fit ends at, when the Trainer knows it
-        self._histogram_due: int | None = None  # the last logged step, if its histograms were not written
-        self._finder: GroupFinder | None = None
-        self._tracker: SphereTracker | None = None
-        self._tracker_input: list[str] = []  # the modules the tracker was built for
-        self._recording = False
-        self._record_next = True  # some trainable layer's structure is not known yet
-        self._eager_next = True  # run the next recorded step eagerly (torch.compile)
-        self._eager: Any = None  # the compiler's stance to restore
-        self._backward_seen = False
-        self._warned_direct_backward = False
-        self._summarized = False
-        self._steps_seen = 0
-        self._stepped_in_batch: set[Any] = set()
-        self._cadence = (0, 0)
-        # The trainable parameters the optimizers step (→ which one), as at the start of the batch (a
-        # toggle_optimizer freezes some during a step), and what they looked like at the last check: when
-        # that changes (a layer unfrozen, a param group added), layers are examined again.
-        self._stepped: dict[Tensor, Any] = {}
-        self._signature: tuple[Any, ...] | None = None
-        self._signatures = _Signature()
-        self._changed = False  # membership may have changed on this batch: announce at its end
-        self._announced: dict[str, str] = {}  # module → "tracked" or why not, as last told
-        # Measurement only: tracked modules whose invariance was lost later, with why (while it is lost, and
-        # once it held only for a while); modules whose gradient turned radial under clipping by value; the
-        # steps on which each tracked module's normalization was in eval mode; the tracked modules'
-        # normalizations that keep running statistics.
-        self._lost: dict[str, str] = {}
-        self._was_lost: dict[str, str] = {}
-        self._clipped: dict[str, str] = {}
-        self._eval_steps: dict[str, list[list[int]]] = {}
-        self._norms: list[tuple[str, str, torch.nn.Module]] = []
-        self._value_clipping: str | None = None  # the Trainer's clipping by value, as the user wrote it
-        self._step_hooks: list[Any] = []
-        # Restored from a checkpoint: the verification verdicts by candidate (so that a resumed run tracks
-        # the same groups) and the AdamG rewrite's virtual radii.
-        self._verdicts: dict[str, float | str] = {}
-        self._radii: dict[str, Tensor] = {}  # with the stored weights (a checkpoint of version 0.1)
-        self._resumed: dict[str, Tensor] = {}  # with the real weights (checkpoints since)
-        self._resumed_groups: list[dict[str, Any]] = []  # the groups of those radii
+        self._announcements = Announcements(self._framework)
+        self._follower = GroupFollower(self._framework, self._announcements)
+        self._tracked = TrackedModules(self._framework, self._follower)
+        self._log = MetricLog(self.selection, custom_scalars, self._framework.warn)
+        self._invariance = InvarianceWatch(self._framework)
+        self._checkpoint = CheckpointState()
 
     @property
     def groups(self) -> list[InvariantGroups]:
         """The tracked modules, once found (after the first training step)."""
-        return [] if self._tracker is None else list(self._tracker.groups)
+        return self._tracked.groups
 
     @property
     def metrics(self) -> dict[str, float]:
         """The last logged values, with the loggers' keys."""
-        return dict(self._metrics)
+        return dict(self._log.metrics)
+
+    @property
+    def _tracker(self) -> SphereTracker | None:
+        """The tracker of the modules tracked now (introspection, for tests)."""
+        return self._tracked.tracker
 
     def summary(self) -> str:
         """The table printed at the start of training: tracked modules, and every other layer with the reason
         it is not tracked now; tracked modules whose invariance was lost later (measurement only)."""
-        if self._finder is None:
+        finder = self._follower.finder
+        if finder is None:
             return "lightning_sphere: no training step seen yet"
         corrections = {} if self._tracker is None else self._tracker.corrections
-        text = summarize(self.groups, self._finder.model, self._untracked(), corrections)
-        for heading, reasons in (
-            ("invariance lost (still measured, no longer on a sphere)", self._lost),
-            ("invariance lost for a while (measured off the sphere then)", self._was_lost),
-            ("steps not tangent to the sphere (still measured)", self._clipped),
-        ):
-            if reasons:
-                text += f"\n{heading}:\n" + "\n".join(f"  {name}: {why}" for name, why in reasons.items())
-        return text
-
-    def _untracked(self) -> dict[str, str]:
-        tracked = {g.module_name for g in self.groups}
-        untracked = self._finder.untracked(self._stepped if self._signature is not None else None, tracked)
-        if self._tracker is not None:
-            untracked |= self._tracker.untracked
-        return untracked
+        text = summarize(self.groups, finder.model, self._tracked.untracked(), corrections)
+        return text + self._invariance.summary_sections()
 
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        error = self._framework.misconfiguration
         if isinstance(trainer.strategy, self._framework.unsupported_strategies):
-            raise error(
-                f"SphereMonitor does not support {type(trainer.strategy).__name__}: it flattens parameters into "
-                f"1-D buffers, so that a filter's entries are not one row on one device. Supported: "
-                f"{SUPPORTED_STRATEGIES}; or remove SphereMonitor from the callbacks."
-            )
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        hist = self.histogram_every_n_steps
-        hist = 10 * every if hist is None else hist
-        if every and hist % every:
-            raise error(_cadence_mismatch(hist, every))
-        if hist and not self.selection.histograms:
-            hist = 0  # no histogrammed metric selected
-        self._finder = None
+            raise self._framework.misconfiguration(flat_buffer_refusal(trainer.strategy))
+        error = self._framework.misconfiguration
+        cadence = self._log.cadence_for(trainer, error, self.log_every_n_steps, self.histogram_every_n_steps)
+        self._follower.finder = None
+        # a strategy that shards the model in configure_model: groups are looked for at fit start, once it did
         if not isinstance(trainer.strategy, self._framework.sharding_strategies):
-            self._find_groups(trainer, pl_module)  # else at fit start, once configure_model has sharded it
-        if not every:
-            self._framework.warn(
-                "SphereMonitor: `log_every_n_steps=0` on the Trainer turns logging off; nothing is measured."
-            )
-        self._cadence = (every, hist)
-
-    def _find_groups(self, trainer: Any, pl_module: Any) -> None:
-        try:
-            self._finder = GroupFinder(
-                pl_module, self.groups_spec, self.tolerance, _compute_dtype(trainer), MAX_VERIFICATION_STEPS
-            )
-        except ValueError as err:
-            raise self._framework.misconfiguration(f"SphereMonitor(groups=...): {err}") from err
+            self._follower.find(trainer, pl_module, self.groups_spec, self.tolerance)
+        self._log.follow(cadence)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if isinstance(trainer.strategy, self._framework.sharding_strategies):
             reason = check_model(pl_module)
             if reason:
                 raise self._framework.misconfiguration(reason)
-            if self._finder is None:
-                self._find_groups(trainer, pl_module)
-        if self.correction is not None:
-            for optimizer in trainer.optimizers:
-                reason = unsupported(optimizer, self.correction) or cannot_invert(optimizer, self.correction)
-                if reason:
-                    raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {reason}")
-        self._close_tracker()
-        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
-        algorithm = getattr(algorithm, "value", algorithm)  # Lightning's GradClipAlgorithmType, or a string
-        self._value_clipping = (
-            f'Trainer(gradient_clip_val={clip}, gradient_clip_algorithm="value")'
-            if clip and algorithm == "value"
-            else None
-        )
-        self._summarized = False
-        self._signature = None
-        self._record_next = self._eager_next = True
-        self._steps_seen = 0
-        if not trainer.loggers:
-            self._framework.warn(
-                "SphereMonitor: the Trainer has no logger; metrics are still measured and kept in "
-                "`SphereMonitor.metrics`. Pass `logger=TensorBoardLogger(...)` to see them in charts."
-            )
+            if self._follower.finder is None:
+                self._follower.find(trainer, pl_module, self.groups_spec, self.tolerance)
+        _check_optimizers(self._framework.misconfiguration, trainer.optimizers, self.correction)
+        self._tracked.close()
+        self._invariance.read_clipping(trainer)
+        self._announcements.summarized = False
+        self._follower.restart()
+        self._log.check_loggers(trainer.loggers)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._remove_step_hooks()
-        self._step_hooks = [opt.register_step_pre_hook(self._before_step) for opt in trainer.optimizers]
-        if self._resumed and self.correction is not None and self._finder is not None:
-            self._resume_rewrite(trainer)
-        # The last step of fit is measured too (charts end where training ends, and `metrics` holds values
-        # after any fit of at least one step); unknown for iterable data with no max_steps, or a max_time.
-        total = trainer.estimated_stepping_batches
-        self._last_step = int(total) if math.isfinite(total) and total > 0 else None
-        self._histogram_due = None
+        self._tracked.hook_steps(trainer.optimizers)
+        finder, checkpoint = self._follower.finder, self._checkpoint
+        if checkpoint.resumed and self.correction is not None and finder is not None:
+            checkpoint.resume_rewrite(finder.model, trainer.optimizers, self.correction)
+        self._log.start(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Histograms of the last logged step, when fit ended before the cadence took them (early stopping,
         ``max_time``): one more device→host transfer, at the end of fit only."""
-        if self._histogram_due is not None and self._tracker is not None:
-            histograms = self.selection(Measurement({}, self._tracker.last_histograms())).histograms
-            self._sink.write_histograms(trainer.loggers, histograms, self._histogram_due)
-        self._histogram_due = None
+        self._log.write_due_histograms(trainer.loggers, self._tracker)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        finder = self._finder
-        if finder is None:
+        follower = self._follower
+        if follower.finder is None:
             return
-        self._follow_trainable(trainer)
-        self._stepped_in_batch = set()
-        if self._record_next:
-            finder.start()  # record this batch's forward passes: every backward pass of it is analyzed
-            self._recording, self._backward_seen = True, False
-            if self._eager_next:
-                # torch.compile'd code would skip the recording hooks (a model compiled earlier) or break its
-                # graphs at them for good: this one step runs eagerly, later ones compile without the hooks.
-                self._eager_next = False
-                self._eager = torch.compiler.set_stance("force_eager")
+        if follower.follow_trainable(trainer.optimizers):
+            self._update_tracker(trainer)
+        follower.start_batch()
         if self._tracker is not None:
-            self._arm(trainer)
+            self._log.arm(trainer, self._tracker)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
-        if self._recording:
-            self._finder.analyze([loss])
-            self._backward_seen = self._changed = True
-
-    def _before_step(
-        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """A step pre-hook on every optimizer, for the steps in which a tracker may be built (a recorded step,
-        or candidates pending): one built in ``on_before_optimizer_step`` missed this step's pre-hook, which reads
-        the gradients after the closure (Lightning's training step, backward and clipping); this does instead.
-        Under AMP the closure has run before the step, and such a tracker's own pre-hook reads them."""
-        if self._finder is None or not (self._recording or self._finder.pending):
-            return None
-
-        def read() -> None:
-            if self._tracker is not None:
-                self._tracker.gradients_ready(optimizer)
-
-        return after_closure(args, kwargs, read)
-
-    def _remove_step_hooks(self) -> None:
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks = []
+        self._follower.analyze(loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        if self._finder is None:
+        if self._follower.finder is None:
             return
         optimizer = unwrap_optimizer(optimizer)
-        self._verify(trainer, optimizer)
+        if self._follower.verify(trainer, optimizer, self._checkpoint.verdicts):
+            self._update_tracker(trainer, optimizer)
         if self._tracker is not None:
             # The AdamG rewrite: what comes next (the LightningModule's hook, gradient clipping) sees plain SGD's
             # gradients; the tracker gives the stored weights theirs back when the update begins.
             self._tracker.to_real_gradients(optimizer)
 
-    def _verify(self, trainer: Any, optimizer: torch.optim.Optimizer) -> None:
-        """Read what the step's graphs hold, and test the pending candidates on the step's gradients."""
-        finder = self._finder
-        self._steps_seen += 1
-        if self._recording and not self._backward_seen and finder.has_layer_calls():
-            self._read_unseen_backward()
-        if self._recording and finder.analyze_recomputed():
-            self._changed = True
-        if not finder.pending:
-            return
-        if isinstance(trainer.strategy, self._framework.sharding_strategies):
-            # FSDP2: the graph was read while some layers held unsharded copies of their parameters
-            finder.pending = rebind(finder.pending, finder.model)
-            for entry, why in cut_by_shards(finder.pending):
-                finder.reject([entry], why)
-                self._framework.warn(f"SphereMonitor: {entry.module_name} is not tracked: {why}")
-        before = len(finder.accepted)
-        if self._verdicts:
-            finder.restore(self._verdicts)
-        # Only modules of optimizers that have not stepped yet in this batch: after its step, an optimizer's
-        # gradients no longer belong to its weights.
-        stepped_before, self._stepped_in_batch = self._stepped_in_batch, self._stepped_in_batch | {optimizer}
-        entries = [
-            e
-            for e in finder.pending
-            if all(p.requires_grad and p in self._stepped and self._stepped[p] not in stepped_before for p in e.params)
-        ]
-        grads = {p: p.grad for entry in entries for p in entry.params if p.grad is not None}
-        if grads:  # else nothing to decide on this step: no host sync
-            for entry in finder.verify(grads, entries):
-                self._framework.warn(
-                    f"SphereMonitor: {entry.module_name} is not tracked: {finder.rejected[entry.module_name]}"
-                )
-                self._announced[entry.module_name] = finder.rejected[entry.module_name]
-            self._changed = True
-        if len(finder.accepted) != before or grads:
-            self._update_tracker(trainer, optimizer)
-
-    def _follow_trainable(self, trainer: Any) -> None:
-        """Re-examine when the set of trainable parameters the optimizers step changed: one pass over their
-        flags, a cheap Python check, at the start of a batch and at its end (``training_step`` may flip them)."""
-        signature = self._signatures(trainer.optimizers)
-        if signature == self._signature:
-            return
-        if self._signature is not None:
-            self._finder.reexamine()
-            self._record_next = self._eager_next = True
-        self._signature = signature
-        self._stepped = {
-            p: opt for opt in trainer.optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad
-        }
-        self._changed = True
-        self._update_tracker(trainer)
-
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        finder = self._finder
-        if self._recording:
-            finder.finish()
-            self._recording = False
-            self._record_next = bool(finder.unseen_layers())
-        self._compile_again()
-        if self._norms and self.correction is None:
-            self._check_norms(trainer)
+        follower = self._follower
+        follower.end_batch()
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if self.correction is None:  # with the correction on, the tracker stops correcting such modules itself
+            self._invariance.check_norms(step)
         measurement = None if self._tracker is None else self._tracker.collect()
         if measurement is not None:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            logged = self.selection(measurement)
-            self._metrics = logged.scalars
-            self._sink.write(trainer.loggers, logged, step)
-            self._histogram_due = step if self._cadence[1] and not measurement.histograms else None
+            self._log.write(trainer.loggers, measurement, step)
             if self.correction is None:
-                self._check_gradients(trainer, measurement)
-        if finder is not None and self._signature is not None:
-            self._follow_trainable(trainer)  # a flag flipped in training_step: the summary says so now
-        if finder is None or not self._changed:
-            return
-        if not self._summarized:
-            if finder.analyzed and self._steps_seen and not finder.retrying:  # else wait for the verdicts
-                self._summarized, self._changed = True, False
-                self._announced = self._statuses()
-                self._report()
-        else:
-            self._changed = False
-            self._announce()
+                compute_dtype = follower.finder.compute_dtype
+                self._invariance.check_gradients(step, measurement, self.groups, self.tolerance, compute_dtype)
+        if follower.flipped_in_batch(trainer.optimizers):  # a flag flipped in training_step: say so now
+            self._update_tracker(trainer)
+        self._tell()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._compile_again()
-        if self._finder is not None:
-            self._finder.finish()
-        self._recording = False
-        self._remove_step_hooks()
+        self._follower.teardown()
+        self._tracked.unhook_steps()
         if self._tracker is not None:
             # The model leaves fit as plain SGD would have it (the AdamG rewrite's real weights); the groups
             # stay inspectable.
             self._tracker.close()
         if stage == "fit":  # what a checkpoint restored was for this fit, not for the next model
-            self._verdicts, self._radii, self._resumed, self._resumed_groups = {}, {}, {}, []
+            self._checkpoint.forget()
 
     def state_dict(self) -> dict[str, Any]:
         """The verification verdicts, by candidate (module, parameters, granularity: a resumed run reuses one
@@ -492,248 +291,35 @@ class SphereMonitorLogic:
         carries the moments the correction rescales and transports; the model's holds the real weights under
         the AdamG rewrite (:meth:`~lightning_sphere.SphereTracker.radii`), from which a resumed run's rewrite
         goes on with these radii."""
-        verdicts = self._verdicts | ({} if self._finder is None else self._finder.verdicts)
-        radii = self._tracker.radii() if self._tracker is not None else {}
-        groups = [_group_spec(g) for g in self.groups if g.module_name in radii]
-        return {
-            "accepted": {k: v for k, v in verdicts.items() if not isinstance(v, str)},
-            "rejected": {k: v for k, v in verdicts.items() if isinstance(v, str)},
-            "radii": radii,
-            "radii_of": _REAL_WEIGHTS,
-            "rewritten": groups,
-        }
+        finder = self._follower.finder
+        return self._checkpoint.state_dict({} if finder is None else finder.verdicts, self._tracker)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._verdicts = dict(state_dict.get("accepted", {})) | dict(state_dict.get("rejected", {}))
-        radii = dict(state_dict.get("radii", {}))
-        if state_dict.get("radii_of") == _REAL_WEIGHTS:
-            self._resumed, self._resumed_groups = radii, list(state_dict.get("rewritten", []))
-        else:  # a checkpoint of lightning_sphere 0.1: the stored unit-norm weights, with their radii
-            self._radii = radii
+        self._checkpoint.load_state_dict(state_dict)
 
-    # ------------------------------------------------------------------ helpers
-
-    def _arm(self, trainer: Any) -> None:
-        every, hist = self._cadence
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # the step this batch will log at, plus one
-        last = step == self._last_step
-        if every and (step % every == 0 or last):
-            self._tracker.arm(histograms=bool(hist) and (step % hist == 0 or last))
-        else:
-            self._tracker.disarm()
-
-    def _resume_rewrite(self, trainer: Any) -> None:
-        """A checkpoint written under the AdamG rewrite holds the real weights r̂ u, and its monitor state the
-        radii and the groups they go with: store u again before the first forward pass, so that the run goes on
-        as if it had never stopped (its groups are read off that pass's graph only later)."""
-        model = self._finder.model
-        params = dict(named_parameters(model))
-        groups = [g for spec in self._resumed_groups if (g := _group_from_spec(spec, params)) is not None]
-        if groups:
-            tracker = SphereTracker(groups, trainer.optimizers, self.correction, model=model, warn=lambda _: None)
-            self._radii |= {name: self._resumed[name] for name in tracker.resume(self._resumed)}
-            tracker.close(release=False)
-        self._resumed, self._resumed_groups = {}, []
-
-    def _compile_again(self) -> None:
-        if self._eager is not None:
-            self._eager.__exit__(None, None, None)  # the compiler's stance as it was
-            self._eager = None
-
-    def _close_tracker(self, release: bool = True) -> None:
-        if self._tracker is not None:
-            self._tracker.close(release)
-            self._tracker = None
-        self._tracker_input = []
+    # ------------------------------------------------------------------ wiring
 
     def _update_tracker(self, trainer: Any, stepping: torch.optim.Optimizer | None = None) -> None:
         """Track the verified modules that are trainable and stepped now, if that changed (a new tracker;
         ``stepping``: the optimizer whose step is under way, whose weights to copy now)."""
-        finder = self._finder
-        eligible = [e for e in finder.accepted if finder.eligible(e, self._stepped)]
-        if self._tracker is not None and [e.module_name for e in eligible] == self._tracker_input:
+        clipping = "value" if self._invariance.value_clipping else None
+        settings = dict(correction=self.correction, compile=self.compile, tolerance=self.tolerance)
+        if not self._tracked.update(trainer, self._checkpoint.radii, **settings, gradient_clipping=clipping):
             return
-        if self._tracker is None and not eligible:
-            return
-        radii = self._radii | (self._tracker.radii() if self._tracker is not None else {})
-        self._close_tracker(release=False)  # the radii go on in the new tracker
-        accepted = _agree_across_ranks(trainer, eligible) if self.correction else eligible
-        try:
-            self._tracker = SphereTracker(
-                accepted,
-                trainer.optimizers,
-                self.correction,
-                self.compile,
-                model=finder.model,
-                tolerance=self.tolerance,
-                compute_dtype=finder.compute_dtype,
-                warn=self._framework.warn,
-                gradient_clipping="value" if self._value_clipping else None,
-            )
-        except ValueError as err:
-            raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {err}") from err
-        self._tracker_input = [e.module_name for e in eligible]
-        self._tracker.load_radii(radii)
-        self._norms = [
-            (g.module_name, g.norm_name, norm)
-            for g in self._tracker.groups
-            if g.norm_name and getattr(norm := get_submodule(finder.model, g.norm_name), "track_running_stats", False)
-        ]
-        self._changed = True
-        self._arm(trainer)
+        tracker = self._tracker
+        self._invariance.watch_norms(tracker.groups, self._follower.finder.model)
+        self._announcements.changed = True
+        self._log.arm(trainer, tracker)
         if stepping is not None:
-            self._tracker.snapshot(stepping)  # this step's pre-hook ran before the tracker existed
+            tracker.snapshot(stepping)  # this step's pre-hook ran before the tracker existed
 
-    def _read_unseen_backward(self) -> None:
-        """A backward pass ran that Lightning did not announce (``loss.backward()`` in manual optimization):
-        read the layers off the graph up to the recorded modules' outputs, and say how to do better."""
-        self._finder.analyze_outputs()
-        self._changed = True
-        if not self._warned_direct_backward:
-            self._warned_direct_backward = True
-            self._framework.warn(
-                "SphereMonitor: an optimizer stepped after a backward pass that Lightning did not run "
-                "(`loss.backward()` in manual optimization?), so the loss's graph could not be read. Layers were "
-                "found from the graph up to the modules' own outputs instead; a use of a layer's output that "
-                "bypasses every layer and normalization is missed there (the gradient test still catches what it "
-                "breaks). Call `self.manual_backward(loss)` instead of `loss.backward()`."
-            )
-
-    def _check_norms(self, trainer: Any) -> None:
-        """Measurement only: a tracked module is not invariant while its normalization is in eval mode; said once
-        when that starts, once when it ends, and in the summary by the steps it held."""
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for name, norm_name, norm in self._norms:
-            what = f"{norm_name} ({type(norm).__name__})"
-            spans = self._eval_steps.setdefault(name, [])
-            if not norm.training:
-                if spans and spans[-1][1] is None:
-                    continue  # still in eval mode
-                spans.append([step, None])
-                if name not in self._lost:
-                    self._was_lost.pop(name, None)  # lost again: said again, and summed up when it ends
-                    self._lose(name, f"{what} is in eval mode since step {step}: it normalizes with running statistics")
-            elif spans and spans[-1][1] is None:
-                spans[-1][1] = step - 1  # the last step it normalized with running statistics
-                if self._lost.get(name, "").startswith(what):
-                    del self._lost[name]
-                    self._was_lost[name] = f"{what} was in eval mode on {_steps(spans)}"
-                    self._framework.info(
-                        f"SphereMonitor: {name} is radially invariant again: {what} is back in training mode (it was "
-                        f"in eval mode on {_steps(spans)}, normalizing with running statistics)"
-                    )
-
-    def _check_gradients(self, trainer: Any, measurement: Measurement) -> None:
-        """Measurement only: a tracked module most of whose groups showed a radial gradient on a logging step
-        (|cos(g, x)| above the gradient test's δ/√d; the correction's own rule): a path around its norm, an
-        L2 term on it. One eps-dominated channel alone, whose pre-norm variance is small next to the norm's
-        eps, does not count. Under clipping by value the gradient the step used is not the loss's: the verdict
-        is on the step, and says so."""
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for name in measurement.radial:
-            if name in self._lost or name in self._clipped:
-                continue
-            cos = abs(measurement.scalars.get(f"sphere/grad_cos/{name}", float("nan")))
-            entry = next(g for g in self.groups if g.module_name == name)
-            above = f"max |cos(g, x)| {cos:.2g}, above the gradient test's δ/√d = " + (
-                f"{tolerance_for(entry, self.tolerance, self._finder.compute_dtype):.2g}"
-            )
-            if self._value_clipping:
-                self._clipped[name] = (
-                    f"on the step logged at {step} most of its groups' gradients were radial after clipping ({above}):"
-                    f" {self._value_clipping} clips the gradient entry by entry, which gives a tangent gradient a "
-                    "radial part"
-                )
-                self._framework.warn(
-                    f"SphereMonitor: {name}'s steps are not tangent to the sphere: {self._clipped[name]}. Its metrics "
-                    "describe those steps; whether the layer itself is still invariant cannot be read off a clipped "
-                    'gradient. Clipping by norm (gradient_clip_algorithm="norm") keeps steps tangent.'
-                )
-            else:
-                self._lose(name, f"most of its groups' gradients are radial on the step logged at {step} ({above})")
-
-    def _lose(self, name: str, why: str) -> None:
-        self._lost[name] = why
-        self._framework.warn(
-            f"SphereMonitor: {name} is not radially invariant any more: {why}. It is still measured, but its "
-            "metrics no longer describe a step on the sphere."
-        )
-
-    def _statuses(self) -> dict[str, str]:
-        return {g.module_name: "tracked" for g in self.groups} | self._untracked()
-
-    def _announce(self) -> None:
-        """One line per module whose membership changed since the last announcement."""
-        now = self._statuses()
-        for name, status in now.items():
-            before = self._announced.get(name)
-            if status == before or status == "waiting for a gradient to verify it":
-                continue
-            if status == "tracked":
-                entry = next(g for g in self.groups if g.module_name == name)
-                norm = f"{entry.norm_name} ({entry.norm_type})" if entry.norm_name else entry.norm_type
-                self._framework.info(
-                    f"SphereMonitor: now tracking {name}: {entry.num_groups} groups of {entry.group_size} "
-                    f"({entry.granularity}), {norm}"
-                )
-            elif before == "tracked":
-                self._framework.info(f"SphereMonitor: {name} is not tracked any more: {status}")
-            else:
-                self._framework.info(f"SphereMonitor: {name} is not tracked: {status}")
-            self._announced[name] = status
-
-    def _report(self) -> None:
-        if self.groups:
-            self._framework.info(self.summary())
-        else:
-            self._framework.warn(
-                "SphereMonitor found no radially invariant group (a Conv/Linear layer whose output only feeds "
-                "a normalization in training mode); training continues unmonitored.\n" + self.summary()
-            )
-
-
-class _Signature:
-    """What the optimizers step, cheaply: which parameter lists they hold (rebuilt only when those change,
-    e.g. by ``add_param_group``), and whether each parameter is trainable (identity and flags, not values)."""
-
-    def __init__(self) -> None:
-        self._lists: tuple[tuple[int, int], ...] = ()
-        self._params: list[Tensor] = []
-
-    def __call__(self, optimizers: Sequence[torch.optim.Optimizer]) -> tuple[Any, ...]:
-        lists = tuple((id(g["params"]), len(g["params"])) for opt in optimizers for g in opt.param_groups)
-        if lists != self._lists:
-            self._lists = lists
-            self._params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        return lists, tuple(map(_REQUIRES_GRAD, self._params))
-
-
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
-
-
-def _agree_across_ranks(trainer: Any, accepted: list[InvariantGroups]) -> list[InvariantGroups]:
-    """Rank zero's groups, on every rank: a correction must rewrite the same weights everywhere."""
-    if trainer.world_size == 1:
-        return accepted
-    names = trainer.strategy.broadcast([g.module_name for g in accepted])
-    mine = {g.module_name: g for g in accepted}
-    missing = [n for n in names if n not in mine]
-    if missing:
-        raise RuntimeError(
-            f"rank {trainer.global_rank} did not find the groups {missing} that rank 0 tracks; pass "
-            "SphereMonitor(groups={...}) to name them explicitly"
-        )
-    return [mine[n] for n in names]
-
-
-def _steps(spans: Sequence[Sequence[int]]) -> str:
-    """Runs of steps in words: "step 3", "steps 3–5 and 9"."""
-    runs = [f"{a}" if a == b else f"{a}–{b}" for a, b in spans]
-    listed = runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + f" and {runs[-1]}"
-    return f"step{'s' if len(runs) > 1 or spans[0][0] != spans[0][1] else ''} {listed}"
-
-
-def _compute_dtype(trainer: Any) -> torch.dtype | None:
-    """The 16-bit dtype gradients are computed in under the Trainer's precision, if any."""
-    precision = str(trainer.precision)
-    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+    def _tell(self) -> None:
+        """At the end of a batch that may have changed membership: the summary, once the first verdicts are in;
+        after it, one line per module whose membership changed."""
+        announcements = self._announcements
+        if self._follower.finder is None or not announcements.changed:
+            return
+        if announcements.summarized:
+            announcements.announce(self._tracked.statuses(), self.groups)
+        elif self._follower.ready:  # else wait for the verdicts
+            announcements.summarize(self._tracked.statuses(), self.groups, self.summary())
