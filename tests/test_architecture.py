@@ -140,6 +140,9 @@ def test_modules_and_classes_a_reader_can_hold(module):
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ClassDef):
             size = node.end_lineno - node.lineno + 1
+            doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) else None
+            if doc is not None and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+                size -= doc.end_lineno - doc.lineno + 1  # its documentation (a public class's doctest) is no burden
             assert size <= MAX_CLASS_LINES, f"{module}.{node.name}: {size} lines; give part of it to a collaborator"
 
 
