@@ -537,3 +537,15 @@ def test_a_flag_flipped_in_training_step_is_in_the_summary_by_the_end_of_that_ba
     assert summaries.seen[2]["net.0"] == "weight is frozen"  # the batch that froze it
     assert summaries.seen[3]["net.0"] == "weight is frozen"
     assert summaries.seen[4].get("net.0") != "not stepped by any optimizer"  # the batch that unfroze it
+
+
+def test_a_second_fit_starts_with_a_clean_record(tmp_path):
+    """The same monitor fitting another model: the first fit's lost invariance is not the second's (before, its
+    normalizations were even checked on the second model until a tracker was built)."""
+    monitor = SphereMonitor(log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="not radially invariant any more"):
+        fit(EvalForAWhile(), tmp_path, [monitor], max_steps=6)
+    assert "invariance lost for a while" in monitor.summary()
+    fit(Net(), tmp_path, [monitor], max_steps=2)
+    assert "invariance lost" not in monitor.summary()
+    assert [g.module_name for g in monitor.groups] == ["net.0", "net.3"]

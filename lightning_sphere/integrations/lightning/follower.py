@@ -19,14 +19,10 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.core.groups import InvariantGroups
-from lightning_sphere.detection.finder import GroupFinder
+from lightning_sphere.detection.finder import MAX_TRIES, GroupFinder
 from lightning_sphere.integrations.lightning.announcements import Announcements
 from lightning_sphere.integrations.lightning.framework import Framework
 from lightning_sphere.integrations.strategies import cut_by_shards, rebind
-
-#: Steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips the first few)
-#: before it is dropped. Steps on which it gets no gradient at all (a branch not used yet) do not count.
-MAX_VERIFICATION_STEPS = 50
 
 
 class GroupFollower:
@@ -62,7 +58,7 @@ class GroupFollower:
     def find(self, trainer: Any, pl_module: Any, groups: Any, tolerance: float | None) -> None:
         """Start looking for ``pl_module``'s groups (``groups``, ``tolerance``: the monitor's arguments)."""
         try:
-            self.finder = GroupFinder(pl_module, groups, tolerance, _compute_dtype(trainer), MAX_VERIFICATION_STEPS)
+            self.finder = GroupFinder(pl_module, groups, tolerance, _compute_dtype(trainer), MAX_TRIES)
         except ValueError as err:
             raise self._framework.misconfiguration(f"SphereMonitor(groups=...): {err}") from err
 

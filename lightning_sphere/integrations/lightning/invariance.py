@@ -27,8 +27,8 @@ class InvarianceWatch:
 
     ``lost``: while it is lost (and for good after a radial gradient); ``was_lost``: once it held only for a while;
     ``clipped``: modules whose gradient turned radial under clipping by value; ``eval_steps``: the spans of steps
-    on which each tracked module's normalization was in eval mode. Kept for the monitor's whole life, so that the
-    summary sums them up.
+    on which each tracked module's normalization was in eval mode. Kept for a fit, so that the summary sums them up
+    at its end.
     """
 
     def __init__(self, framework: Framework) -> None:
@@ -41,6 +41,10 @@ class InvarianceWatch:
         self.norms: list[tuple[str, str, nn.Module]] = []
         #: the Trainer's clipping by value, as the user wrote it (``None`` for none, or clipping by norm)
         self.value_clipping: str | None = None
+
+    def restart(self) -> None:
+        """A new fit: what the last one saw (its model's normalizations, what it lost) is not this one's."""
+        self.lost, self.was_lost, self.clipped, self.eval_steps, self.norms = {}, {}, {}, {}, []
 
     def read_clipping(self, trainer: Any) -> None:
         """Note the Trainer's gradient clipping: by value, it gives a tangent gradient a radial part."""

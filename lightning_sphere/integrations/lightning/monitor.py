@@ -218,6 +218,7 @@ class SphereMonitorLogic:
                 self._follower.find(trainer, pl_module, self.groups_spec, self.tolerance)
         _check_optimizers(self._framework.misconfiguration, trainer.optimizers, self.correction)
         self._tracked.close()
+        self._invariance.restart()
         self._invariance.read_clipping(trainer)
         self._announcements.summarized = False
         self._follower.restart()
