@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from lightning_sphere.core.groups import ParamSlice
-from lightning_sphere.correction.base import ParamGroup, Rewrite, Scheme, StepView, _finite, _transport_coefficients
+from lightning_sphere.correction.base import (
+    Moments,
+    ParamGroup,
+    Rewrite,
+    Scheme,
+    StepView,
+    _finite,
+    _transport_coefficients,
+)
 from lightning_sphere.correction.safeguards import Plan
 from lightning_sphere.kernels.compiled import scalar
 from lightning_sphere.kernels.rewrites import RewriteSums
@@ -69,18 +78,20 @@ class AdamRewrite(Rewrite):
     ) -> None:
         """One pass over the allowed rows (``args``, from :meth:`_args`): S (unless ``rewritten`` already) and, if
         ``transport``, R and T."""
-        s = step.sums
+        sums = step.sums
         keep = along = ratio = None
         if transport:
-            keep, along = _transport_coefficients(s.x1x1, s.xx1, s.mx1)
-            ratio = torch.where(s.x1x1 > 0, s.xx / s.x1x1, 1)  # (r_k/r_{k+1})²
+            keep, along = _transport_coefficients(sums.x1x1, sums.xx1, sums.mx1)
+            ratio = torch.where(sums.x1x1 > 0, sums.xx / sums.x1x1, 1)  # (r_k/r_{k+1})²
         spread = self.index.spread
         columns = [spread(c) if c is not None else [None] * len(self.slices) for c in (keep, along, ratio)]
         for j, ((s, _), mask) in enumerate(zip(self.slices, spread(step.mask), strict=True)):
             if s not in args:
                 continue
-            x1, m, v, b, *scalars = args[s][:3] + args[s][4:]
-            self.kernels.adam_apply(x1, m, v, b, *scalars, mask, rewritten, *(c[j] for c in columns))
+            x1, m, v, _, b, lr, inv_bias1, inv_sqrt_bias2, eps, decay = args[s]  # the gradient is the sums' only
+            self.kernels.adam_apply(
+                x1, m, v, b, lr, inv_bias1, inv_sqrt_bias2, eps, decay, mask, rewritten, *(c[j] for c in columns)
+            )
             state = self.optimizer.state[s.param]
             s.write_rows(s.param.detach(), x1)
             s.write_rows(state["exp_avg"], m)
@@ -89,8 +100,11 @@ class AdamRewrite(Rewrite):
     def _group_root(self, plan: Plan) -> Tensor:
         """√v̂_G, v_G the group mean of the bias-corrected second moment (§6)."""
 
+        read = self._read_moments()
+
         def per_slice(s: ParamSlice, group: ParamGroup) -> Tensor:
-            moments = self.rule.moments(self.optimizer.state[s.param], group)
+            moments = read(self.optimizer.state[s.param], group)
+            assert moments is not None  # an allowed slice had a gradient: torch's Adam stepped it, it has moments
             return s.rows(moments.exp_avg_sq).sum(1, keepdim=True) * moments.inv_sqrt_bias2.square()
 
         return (self._sum(plan, per_slice, 1)[:, 0] / self._group_size).sqrt()
@@ -99,17 +113,28 @@ class AdamRewrite(Rewrite):
         """Per slice of an allowed module: x_{k+1}, m, v, g rows, AdamS's b per row, and the scalars of the
         step torch took."""
         roots = self.index.spread(root) if root is not None else [None] * len(self.slices)
+        read = self._read_moments()
         out = {}
         for j, ((s, group), r) in enumerate(zip(self.slices, roots, strict=True)):
             if not plan.allowed[self._module_of_slice[j]]:
                 continue
             x1, m, v = self._rows(s, "exp_avg", "exp_avg_sq")
-            moments = self.rule.moments(self.optimizer.state[s.param], group)
+            moments = read(self.optimizer.state[s.param], group)
+            assert moments is not None  # an allowed slice had a gradient: torch's Adam stepped it, it has moments
             b = None if r is None else r + group["eps"]
             lr, eps, decay_factor = scalar(group["lr"]), scalar(group["eps"]), scalar(self.rule.decay_factor(group))
-            g = s.rows(s.param.grad)
+            grad = s.param.grad
+            assert grad is not None  # an allowed module's slices all have one (Guard.plan)
+            g = s.rows(grad)
             out[s] = (x1, m, v, g, b, lr, moments.inv_bias1, moments.inv_sqrt_bias2, eps, decay_factor)
         return out
+
+    def _read_moments(self) -> Callable[[dict[str, Any], ParamGroup], Moments | None]:
+        """The rule's reader of a parameter's moments: the registry gives this rewrite only to optimizers
+        that have them."""
+        read = self.rule.moments
+        assert read is not None, f"{self.rule.name} has no moments for the Adam rewrite to read"
+        return read
 
 
 def _finite_root(root: Tensor | None) -> Tensor | bool:

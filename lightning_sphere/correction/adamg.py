@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sphere.core.groups import ParamSlice
 from lightning_sphere.correction.base import ParamGroup, Rewrite, Scheme, StepView, _finite
 from lightning_sphere.correction.safeguards import Plan, _name_of
 from lightning_sphere.correction.statistics import RunningStatistics
@@ -98,7 +99,9 @@ class AdamGRewrite(Rewrite):
                 x = s.rows(s.param.detach())
                 r = r.to(x.dtype)
                 if plan.active[j]:
-                    g = s.rows(s.param.grad) * group["lr"]
+                    grad = s.param.grad
+                    assert grad is not None  # an active slice is one with a gradient (Guard.plan)
+                    g = s.rows(grad) * group["lr"]
                     real = r * (x + g) - g / r
                 else:
                     real = r * x
@@ -113,11 +116,13 @@ class AdamGRewrite(Rewrite):
         previous = self.radius
         handed = self._hand_back(plan)
         r0 = previous if handed is None else torch.where(handed, float("nan"), previous)
-        args = {}
+        args: dict[ParamSlice, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         for j, (s, group) in enumerate(self.slices):
             if plan.allowed[self._module_of_slice[j]]:
+                grad = s.param.grad
+                assert grad is not None  # an allowed module's slices all have one (Guard.plan)
                 decay = scalar(1 - group["lr"] * group["weight_decay"])
-                args[s] = (s.rows(s.param.detach()), s.rows(s.param.grad), scalar(group["lr"]), decay)
+                args[s] = (s.rows(s.param.detach()), s.rows(grad), scalar(group["lr"]), decay)
         sums = self._sum(plan, lambda s, group: self.kernels.adamg_sums(*args[s]), len(AdamGSums._fields))
         st = AdamGSums(*sums.unbind(1))
         fresh = r0.isnan()
@@ -127,15 +132,13 @@ class AdamGRewrite(Rewrite):
         back = self.guard.stops.groups & ~stopped_before & ~fresh
         spread = self.index.spread
         columns = [spread(c) for c in (1 / r0.square(), fresh, mask, back, r0)]
-        for j, (s, _) in enumerate(self.slices):
-            if s in args:
-                args[s] = (*args[s], *(c[j] for c in columns[:2]))
-        norm = self._sum(plan, lambda s, _: self.kernels.adamg_direction(*args[s], None, None, None, None), 1)
+        direction = {s: (*args[s], columns[0][j], columns[1][j]) for j, (s, _) in enumerate(self.slices) if s in args}
+        norm = self._sum(plan, lambda s, _: self.kernels.adamg_direction(*direction[s], None, None, None, None), 1)
         norm = norm[:, 0].sqrt()  # ‖y‖: the real weights after plain SGD's step are r̂_k y
         for j, ((s, _), row_norm) in enumerate(zip(self.slices, spread(norm), strict=True)):
-            if s in args:
-                self.kernels.adamg_direction(*args[s], row_norm, columns[2][j], columns[3][j], columns[4][j])
-                s.write_rows(s.param.detach(), args[s][0])
+            if s in direction:
+                self.kernels.adamg_direction(*direction[s], row_norm, columns[2][j], columns[3][j], columns[4][j])
+                s.write_rows(s.param.detach(), direction[s][0])
         one = torch.ones_like(r0)
         scale0 = torch.where(fresh, one, r0)
         r1 = scale0 * norm  # fresh rows: y = x_{k+1}, the real weights themselves

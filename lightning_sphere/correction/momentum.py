@@ -35,7 +35,9 @@ class MomentumRewrite(Rewrite):
 
         def per_slice(s: ParamSlice, group: ParamGroup) -> Tensor:
             x1, buf = self._rows(s, "momentum_buffer")
-            return self.kernels.momentum_sums(x1, buf, s.rows(s.param.grad), scalar(group["lr"]))
+            grad = s.param.grad
+            assert grad is not None  # per_slice runs on an allowed module, whose slices all have one (Guard.plan)
+            return self.kernels.momentum_sums(x1, buf, s.rows(grad), scalar(group["lr"]))
 
         sums = self._sum(plan, per_slice, len(RewriteSums._fields))
         mask = self.verdict(plan, RewriteSums(*sums.unbind(1)), _finite(sums))

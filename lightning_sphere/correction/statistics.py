@@ -11,12 +11,22 @@ and the mean, about b, by r̂/r̂'. All of it in a few ``_foreach`` calls on the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.core.rows import RowIndex
+
+
+class _TrackingNorm(Protocol):
+    """A norm that keeps running statistics (a BatchNorm, an InstanceNorm with ``track_running_stats``): the
+    norms whose eval mode breaks a module's invariance, the only ones :class:`RunningStatistics` is given."""
+
+    num_features: int
+    running_mean: Tensor
+    running_var: Tensor
 
 
 class RunningStatistics:
@@ -33,7 +43,7 @@ class RunningStatistics:
 
     def __init__(self, index: RowIndex) -> None:
         self.index = index
-        self.norms: list[tuple[int, nn.Module]] = []
+        self.norms: list[tuple[int, _TrackingNorm]] = []
         self.shifts: list[tuple[Tensor, Tensor]] = []
 
     def follow(
@@ -48,9 +58,11 @@ class RunningStatistics:
         whether they can. ``shift``: the layer's bias the norm cancels, if any (the safeguards')."""
         if not (entry.channels_aligned and all(n.num_features == entry.num_groups for n in norms)):
             return False
-        self.norms += [(i, n) for n in norms]
+        # nn.Module types its attributes as modules or tensors; these norms normalize with running statistics
+        tracking = [cast(_TrackingNorm, n) for n in norms]
+        self.norms += [(i, n) for n in tracking]
         bias = shift(entry)
-        for n in norms:
+        for n in tracking:
             b = n.running_mean.new_zeros(n.num_features) if bias is None else bias.detach()
             self.shifts.append((b, b.to(n.running_mean.dtype, copy=True)))
         return True
@@ -68,24 +80,27 @@ class RunningStatistics:
         torch._foreach_copy_([n.running_var for _, n in self.norms], variances)
         torch._foreach_copy_([r for _, r in self.shifts], [b.to(r.dtype) for b, r in self.shifts])
 
-    def rescaled(self, factor: Tensor, old_scale: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def rescaled(self, factor: Tensor, old_scale: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Every synced norm's running (means, variances) for plain SGD in the stored scale, per group, out of
         place: variance × ``factor``² and mean = b + (plain mean − b)·(stored/real scale), b the layer's bias
         outside the groups. A forward's update keeps that relation; a step that moved b rebases it (× (1 − 1/r̂)
         of the move, ``old_scale`` the r̂ before the step), and the radius moving from r̂ to r̂' rescales it by
         ``factor`` = r̂/r̂' about b. ``factor``, ``old_scale``: ``(M,)``, per group. All in a few ``_foreach``
         calls."""
-        means, variances, factors, coefficients = [], [], [], []
+        live_means: list[Tensor] = []
+        live_variances: list[Tensor] = []
+        factors: list[Tensor] = []
+        coefficients: list[Tensor] = []
         for i, norm in self.norms:
             groups = self.index.groups[i]
-            means.append(norm.running_mean)
-            variances.append(norm.running_var)
+            live_means.append(norm.running_mean)
+            live_variances.append(norm.running_var)
             factors.append(factor[groups].to(norm.running_mean.dtype))
             coefficients.append((1 - 1 / old_scale[groups]).to(norm.running_mean.dtype))
-        biases = [b.to(m.dtype) for (b, _), m in zip(self.shifts, means, strict=True)]
+        biases = [b.to(m.dtype) for (b, _), m in zip(self.shifts, live_means, strict=True)]
         synced = [r for _, r in self.shifts]
-        variances = torch._foreach_mul(variances, torch._foreach_mul(factors, factors))
-        means = torch._foreach_addcmul(means, torch._foreach_sub(biases, synced), coefficients)
+        variances = torch._foreach_mul(live_variances, torch._foreach_mul(factors, factors))
+        means = torch._foreach_addcmul(live_means, torch._foreach_sub(biases, synced), coefficients)
         torch._foreach_sub_(means, biases)
         torch._foreach_mul_(means, factors)
         torch._foreach_add_(means, biases)

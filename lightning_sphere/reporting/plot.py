@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from lightning_sphere.reporting.runs import (
     scheduled_lr_tags,
     settling_steps,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.typing import LineStyleType  # the plot extra's: imported at run time by the drawing functions
 
 #: What this module offers: the figures, and (from :mod:`~lightning_sphere.reporting.runs`) the runs they read.
 __all__ = [
@@ -132,7 +135,7 @@ def _unit(metric: str) -> str:
     return METRICS[metric].unit if metric in METRICS else ("count" if metric == SKIPPED_GROUPS else "")
 
 
-def _legend(figure: Any, colours: dict[str, Any], styles: Sequence[tuple[str, str]] = ()) -> None:
+def _legend(figure: Any, colours: dict[str, Any], styles: Sequence[tuple[LineStyleType, str]] = ()) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, label=name) for name, c in colours.items()]
@@ -166,7 +169,7 @@ def metric_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | Non
     lr_panel = metric == "effective_lr" and any(scheduled_lr_tags(run) for run in runs.values())
     figure, axes = _figure(len(names) + lr_panel)
     colours = _colours(runs)
-    styles: list[tuple[str, str]] = []
+    styles: list[tuple[LineStyleType, str]] = []
     for ax, layer in zip(axes, names, strict=False):
         notes: dict[str, list[str]] = {}  # note → the runs it is about
         for run in runs.values():
@@ -201,7 +204,7 @@ def metric_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | Non
     return figure
 
 
-def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[tuple[str, str]]) -> list[str]:
+def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[tuple[LineStyleType, str]]) -> list[str]:
     """Dashed: the layer's equilibrium (else all groups'); dotted: the settling times. Returns notes."""
     tag = f"sphere/{EQUILIBRIUM}/{layer}"
     tag = tag if tag in run.scalars else f"sphere/{EQUILIBRIUM}/all"
@@ -223,7 +226,7 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
     return notes
 
 
-def _style(styles: list[tuple[str, str]], style: str, label: str) -> None:
+def _style(styles: list[tuple[LineStyleType, str]], style: LineStyleType, label: str) -> None:
     if (style, label) not in styles:
         styles.append((style, label))
 
@@ -321,7 +324,7 @@ def plot(
     chosen = [m for m in found if wanted is None or m in wanted]
     if EQUILIBRIUM in chosen and "angular_update" in found:
         chosen.remove(EQUILIBRIUM)  # drawn in the angular_update figure
-    if wanted is not None and not chosen:
+    if metrics is not None and not chosen:
         raise ValueError(f"none of the metrics {list(metrics)} was logged; found: {', '.join(found)}")
     if layers is not None:
         logged = {layer for metric in chosen for layer in layers_of(runs, metric)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -134,6 +135,7 @@ class _Probe:
         start = 0
         for algorithm, pairs in algorithms.items():
             if algorithm is not None:
+                assert correction is not None  # an algorithm is picked only when correcting (above)
                 part = index.select(start, start + len(pairs))
                 probe.rewrites.append(
                     algorithm([m for _, m in pairs], part, optimizer, correction, kernels, rule, safeguards)
@@ -283,7 +285,8 @@ def _nested(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the hooks firing now are those of a step inside another step of ``optimizer``: a subclass whose
     ``step()`` calls its base class's, both hooked by torch (the base class's once any of its instances
     exists). Read off the call stack, so that a step that raised leaves nothing behind."""
-    count, frame = 0, sys._getframe(1)
+    count = 0
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code is _HOOKED_STEP and frame.f_locals.get("self") is optimizer:
             count += 1
@@ -332,7 +335,7 @@ def _view_columns(probe: _Probe, views: list[StepView]) -> list[tuple[Tensor | N
     ``None`` where the step is read as torch took it. The rewrites cover the probe's modules in order."""
     if not probe.rewrites:
         return [(None, None, None)] * len(probe.index.slices)
-    columns = []
+    columns: list[tuple[Tensor | None, Tensor | None, Tensor | None]] = []
     for rewrite, view in zip(probe.rewrites, views, strict=True):
         n = len(rewrite.slices)
         b = rewrite.index.spread(view.b) if view.b is not None else [None] * n

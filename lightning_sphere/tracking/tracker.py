@@ -88,7 +88,7 @@ class _Transfer(NamedTuple):
     """What one logging step brings to the host, in one copy."""
 
     result: Tensor  # (metrics, L + 1): per layer, then all groups
-    count: Tensor  # (metrics, L + 1): the finite values behind each result
+    counts: Tensor  # (metrics, L + 1): the finite values behind each result
     skipped: Tensor  # (1,)
     histograms: Tensor  # (histogrammed metrics, M), or (0, M)
     stops: Tensor  # (2, groups of all rewrites): stopped (0/1) and the |cos| that stopped each
@@ -291,8 +291,8 @@ class SphereTracker:
             result, count = segment_reduce(values, self._segment, len(self.groups), how)
             rows = _HISTOGRAM_ROWS if self._histograms else []
             self._last_values = None if self._histograms else values  # a reference: no copy, no kernel
-            stops = [torch.stack(r.stopped()).to(values) for r in self._rewrites]
-            stops = torch.cat(stops, 1) if stops else values.new_zeros(2, 0)
+            stopped = [torch.stack(r.stopped()).to(values) for r in self._rewrites]
+            stops = torch.cat(stopped, 1) if stopped else values.new_zeros(2, 0)
             cos = values[list(METRICS).index("grad_cos")].abs()
             judged = cos.isfinite()
             votes = values.new_zeros(len(self.groups), 2).index_add_(
@@ -300,21 +300,21 @@ class SphereTracker:
             )
             radial = (2 * votes[:, 0] > votes[:, 1]).to(values.dtype)
             transfer = _Transfer(result, count, skipped[None], values[rows], stops, radial)
-            host = torch.cat([part.flatten() for part in transfer]).cpu()
+            flat = torch.cat([part.flatten() for part in transfer]).cpu()
             record.measured.zero_()
-        pieces = host.split([part.numel() for part in transfer])
+        pieces = flat.split([part.numel() for part in transfer])
         host = _Transfer(*(p.view(part.shape) for p, part in zip(pieces, transfer, strict=True)))
         start = 0
         for rewrite in self._rewrites:
-            stopped, worst = host.stops[:, start : start + rewrite.index.num_groups]
-            rewrite.report(stopped.bool(), worst)
+            groups_stopped, worst = host.stops[:, start : start + rewrite.index.num_groups]
+            rewrite.report(groups_stopped.bool(), worst)
             start += rewrite.index.num_groups
         return self._unpack(host)
 
     def _unpack(self, host: _Transfer) -> Measurement:
         names = [entry.module_name for entry in self.groups] + ["all"]
         scalars = {}
-        for metric, values, counts in zip(METRICS, host.result.tolist(), host.count.tolist(), strict=True):
+        for metric, values, counts in zip(METRICS, host.result.tolist(), host.counts.tolist(), strict=True):
             for name, value, c in zip(names, values, counts, strict=True):
                 if c > 0:
                     scalars[f"sphere/{metric}/{name}"] = value
@@ -356,8 +356,9 @@ def _by_optimizer(
     stepped: dict[int, list[tuple[int, Stepped]]] = {}
     offset = 0
     for entry in groups:
-        owners = [owner.get(p) for p in entry.params]
-        if any(o is None for o in owners):
+        found = [owner.get(p) for p in entry.params]
+        owners = [o for o in found if o is not None]
+        if len(owners) < len(found):
             untracked[entry.module_name] = UNOPTIMIZED
         elif len({o[0] for o in owners}) > 1:
             untracked[entry.module_name] = "its parameters are stepped by different optimizers"

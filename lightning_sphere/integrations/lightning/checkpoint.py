@@ -87,7 +87,7 @@ def _group_spec(entry: InvariantGroups) -> dict[str, Any]:
     return {"slices": slices, **{f: getattr(entry, f) for f in fields}}
 
 
-def _group_from_spec(spec: dict[str, Any], params: Mapping[str, Tensor]) -> InvariantGroups | None:
+def _group_from_spec(spec: dict[str, Any], params: Mapping[str, nn.Parameter]) -> InvariantGroups | None:
     """The :class:`InvariantGroups` :func:`_group_spec` described, on ``params`` (by name); ``None`` if the
     model has no such parameter any more."""
     if any(s["name"] not in params for s in spec["slices"]):

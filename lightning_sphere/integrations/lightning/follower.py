@@ -75,10 +75,17 @@ class GroupFollower:
         self.recording = False
 
     @property
+    def found(self) -> GroupFinder:
+        """The finder, for the callers that run only once :meth:`find` made it: the monitor's batch hooks return
+        early without one (so recording, verification and the tracker only happen with one)."""
+        assert self.finder is not None, "no group finder yet: find() runs at setup, or at fit start when sharded"
+        return self.finder
+
+    @property
     def ready(self) -> bool:
         """Whether the first verdicts are in (the summary can be printed): the graph analysed, a step seen, and no
         candidate retried."""
-        finder = self.finder
+        finder = self.found
         return bool(finder.analyzed and self.steps_seen and not finder.retrying)
 
     @property
@@ -88,11 +95,12 @@ class GroupFollower:
 
     def eligible(self) -> list[InvariantGroups]:
         """The verified modules that are trainable and stepped now."""
-        return [e for e in self.finder.accepted if self.finder.eligible(e, self.stepped)]
+        finder = self.found
+        return [e for e in finder.accepted if finder.eligible(e, self.stepped)]
 
     def untracked(self, tracked: Collection[str]) -> dict[str, str]:
         """Every other layer, with the reason it is not tracked now."""
-        return self.finder.untracked(self.stepped if self.signature is not None else None, tracked)
+        return self.found.untracked(self.stepped if self.signature is not None else None, tracked)
 
     # ------------------------------------------------------------------ batch
 
@@ -104,7 +112,7 @@ class GroupFollower:
         if signature == self.signature:
             return False
         if self.signature is not None:
-            self.finder.reexamine()
+            self.found.reexamine()
             self._record_next = self._eager_next = True
         self.signature = signature
         self.stepped = {p: opt for opt in optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad}
@@ -120,7 +128,7 @@ class GroupFollower:
         """Record this batch's forward passes if a layer's structure may not be known yet."""
         self._stepped_in_batch = set()
         if self._record_next:
-            self.finder.start()  # record this batch's forward passes: every backward pass of it is analyzed
+            self.found.start()  # record this batch's forward passes: every backward pass of it is analyzed
             self.recording, self._backward_seen = True, False
             if self._eager_next:
                 # torch.compile'd code would skip the recording hooks (a model compiled earlier) or break its
@@ -131,17 +139,17 @@ class GroupFollower:
     def analyze(self, loss: Tensor) -> None:
         """Read the layers off the graph of a recorded batch's backward pass."""
         if self.recording:
-            self.finder.analyze([loss])
+            self.found.analyze([loss])
             self._backward_seen = self._announcements.changed = True
 
     def verify(self, trainer: Any, optimizer: torch.optim.Optimizer, restored: Mapping[str, float | str]) -> bool:
         """Read what the step's graphs hold, and test the pending candidates on the step's gradients
         (``restored``: the verdicts of a checkpoint, reused for the identical candidates). True when the tracked
         modules may change."""
-        finder = self.finder
+        finder = self.found
         self.steps_seen += 1
         if self.recording and not self._backward_seen and finder.has_layer_calls():
-            self._read_unseen_backward()
+            self._read_unseen_backward(finder)
         if self.recording and finder.analyze_recomputed():
             self._announcements.changed = True
         if not finder.pending:
@@ -173,9 +181,10 @@ class GroupFollower:
     def end_batch(self) -> None:
         """Stop recording; record the next batch too if a layer was not called yet."""
         if self.recording:
-            self.finder.finish()
+            finder = self.found
+            finder.finish()
             self.recording = False
-            self._record_next = bool(self.finder.unseen_layers())
+            self._record_next = bool(finder.unseen_layers())
         self.compile_again()
 
     def compile_again(self) -> None:
@@ -183,10 +192,10 @@ class GroupFollower:
             self._eager.__exit__(None, None, None)  # the compiler's stance as it was
             self._eager = None
 
-    def _read_unseen_backward(self) -> None:
+    def _read_unseen_backward(self, finder: GroupFinder) -> None:
         """A backward pass ran that Lightning did not announce (``loss.backward()`` in manual optimization):
         read the layers off the graph up to the recorded modules' outputs, and say how to do better."""
-        self.finder.analyze_outputs()
+        finder.analyze_outputs()
         self._announcements.changed = True
         if not self._warned_direct_backward:
             self._warned_direct_backward = True

@@ -36,7 +36,8 @@ class InvarianceWatch:
         self.lost: dict[str, str] = {}
         self.was_lost: dict[str, str] = {}
         self.clipped: dict[str, str] = {}
-        self.eval_steps: dict[str, list[list[int]]] = {}
+        #: per module, its eval-mode spans [first step, last step], the last ``None`` while it lasts
+        self.eval_steps: dict[str, list[list[int | None]]] = {}
         #: the tracked modules' normalizations that keep running statistics: (module, norm name, norm)
         self.norms: list[tuple[str, str, nn.Module]] = []
         #: the Trainer's clipping by value, as the user wrote it (``None`` for none, or clipping by norm)
@@ -142,8 +143,8 @@ class InvarianceWatch:
         )
 
 
-def _steps(spans: Sequence[Sequence[int]]) -> str:
-    """Runs of steps in words: "step 3", "steps 3–5 and 9"."""
+def _steps(spans: Sequence[Sequence[int | None]]) -> str:
+    """Runs of steps in words: "step 3", "steps 3–5 and 9" (``spans``: ended ones, ``[first, last]``)."""
     runs = [f"{a}" if a == b else f"{a}–{b}" for a, b in spans]
     listed = runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + f" and {runs[-1]}"
     return f"step{'s' if len(runs) > 1 or spans[0][0] != spans[0][1] else ''} {listed}"

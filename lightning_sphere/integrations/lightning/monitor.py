@@ -270,7 +270,7 @@ class SphereMonitorLogic:
         if measurement is not None:
             self._log.write(trainer.loggers, measurement, step)
             if self.correction is None:
-                compute_dtype = follower.finder.compute_dtype
+                compute_dtype = follower.found.compute_dtype  # a tracker measured: the finder built it
                 self._invariance.check_gradients(step, measurement, self.groups, self.tolerance, compute_dtype)
         if follower.flipped_in_batch(trainer.optimizers):  # a flag flipped in training_step: say so now
             self._update_tracker(trainer)
@@ -304,11 +304,14 @@ class SphereMonitorLogic:
         """Track the verified modules that are trainable and stepped now, if that changed (a new tracker;
         ``stepping``: the optimizer whose step is under way, whose weights to copy now)."""
         clipping = "value" if self._invariance.value_clipping else None
-        settings = dict(correction=self.correction, compile=self.compile, tolerance=self.tolerance)
-        if not self._tracked.update(trainer, self._checkpoint.radii, **settings, gradient_clipping=clipping):
+        radii, correction, tolerance = self._checkpoint.radii, self.correction, self.tolerance
+        if not self._tracked.update(
+            trainer, radii, correction=correction, compile=self.compile, tolerance=tolerance, gradient_clipping=clipping
+        ):
             return
-        tracker = self._tracker
-        self._invariance.watch_norms(tracker.groups, self._follower.finder.model)
+        tracker = self._tracked.tracker
+        assert tracker is not None  # update() returned True: it built one
+        self._invariance.watch_norms(tracker.groups, self._follower.found.model)
         self._announcements.changed = True
         self._log.arm(trainer, tracker)
         if stepping is not None:

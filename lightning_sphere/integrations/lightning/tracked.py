@@ -49,6 +49,7 @@ class TrackedModules:
         AdamG rewrite's ``radii`` (restored from a checkpoint) and the old tracker's; the other arguments are the
         monitor's, and the Trainer's clipping. True when a new tracker was built."""
         follower = self._follower
+        finder = follower.found
         eligible = follower.eligible()
         if self.tracker is not None and [e.module_name for e in eligible] == self._input:
             return False
@@ -63,9 +64,9 @@ class TrackedModules:
                 trainer.optimizers,
                 correction,
                 compile,
-                model=follower.finder.model,
+                model=finder.model,
                 tolerance=tolerance,
-                compute_dtype=follower.finder.compute_dtype,
+                compute_dtype=finder.compute_dtype,
                 warn=self._framework.warn,
                 gradient_clipping=gradient_clipping,
             )
