@@ -80,6 +80,18 @@ def test_whole_tensor_weight_norm():
     assert summary_of(find_invariant_groups(model, IMG)) == {"1": ("layer", 1, 288)}
 
 
+def test_a_weight_normalized_buffer_is_left_alone_not_an_error():
+    """A weight kept as a buffer, weight-normalized: its direction is a buffer too, which no optimizer steps (left
+    alone, as a plain buffer weight is)."""
+    layer = nn.Linear(48, 6)
+    weight = layer.weight.detach()
+    del layer.weight
+    layer.register_buffer("weight", weight)
+    model = nn.Sequential(nn.Flatten(), torch.nn.utils.parametrizations.weight_norm(layer), nn.Tanh(), nn.Linear(6, 2))
+    groups = find_invariant_groups(model, IMG)
+    assert list(groups) == [] and groups.rejected == {"3": "output is not normalized"}
+
+
 def test_monitor_groups_argument(tmp_path):
     logger = MemoryLogger()
     monitor = SphereMonitor(groups={"net.0": "channel", "net.3": "layer"})

@@ -73,11 +73,11 @@ def find_invariant_groups(
     finder = GroupFinder(model, groups, tolerance)
     norm_inputs: list[tuple[nn.Module, Tensor]] = []
     layer_outputs: dict[str, Tensor] = {}  # a weight-standardized layer is its own normalization
-    hooks = [
-        m.register_forward_hook(lambda module, args, output: norm_inputs.append((module, args[0])) and None)
-        for m in model.modules()
-        if isinstance(m, _PROBED)
-    ]
+
+    def note_input(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output stays as it is
+        norm_inputs.append((module, args[0]))
+
+    hooks = [m.register_forward_hook(note_input) for m in model.modules() if isinstance(m, _PROBED)]
 
     def keep(name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output stays as it is
@@ -107,6 +107,7 @@ def find_invariant_groups(
                 if (finder.pending or finder.has_layer_calls()) and roots:
                     torch.manual_seed(0)
                     projection = sum((t * torch.randn_like(t)).sum() for t in roots)
+                    assert isinstance(projection, Tensor)  # a sum of tensors: roots is not empty
                     for p in grads:
                         p.grad = None
                     # .backward(), not autograd.grad(): torch.utils.checkpoint(use_reentrant=True) supports only
@@ -153,7 +154,7 @@ def find_invariant_groups(
     return FoundGroups(finder.accepted, finder.untracked(tracked={g.module_name for g in finder.accepted}))
 
 
-def _gradients(finder: GroupFinder) -> dict[Tensor, Tensor]:
+def _gradients(finder: GroupFinder) -> dict[nn.Parameter, Tensor]:
     """The gradients the pending candidates' parameters hold."""
     return {p: p.grad for entry in finder.pending for p in entry.params if p.grad is not None}
 

@@ -14,14 +14,13 @@ from collections.abc import Mapping
 
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
-from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_sphere.core.groups import InvariantGroups, ParamSlice
 from lightning_sphere.core.names import named_modules, named_parameters
 from lightning_sphere.core.tolerance import GRADIENT_TEST
-from lightning_sphere.detection.parametrized import stored_weight
+from lightning_sphere.detection.parametrized import parametrizations, stored_weight
 
 #: Granularities a mapping may ask for, besides a number of channels per group.
 GRANULARITIES = ("channel", "layer")
@@ -59,11 +58,12 @@ def weight_norm_groups(model: nn.Module, trainable_only: bool = True) -> list[In
     names = {p: n for n, p in named_parameters(model)}
     found = []
     for module_name, module in named_modules(model):
-        directions = []
-        if parametrize.is_parametrized(module):
-            for tensor_name, chain in module.parametrizations.items():
-                if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
-                    directions.append((tensor_name, chain.original1, chain[0].dim))
+        directions: list[tuple[str, nn.Parameter, int]] = []  # tensor name, direction, its dim
+        for tensor_name, chain in parametrizations(module).items():
+            if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
+                v = chain.original1  # the direction of weight_norm's (g, v)
+                if isinstance(v, nn.Parameter):  # a buffer when the weight is one: nothing trainable
+                    directions.append((tensor_name, v, chain[0].dim))
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, WeightNorm):
                 directions.append((hook.name, getattr(module, f"{hook.name}_v"), hook.dim))
@@ -97,7 +97,9 @@ def numeric_candidates(
         stored = stored_weight(module)
         if stored is not None and stored.computed_by is not None and len(stored.params) == 1:
             computed_from[stored.params[0]] = module_name
-    pairs, shared, first = [], {}, {}
+    pairs: list[tuple[InvariantGroups, InvariantGroups]] = []
+    shared: dict[str, str] = {}
+    first: dict[nn.Parameter, tuple[str, str]] = {}  # a parameter → (its candidate's name, its own name)
     for name, p in named_parameters(model, remove_duplicate=False):
         if not ((p.requires_grad or not trainable_only) and p.dim() >= 2):
             continue

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import Node
 
 from lightning_sphere.core.groups import UNOPTIMIZED, InvariantGroups
 from lightning_sphere.core.names import model_order, named_modules, position
 from lightning_sphere.detection.candidates import GroupsSpec, initial_candidates
 from lightning_sphere.detection.gradient_test import failure_reason, verify_with_fallback
-from lightning_sphere.detection.layers import LAYERS, find_candidates
+from lightning_sphere.detection.layers import LAYERS, GraphRoot, find_candidates
 from lightning_sphere.detection.parametrized import stored_weight
-from lightning_sphere.detection.recorder import DataflowRecorder
+from lightning_sphere.detection.recorder import DataflowRecorder, _Call
 
 T = TypeVar("T")
 
@@ -140,7 +141,7 @@ class GroupFinder:
         """Whether the recording holds a call of a layer not analyzed yet."""
         return self._recorder is not None and any(isinstance(c.module, LAYERS) for c in self._recorder.calls)
 
-    def analyze(self, roots: Sequence[Tensor]) -> None:
+    def analyze(self, roots: Sequence[GraphRoot]) -> None:
         """Read candidates off the graph that produced ``roots`` (its nodes must still be alive).
 
         May be called after every backward pass of a step: each analyzes the recorded layer calls its graph
@@ -233,7 +234,9 @@ class GroupFinder:
             chosen, grads, self._fallback, self.tolerance, self.compute_dtype
         )
         self.accepted[:] = _in_model_order(self.model, self.accepted + accepted, _module_name)
-        self.verdicts |= {verdict_key(e): e.cosine for e in accepted}
+        for e in accepted:
+            assert e.cosine is not None  # verify_with_fallback measured every candidate it accepts
+            self.verdicts[verdict_key(e)] = e.cosine
         for entry in rejected:
             why = failure_reason(entry, self.model, self.tolerance, self.compute_dtype)
             self.rejected[entry.module_name] = self.verdicts[verdict_key(entry)] = why
@@ -352,7 +355,7 @@ def verdict_key(entry: InvariantGroups) -> str:
     return f"{entry.module_name}|{params}|{entry.granularity}|{entry.num_groups}"
 
 
-def _terminal_roots(calls: Sequence[Any]) -> list[_Root]:
+def _terminal_roots(calls: Sequence[_Call]) -> list[_Root]:
     """The outputs of the recorded calls that no other recorded call takes in: where a walk from a layer may
     end (a layer's own output, or its activation's, is on the way, not a use of it)."""
     inputs = {c.input for c in calls if c.input is not None}
@@ -363,4 +366,4 @@ def _terminal_roots(calls: Sequence[Any]) -> list[_Root]:
 class _Root:
     """A graph root given by its node (what :func:`find_candidates` reads of a root tensor)."""
 
-    grad_fn: Any
+    grad_fn: Node

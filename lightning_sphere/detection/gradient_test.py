@@ -58,7 +58,8 @@ def verify(
     test cannot tell (:func:`indistinct`), a candidate the structure vouches for is accepted and a numeric
     one rejected.
     """
-    candidates, waiting = [], []
+    candidates: list[InvariantGroups] = []
+    waiting: list[InvariantGroups] = []
     for entry in groups:
         (candidates if all(p in grads for p in entry.params) else waiting).append(entry)
     accepted, rejected = [], []

@@ -20,9 +20,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import Node
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from lightning_sphere.core.groups import InvariantGroups, ParamSlice
@@ -42,8 +44,15 @@ class Candidates:
     rejected: dict[str, str] = field(default_factory=dict)
 
 
+class GraphRoot(Protocol):
+    """What :func:`find_candidates` reads of a root: its autograd node (a tensor's, or a node given alone)."""
+
+    @property
+    def grad_fn(self) -> Node | None: ...
+
+
 def find_candidates(
-    calls: Sequence[_Call], roots: Sequence[Tensor], model: nn.Module, exclude: Collection[nn.Module] = ()
+    calls: Sequence[_Call], roots: Sequence[GraphRoot], model: nn.Module, exclude: Collection[nn.Module] = ()
 ) -> Candidates:
     """Layers whose output reaches the loss only through normalizations that cancel its scale (§1 table).
 
@@ -91,7 +100,7 @@ def _layer_groups(
     calls: Sequence[_Call],
     graph: _Graph,
     namer: _NormNamer,
-    names: dict[Tensor, str],
+    names: dict[nn.Parameter, str],
 ) -> InvariantGroups | str:
     """The groups of one layer, or why it has none.
 
@@ -107,7 +116,7 @@ def _layer_groups(
     assert stored is not None and len(stored.params) == 1  # find_candidates keeps only such layers
     weight = stored.params[0]
     transposed = isinstance(layer, _ConvTransposeNd)
-    channels = layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
+    channels = _out_channels(layer)
     if stored.computed_by is None:
         # Weight standardization: the weight is normalized per output channel before the layer uses it.
         standardized = _standardized(weight, calls, graph, channels, transposed)
@@ -144,7 +153,7 @@ def _layer_groups(
     )
 
 
-def _scale_free(name: str, weight: Tensor, stored: Stored, names: dict[Tensor, str]) -> InvariantGroups:
+def _scale_free(name: str, weight: nn.Parameter, stored: Stored, names: dict[nn.Parameter, str]) -> InvariantGroups:
     """The whole stored tensor as one group, named after what computes the weight from it: its scale does not
     reach the weight at all (spectral normalization, W = V/σ(V))."""
     return InvariantGroups(
@@ -171,16 +180,16 @@ def _weight_channel_ids(layer: nn.Module, shape: tuple[int, ...]) -> Tensor:
 def _structural_groups(
     name: str,
     layer: nn.Module,
-    weight: Tensor,
+    weight: nn.Parameter,
     calls: Sequence[_Call],
     graph: _Graph,
     namer: _NormNamer,
-    names: dict[Tensor, str],
+    names: dict[nn.Parameter, str],
     standardized: tuple[ChannelTies, list[NormReached]] | None,
 ) -> InvariantGroups | str:
     """The groups the layer's output (or its standardized weight) decides, on ``weight``, or why it has none."""
     transposed = isinstance(layer, _ConvTransposeNd)
-    channels = layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
+    channels = _out_channels(layer)
     bias_stored = stored_weight(layer, "bias")
     bias = bias_stored.params[0] if bias_stored is not None and bias_stored.computed_by is None else None
     if standardized is not None:
@@ -193,6 +202,7 @@ def _structural_groups(
             dim = 1 if isinstance(layer, _ConvNd) else len(call.shape) - 1
             if not call.shape or call.shape[dim] != channels:
                 return "its output does not hold its channels where expected"
+            assert call.output is not None  # find_candidates keeps the calls whose output is in the graph
             walk = ScalingWalk(graph, ties, namer)
             norms += walk.run(call.output, _channel_ids(call.shape, dim, channels))
             broken |= walk.broken
@@ -215,16 +225,16 @@ def _structural_groups(
     num_groups = (stop - start) // per_group
     if kept is not None:
         pieces = [ParamSlice(names[weight], weight, channels=kept)]
-    elif transposed:
+    elif isinstance(layer, _ConvTransposeNd):
         # weight is (C_in, C_out / groups, *k): output channel (group, j) once dim 0 is split.
         split = layer.groups
         pieces = [ParamSlice(names[weight], weight, (0, 2) if split > 1 else (1,), split)]
     else:
         pieces = [ParamSlice(names[weight], weight)]
-    if with_bias:
+    if with_bias and bias is not None:  # with_bias implies a bias
         pieces.append(ParamSlice(names[bias], bias, channels=kept))
     norm_call = namer(norms[0].node)
-    norm_modules = {id(namer(n.node).module) if namer(n.node) else None for n in norms}
+    norm_modules = {id(call.module) if call else None for call in (namer(n.node) for n in norms)}
     return InvariantGroups(
         module_name=name,
         slices=tuple(pieces),
@@ -240,6 +250,14 @@ def _structural_groups(
         and isinstance(norm_call.module, CHANNEL_NORMS)
         and all(n.fused_channel_norm and n.channels_kept for n in norms),
     )
+
+
+def _out_channels(layer: nn.Module) -> int:
+    """The output channels of one of the :data:`LAYERS`."""
+    if isinstance(layer, _ConvNd):
+        return layer.out_channels
+    assert isinstance(layer, nn.Linear)  # find_candidates keeps the LAYERS alone
+    return layer.out_features
 
 
 def _channel_ids(shape: Sequence[int], dim: int, channels: int) -> Tensor:
@@ -291,7 +309,12 @@ def _standardized(
 
 
 def _check_params(
-    layer: nn.Module, weight: Tensor, calls: Sequence[_Call], graph: _Graph, names: dict[Tensor, str], with_bias: bool
+    layer: nn.Module,
+    weight: nn.Parameter,
+    calls: Sequence[_Call],
+    graph: _Graph,
+    names: dict[nn.Parameter, str],
+    with_bias: bool,
 ) -> str | None:
     """Why the layer's parameters (``weight``: the stored one) cannot form groups (frozen, or used outside the
     layer), if they cannot."""
@@ -302,7 +325,8 @@ def _check_params(
     if with_bias and bias is not None and not bias.requires_grad:
         return "bias is frozen but not cancelled by the normalization"
     inside = set().union(*(c.interior() for c in calls))
-    for p in (weight, bias):
-        if p is not None and any(user not in inside for user in graph.consumers.get(graph.leaf.get(p), ())):
+    for p in [t for t in (weight, bias) if t is not None]:
+        leaf = graph.leaf.get(p)
+        if leaf is not None and any(user not in inside for user in graph.consumers.get(leaf, ())):
             return f"{names[p]} is also used outside {calls[0].name}"
     return None

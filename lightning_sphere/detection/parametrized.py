@@ -31,6 +31,8 @@ from torch.autograd.graph import Node
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
+from lightning_sphere.detection.nodes import saved, signed
+
 
 @dataclass(frozen=True, eq=False)
 class Stored:
@@ -61,8 +63,8 @@ def stored_weight(layer: nn.Module, tensor: str = "weight") -> Stored | None:
     ``original0``, ``original1``, … when ``right_inverse`` returns several tensors); ``torch.nn.utils.prune`` and
     ``torch.nn.utils.spectral_norm`` keep ``<tensor>_orig`` and compute the tensor in a forward pre-hook.
     """
-    if parametrize.is_parametrized(layer, tensor):
-        chain = layer.parametrizations[tensor]
+    chain = parametrizations(layer).get(tensor)
+    if chain is not None:
         originals = [p for name, p in chain._parameters.items() if name.startswith("original") and p is not None]
         if not originals:
             return None  # parametrized buffers: nothing trainable
@@ -79,6 +81,15 @@ def stored_weight(layer: nn.Module, tensor: str = "weight") -> Stored | None:
             kind = type(hook).__name__
             return Stored((original,), f"forward pre-hook `{kind}`", "", kind)
     return None
+
+
+def parametrizations(module: nn.Module) -> dict[str, parametrize.ParametrizationList]:
+    """The chains ``torch.nn.utils.parametrize`` keeps on ``module`` (``module.parametrizations``), by tensor name;
+    empty when it parametrizes none of its tensors."""
+    chains = getattr(module, "parametrizations", None)
+    if not isinstance(chains, nn.ModuleDict):  # as parametrize.is_parametrized tells
+        return {}
+    return {name: chain for name, chain in chains.items() if isinstance(chain, parametrize.ParametrizationList)}
 
 
 def computed_node(layer: nn.Module, tensor: str = "weight") -> tuple[Node, int] | None:
@@ -277,7 +288,7 @@ class _Reader:
             if (op in _VIEWS or op in ("PermuteBackward0", "TransposeBackward0", "TBackward0")) and len(present) == 1:
                 return [_moved(first, _view_ids(node, op, first.ids, shapes[0]))]
             if op in _POWERS or op == "PowBackward0":
-                exponent = _POWERS.get(op) or Fraction(node._saved_exponent).limit_denominator(1000)
+                exponent = _POWERS.get(op) or Fraction(saved(node, "_saved_exponent")).limit_denominator(1000)
                 if len(present) == 1 and inputs[0] is first:
                     return [_powered(first, exponent)]
             if op in ("MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1"):
@@ -303,13 +314,15 @@ class _Reader:
         channels = [v for v in present if v.by_channel]
         if not channels:
             return _Value(None, True, degree)
-        if len(channels) == 2:
-            ids_a, ids_b = torch.broadcast_tensors(a.ids, b.ids)
+        if len(channels) == 2:  # a and b, both by channel
+            by_a, by_b = channels
+            ids_a, ids_b = torch.broadcast_tensors(by_a.ids, by_b.ids)
             if not torch.equal(ids_a, ids_b):
                 return _mixed(present, shape, degree, _label(op))
-            row = _total([a.row_degree, _times(b.row_degree, sign)])
-            return _Value(ids_a.expand(shape), False, degree, row, a.pure and b.pure)
+            row = _total([by_a.row_degree, _times(by_b.row_degree, sign)])
+            return _Value(ids_a.expand(shape), False, degree, row, by_a.pure and by_b.pure)
         value = channels[0]
+        assert value.ids is not None  # by channel
         row = value.row_degree if value is a else _times(value.row_degree, sign)
         common = len(present) == 2  # a common factor multiplied in (a constant leaves the value pure)
         return _Value(value.ids.expand(shape), False, degree, row, value.pure and not common)
@@ -369,18 +382,13 @@ def _sum(inputs: list[_Value | None], shape: Sequence[int], op: str) -> _Value:
     return _mixed(present, shape, None, op)
 
 
-def _dim(d: int) -> int:
-    """A saved dimension as Python sees it: some nodes hand ``-1`` back as an unsigned 64-bit integer."""
-    return d - 2**64 if d >= 2**63 else d
-
-
 def _view_ids(node: Node, op: str, ids: Tensor | None, shape: Sequence[int]) -> Tensor | None:
     if ids is None:
         return None
     if op == "PermuteBackward0":
-        return ids.permute([_dim(d) for d in node._saved_dims])
+        return ids.permute([signed(d) for d in saved(node, "_saved_dims")])
     if op == "TransposeBackward0":
-        return ids.transpose(_dim(node._saved_dim0), _dim(node._saved_dim1))
+        return ids.transpose(signed(saved(node, "_saved_dim0")), signed(saved(node, "_saved_dim1")))
     if op == "TBackward0":
         return ids.t()
     if op == "ExpandBackward0":

@@ -13,10 +13,9 @@ from torch.autograd.graph import Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.nn.utils import parametrize
 
 from lightning_sphere.core.names import named_modules
-from lightning_sphere.detection.parametrized import computed_node, graph_below
+from lightning_sphere.detection.parametrized import computed_node, graph_below, parametrizations
 
 LAYERS = (_ConvNd, nn.Linear)
 CHANNEL_NORMS = (_BatchNorm, _InstanceNorm)
@@ -75,8 +74,8 @@ class DataflowRecorder:
         for name, module in named_modules(self.model):
             if isinstance(module, LAYERS) and (self.layers is None or module in self.layers):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
-                if parametrize.is_parametrized(module, "weight"):
-                    chain = module.parametrizations["weight"]
+                chain = parametrizations(module).get("weight")
+                if chain is not None:
                     self._handles.append(chain.register_forward_hook(self._computed_hook(module)))
         return self
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
+from lightning_sphere.detection.nodes import signed
 from lightning_sphere.detection.recorder import _Call
 
 
@@ -155,11 +156,6 @@ def saved_dims(node: Node, ndim: int) -> list[int]:
     if isinstance(dims, int):
         dims = [dims]
     return sorted({signed(d) % ndim for d in dims}) if ndim else []
-
-
-def signed(dim: int) -> int:
-    """A saved dimension as Python sees it: some nodes hand ``-1`` back as an unsigned 64-bit integer."""
-    return dim - 2**64 if dim >= 2**63 else dim
 
 
 def compact(ids: Tensor) -> Tensor:

@@ -73,7 +73,7 @@ REDUCTIONS = frozenset(
 
 
 #: Statistics of a scale: (degree multiplier, reduces).
-STATISTICS = {
+STATISTICS: dict[str, tuple[Fraction | int, bool]] = {
     "VarBackward0": (2, True),
     "StdBackward0": (1, True),
     "LinalgVectorNormBackward0": (1, True),

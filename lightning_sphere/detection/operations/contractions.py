@@ -11,6 +11,7 @@ from fractions import Fraction
 
 from torch.autograd.graph import Node
 
+from lightning_sphere.detection.nodes import saved
 from lightning_sphere.detection.scaling import ScaledValue, WalkContext, output_shape
 
 
@@ -32,7 +33,7 @@ def matmul(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> l
 def convolution(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     """A convolution without bias, of a scaled input ``(N, C_in, *)`` or by a scaled weight ``(C_out, C_in, *k)``
     (not transposed, not grouped): each output entry ties all the input's channels, or scales with its filter."""
-    bias = node._saved_bias_sym_sizes_opt
+    bias = saved(node, "_saved_bias_sym_sizes_opt")
     if bias is not None and math.prod(bias) > 0:
         raise walk.break_at(node, " (a bias on the way)")
     x, w = inputs[0], inputs[1]
@@ -41,7 +42,7 @@ def convolution(walk: WalkContext, node: Node, inputs: list[ScaledValue | None])
     if x is not None:
         ids = walk.reduce(node, x.ids, list(range(1, x.ids.dim()))).expand(out)
     if w is not None:
-        if node._saved_transposed or node._saved_groups != 1:
+        if saved(node, "_saved_transposed") or saved(node, "_saved_groups") != 1:
             raise walk.break_at(node)
         per = walk.reduce(node, w.ids, list(range(1, w.ids.dim()))).flatten()
         other = per.view(1, -1, *[1] * (len(out) - 2)).expand(out)

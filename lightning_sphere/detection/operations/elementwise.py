@@ -12,6 +12,7 @@ from fractions import Fraction
 import torch
 from torch.autograd.graph import Node
 
+from lightning_sphere.detection.nodes import saved
 from lightning_sphere.detection.scaling import (
     NormReached,
     ScaledValue,
@@ -41,7 +42,7 @@ def clamp_min(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -
     value = sole_input(walk, node, inputs)
     if value.statistic:  # F.normalize's clamp of the norm at eps: the normalization's own approximation
         return [value.moved(value.ids)]
-    if node._saved_min == 0:  # relu
+    if saved(node, "_saved_min") == 0:  # relu
         return [value.moved(value.ids, keeps_shift=False)]
     raise walk.break_at(node)
 
@@ -105,5 +106,5 @@ def power(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> li
     """``x ** p`` for a constant p: degree times p (rational, as in ``x ** 0.5``), a statistic on the way to a
     hand-written norm."""
     value = first_scaled(inputs)
-    exponent = Fraction(node._saved_exponent).limit_denominator(1000)
+    exponent = Fraction(saved(node, "_saved_exponent")).limit_denominator(1000)
     return [ScaledValue(value.degree * exponent, value.ids, statistic=True, shift_free=False, channels_kept=False)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch.autograd.graph import Node
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_sphere.detection.nodes import saved
 from lightning_sphere.detection.scaling import (
     NormReached,
     ScaleBroken,
@@ -26,14 +27,14 @@ from lightning_sphere.detection.scaling import (
 def layer_norm(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     """Normalizes over the last ``len(normalized_shape)`` dimensions."""
     value = sole_input(walk, node, inputs)
-    n = len(node._saved_normalized_shape)
+    n = len(saved(node, "_saved_normalized_shape"))
     return _normalize(walk, node, value, list(range(value.ids.dim() - n, value.ids.dim())), fused=False)
 
 
 def group_norm(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     """Normalizes each of ``group`` consecutive sets of channels of each sample, as ``(N, group, -1)``."""
     value = sole_input(walk, node, inputs)
-    grouped = ScaledValue(value.degree, reshape_ids(value.ids, (value.ids.shape[0], node._saved_group, -1)))
+    grouped = ScaledValue(value.degree, reshape_ids(value.ids, (value.ids.shape[0], saved(node, "_saved_group"), -1)))
     grouped.shift_free, grouped.channels_kept = value.shift_free, False
     return _normalize(walk, node, grouped, [2], fused=False)
 

@@ -9,14 +9,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.graph import Node
 
-from lightning_sphere.detection.scaling import (
-    ScaledValue,
-    WalkContext,
-    first_scaled,
-    output_shape,
-    reshape_ids,
-    signed,
-)
+from lightning_sphere.detection.nodes import saved, signed
+from lightning_sphere.detection.scaling import ScaledValue, WalkContext, first_scaled, output_shape, reshape_ids
 
 
 def reshape(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
@@ -30,12 +24,12 @@ def reshape(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> 
 
 def permute(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     value = first_scaled(inputs)
-    return [value.moved(value.ids.permute([signed(d) for d in node._saved_dims]), keeps_channels=False)]
+    return [value.moved(value.ids.permute([signed(d) for d in saved(node, "_saved_dims")]), keeps_channels=False)]
 
 
 def transpose(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     value = first_scaled(inputs)
-    ids = value.ids.transpose(signed(node._saved_dim0), signed(node._saved_dim1))
+    ids = value.ids.transpose(signed(saved(node, "_saved_dim0")), signed(saved(node, "_saved_dim1")))
     return [value.moved(ids, keeps_channels=False)]
 
 
@@ -48,25 +42,25 @@ def slice_(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> l
     """``x[..., start:end:step, ...]`` along one dimension."""
     value = first_scaled(inputs)
     index = [slice(None)] * value.ids.dim()
-    start, end = signed(node._saved_start), signed(node._saved_end)
-    index[signed(node._saved_dim)] = slice(start, end, node._saved_step)
+    start, end = signed(saved(node, "_saved_start")), signed(saved(node, "_saved_end"))
+    index[signed(saved(node, "_saved_dim"))] = slice(start, end, saved(node, "_saved_step"))
     return [value.moved(value.ids[tuple(index)], keeps_channels=False)]
 
 
 def select(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     value = first_scaled(inputs)
-    ids = value.ids.select(signed(node._saved_dim), signed(node._saved_index))
+    ids = value.ids.select(signed(saved(node, "_saved_dim")), signed(saved(node, "_saved_index")))
     return [value.moved(ids, keeps_channels=False)]
 
 
 def split(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     """``split``, ``split_with_sizes``, ``unbind``: one output per part."""
     value, op = first_scaled(inputs), node.name()
-    dim = signed(node._saved_dim)
+    dim = signed(saved(node, "_saved_dim"))
     if op == "UnbindBackward0":
         parts = value.ids.unbind(dim)
     else:
-        sizes = node._saved_split_size if op == "SplitBackward0" else list(node._saved_split_sizes)
+        sizes = saved(node, "_saved_split_size") if op == "SplitBackward0" else list(saved(node, "_saved_split_sizes"))
         parts = value.ids.split(sizes, dim)
     return [value.moved(p, keeps_channels=False) for p in parts]
 
@@ -74,7 +68,7 @@ def split(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> li
 def cat(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     """``torch.cat``: the parts that scale must share one degree; those that do not hold ``-1``."""
     out = output_shape(node)
-    dim = signed(node._saved_dim) % len(out)
+    dim = signed(saved(node, "_saved_dim")) % len(out)
     sizes: list[int | None] = []
     for (child, nr), value in zip(node.next_functions, inputs, strict=True):
         if value is not None:
@@ -86,10 +80,9 @@ def cat(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list
     unknown = [i for i, s in enumerate(sizes) if s is None]
     if len(unknown) > 1:
         raise walk.break_at(node)
-    if unknown:
-        sizes[unknown[0]] = out[dim] - sum(s for s in sizes if s is not None)
+    rest = out[dim] - sum(s for s in sizes if s is not None)  # the size of the one part not known, if any
     parts = []
-    for size, value in zip(sizes, inputs, strict=True):
+    for size, value in zip([rest if s is None else s for s in sizes], inputs, strict=True):
         shape = list(out)
         shape[dim] = size
         parts.append(
