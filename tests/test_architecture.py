@@ -159,3 +159,45 @@ def test_the_imports_the_documentation_shows_resolve():
     assert statements, "no import of lightning_sphere found in the documentation's Python blocks"
     for statement in statements:
         exec(statement, {})
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``dotted`` (``lightning_sphere.x.y.Name.attr``) names a module or an attribute of one."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_every_dotted_reference_to_the_package_resolves():
+    """Every ``lightning_sphere.…`` the docstrings and the documentation name (Sphinx roles, double backticks,
+    Markdown code) is a module or an attribute that exists: a move cannot leave a reference behind."""
+    reference = re.compile(r"(?<![\w/])~?(lightning_sphere(?:\.\w+)+)")
+    texts = {path: path.read_text(encoding="utf-8") for path in sorted(PACKAGE.rglob("*.py"))}
+    texts |= {path: path.read_text(encoding="utf-8") for path in [ROOT / "README.md", ROOT / "CONTRIBUTING.md"]}
+    texts |= {path: path.read_text(encoding="utf-8") for path in sorted((ROOT / "docs").glob("*.md"))}
+    dead = sorted(
+        {f"{path.relative_to(ROOT)}: {name}" for path, text in texts.items() for name in reference.findall(text)
+         if not _resolves(name.rstrip("."))}
+    )  # fmt: skip
+    assert not dead, "\n".join(dead)
+
+
+def test_every_file_the_architecture_page_names_exists():
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    files = {path.name for folder in (PACKAGE, ROOT / "tests", ROOT / "benchmarks") for path in folder.rglob("*.py")}
+    folders = {path.name for path in PACKAGE.rglob("*") if path.is_dir()}
+    named = set(re.findall(r"`(?:[\w/]+/)?(\w+\.py)`", page))
+    assert named and named <= files, sorted(named - files)
+    named_folders = set(re.findall(r"`(\w+)/`", page))
+    assert named_folders <= folders, sorted(named_folders - folders)

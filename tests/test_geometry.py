@@ -158,3 +158,15 @@ def test_group_stats_begin_with_the_kernels_columns_in_their_order():
     from lightning_sphere.kernels.products import StepProducts
 
     assert GroupStats._fields == (*StepProducts._fields, "group_size", "formula", "adaptive", "equilibrium")
+
+
+def test_the_reference_covers_every_metric_of_the_registry():
+    """A metric added to the registry and not to the independent reference would be compared with nothing: the
+    suite's comparisons iterate over the reference's metrics. The equilibrium is a formula of hyper-parameters,
+    checked on its own (§7)."""
+    from tests import reference
+
+    computed = set(reference.REDUCE)
+    assert set(METRICS) - {"angular_update_equilibrium"} <= computed
+    for name in computed & set(METRICS):
+        assert reference.REDUCE[name] == METRICS[name].reduction, name

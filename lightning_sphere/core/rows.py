@@ -68,7 +68,7 @@ class RowIndex:
 
     def sum_rows(self, per_row: Sequence[Tensor]) -> Tensor:
         """Per-group sums ``(M, k)`` of per-row sums ``(C, k)``, one tensor per slice; for sharded parameters,
-        added up over the ranks (one collective, :class:`~lightning_sphere.distributed.GroupSum`)."""
+        added up over the ranks (one collective, :class:`~lightning_sphere.core.sharding.GroupSum`)."""
         rows = torch.cat(list(per_row))
         sums = rows.new_zeros(self.num_groups, rows.shape[1]).index_add_(0, self.group_of_row, rows)
         return sums if self.group_sum is None else self.group_sum(sums)

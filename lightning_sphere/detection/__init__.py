@@ -1,11 +1,10 @@
-"""Stage 2, which weights live on a sphere: the real step's forward pass recorded
-(:mod:`~lightning_sphere.detection.recorder`), each layer's scale followed through its autograd graph
-(the interpreter :mod:`~lightning_sphere.detection.walk`, with the operator table of
-:mod:`~lightning_sphere.detection.operations`, in the terms of :mod:`~lightning_sphere.detection.scaling`)
-into candidate groups (:mod:`~lightning_sphere.detection.layers`, :mod:`~lightning_sphere.detection.parametrized`,
-:mod:`~lightning_sphere.detection.candidates`), verified by the gradient test
-(:mod:`~lightning_sphere.detection.gradient_test`), as training goes (:class:`GroupFinder`) or on an example input
-(:func:`find_invariant_groups`)."""
+"""Which weights live on a sphere (a stage of the same rank as ``measurement`` and ``correction``, which it does not
+import): the real step's forward pass recorded (:mod:`~lightning_sphere.detection.recorder`), each layer's scale
+followed through its autograd graph (:mod:`~lightning_sphere.detection.walk`, with the rules of
+:mod:`~lightning_sphere.detection.operations`) into candidate groups (:mod:`~lightning_sphere.detection.layers`,
+:mod:`~lightning_sphere.detection.parametrized`, :mod:`~lightning_sphere.detection.candidates`), verified by the
+gradient test (:mod:`~lightning_sphere.detection.gradient_test`), as training goes (:class:`GroupFinder`) or on an
+example input (:func:`find_invariant_groups`)."""
 
 from lightning_sphere.detection.api import FoundGroups, find_invariant_groups
 from lightning_sphere.detection.finder import GroupFinder

@@ -41,7 +41,7 @@ class GroupFinder:
     parametrization, pruning) is watched through the tensor the optimizer steps; no weight is ever computed
     here. :attr:`accepted` and :meth:`untracked` are in model order (``named_modules()``), whatever order the
     layers were found in; names are those the user wrote, through ``torch.compile`` and Fabric wrappers
-    (:mod:`lightning_sphere.names`).
+    (:mod:`lightning_sphere.core.names`).
 
     Args:
         model: the model whose groups to find.
@@ -51,10 +51,11 @@ class GroupFinder:
             its gradient passes the test, else as a whole if that passes; or a mapping from module or
             parameter names to ``"channel"``, ``"layer"`` or a number of channels per group.
         tolerance: δ of the gradient test: a module is tracked while ``max |cos(g, x)|`` over its groups is at
-            most δ/√d, a share of what a random direction shows (:func:`~lightning_sphere.groups.tolerance_for`);
+            most δ/√d, a share of what a random direction shows
+            (:func:`~lightning_sphere.core.tolerance.tolerance_for`);
             ``None``: 0.1 for candidates the structure vouches for, 0.01 for numeric ones.
         compute_dtype: the dtype gradients are computed in under mixed precision, if 16-bit: the
-            threshold is at least a few of its ulps (:func:`~lightning_sphere.groups.noise_floor`).
+            threshold is at least a few of its ulps (:func:`~lightning_sphere.core.tolerance.noise_floor`).
         max_tries: steps a candidate may show a gradient that cannot judge it (zero or not finite: AMP skips
             the first few) before it is rejected. Steps without any gradient for it do not count.
 

@@ -105,7 +105,7 @@ def _layer_groups(
     """The groups of one layer, or why it has none.
 
     The groups hold the tensor the optimizer steps. When something computes the weight from it (a
-    parametrization, pruning, the older spectral norm: :mod:`lightning_sphere.parametrized`, docs/theory.md
+    parametrization, pruning, the older spectral norm: :mod:`lightning_sphere.detection.parametrized`, docs/theory.md
     §1.1), the groups the layer's output decides hold for the stored tensor if scaling its output channels
     scales the computed weight's by positive factors up to one common to all (a mask, spectral normalization),
     and, where the bias joins the groups, exactly as the bias scales (a mask). Else a normalization per

@@ -1,4 +1,4 @@
-"""Stage 1, the fused per-row kernels of the two hot paths: the measurement's inner products
+"""The fused per-row kernels of the two hot paths, above ``core``: the measurement's inner products
 (:mod:`~lightning_sphere.kernels.products`) and the correction's reads and writes
 (:mod:`~lightning_sphere.kernels.rewrites`), run eagerly or compiled (:mod:`~lightning_sphere.kernels.compiled`)."""
 

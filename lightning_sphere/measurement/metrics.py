@@ -113,7 +113,7 @@ class Metric:
         formula: the per-group values ``(M,)`` from the step's :class:`GroupStats` and :class:`Sphere`;
             NaN where undefined.
         reduction: how a layer's groups (and all groups) are summarized: ``"rms"``, ``"mean"``,
-            ``"median"`` or ``"maxabs"`` (:func:`~lightning_sphere.reduce.segment_reduce`).
+            ``"median"`` or ``"maxabs"`` (:func:`~lightning_sphere.measurement.reduce.segment_reduce`).
         unit: the unit of the values.
         section: the section of docs/theory.md that defines it.
         doc: one line saying what it is.

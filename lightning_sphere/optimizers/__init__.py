@@ -1,8 +1,9 @@
-"""Stage 4, the optimizer registry: for each optimizer class, how it reads in the scheme of docs/theory.md §2 (a, b,
-decoupled decay), its §7 equilibrium, and which correction rewrites it (:mod:`~lightning_sphere.optimizers.registry`);
-one module per family registers its classes (:mod:`~lightning_sphere.optimizers.sgd`,
-:mod:`~lightning_sphere.optimizers.adam`); :mod:`~lightning_sphere.optimizers.modes` turns a ``spherical_correction``
-argument into the algorithm for each param group."""
+"""The optimizer registry, above the corrections it chooses from: for each optimizer class, how it reads in the scheme
+of docs/theory.md §2 (a, b, decoupled decay), its §7 equilibrium, and which correction rewrites it
+(:mod:`~lightning_sphere.optimizers.registry`); one module per family registers its classes
+(:mod:`~lightning_sphere.optimizers.sgd`, :mod:`~lightning_sphere.optimizers.adam`);
+:mod:`~lightning_sphere.optimizers.modes` turns a ``spherical_correction`` argument into the algorithm for each param
+group."""
 
 from lightning_sphere.optimizers import adam, sgd  # noqa: F401 - their import registers torch's SGD, Adam and AdamW
 from lightning_sphere.optimizers.adam import adam_moments

@@ -82,7 +82,7 @@ class SphereMonitorLogic:
             the modules' equilibria differ.
         tolerance: δ of the gradient test: a candidate module is tracked while ``max |cos(g, x)|`` over its
             groups on its first step is at most δ/√d, a share of what a random direction shows (d the group
-            size; :func:`~lightning_sphere.groups.tolerance_for`). ``None``: 0.1 for candidates the graph or
+            size; :func:`~lightning_sphere.core.tolerance.tolerance_for`). ``None``: 0.1 for candidates the graph or
             ``groups=`` vouches for, 0.01 for ``groups="numeric"`` ones. With the correction on, a module most
             of whose groups exceed it on a later step has lost its invariance and is not corrected again.
         spherical_correction: rewrite every step of the tracked groups into its spherical form (docs/theory.md
