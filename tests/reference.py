@@ -29,11 +29,14 @@ def group_metrics(
     a: Tensor | None = None,
     b: Tensor | None = None,
     measured: bool = False,
+    decay: float = 0.0,
+    length: Tensor | float | None = None,
 ) -> dict[str, Tensor]:
     """Per-group metrics of one step from rows ``(G, d)`` of x_k, x_{k+1}, g_k (and Adam's a, b).
 
     ``lr`` may be a tensor of shape ``(d,)`` (per-entry learning rates). ``measured`` selects the
-    measured effective learning rate sin θ / ‖∇L(u_k)‖ instead of the §3 formula.
+    measured effective learning rate sin θ / ‖∇L(u_k)‖ instead of the §3 formula. ``length``: the update length
+    the optimizer's hyper-parameters predict per group (§8), with ``decay`` its decoupled decay ηλ.
     """
     x0, x1, g = x0.double(), x1.double(), g.double()
     lr = torch.as_tensor(lr, dtype=torch.float64)
@@ -59,6 +62,8 @@ def group_metrics(
         preconditioner = (torch.ones_like(x0) if b is None else b.double()) / lr  # P = b ⊘ η
         rms = preconditioner.norm(dim=1) / x0.shape[1] ** 0.5
         out["effective_lr"] = 1 / (r0 * r1 * rms)
+    if length is not None:
+        out["update_scale"] = (delta + decay * x0).norm(dim=1) / torch.as_tensor(length, dtype=torch.float64)
     if a is not None:
         a, b = a.double(), b.double()
         out["deformation_cos"] = cos(perp(a / b, u), perp(a, u))
@@ -69,6 +74,7 @@ def group_metrics(
 #: How each metric is summarized per layer, restated from the specification (not imported from the package,
 #: so that a change there shows up here).
 REDUCE = {
+    "update_scale": "rms",
     "norm": "rms",
     "angular_update": "rms",
     "radial_update": "mean",

@@ -12,9 +12,10 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from lightning_sphere import METRICS, SphereMonitor
 from tests.lightning_helpers import Capture, MemoryLogger, Net, assert_scalars_match, expected, fit
 
-#: Net's tracked modules; SGD-M with weight decay defines every metric but Adam's two and skipped_groups.
+#: Net's tracked modules; SGD-M with weight decay defines every metric but Adam's two, update_scale (§8: Muon,
+#: Lion, Adafactor) and skipped_groups.
 LAYERS = ("net.0", "net.3")
-SGD_M = [m for m in METRICS if m not in ("deformation_cos", "momentum_radial")]
+SGD_M = [m for m in METRICS if m not in ("deformation_cos", "momentum_radial", "update_scale")]
 
 
 def events(path):

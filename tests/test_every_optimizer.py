@@ -3,7 +3,7 @@ training bitwise as it is without it, and every metric it logs is the one an ind
 gets from the step: x_k, x_{k+1} and the gradient the update consumed, captured by the model itself.
 
 The grid: every optimizer class ``torch.optim`` exports (enumerated, so that a new release's are covered),
-schedule-free AdamW and SGD, Lion, heavyball's AdamW, SGD, SFAdamW, Muon and HyperBallAdamW × no clipping,
+schedule-free AdamW and SGD, Lion, Prodigy, heavyball's AdamW, SGD, SFAdamW, Muon and HyperBallAdamW × no clipping,
 clipping by norm, by value × a plain layer, ``spectral_norm``, a user parametrization (a weight mask), ``prune``.
 The default run takes a fast subset (``FAST``); ``pytest -m slow`` the whole cross product.
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lion_pytorch
+import prodigyopt
 import pytest
 import pytorch_lightning as pl
 import schedulefree
@@ -48,8 +49,10 @@ from tests.twin import same_bits
 #: The metrics checked against the capture: the step's (any optimizer) and the gradient's.
 STEP_METRICS = ("norm", "angular_update", "radial_update", "tangential_update")
 GRADIENT_METRICS = ("grad_cos", "sphere_grad_norm", "direction_cos", "effective_lr")
-#: Adam's a and b, for torch's Adam and AdamW only.
+#: Adam's a and b, for torch's Adam and AdamW and Prodigy.
 ADAM_METRICS = ("deformation_cos", "momentum_radial")
+#: §8's update length, for Muon and Lion.
+LENGTH_METRICS = ("update_scale",)
 #: float32 round-off, relative; absolute for values near 0 (grad_cos on an invariant group reads 1e-5…1e-4).
 REL, ABS = 1e-6, 1e-10
 
@@ -66,12 +69,23 @@ class Opt:
 
     name: str
     make: Callable[[Any], torch.optim.Optimizer]
-    #: the §3 closed-form effective learning rate applies (SGD, Adam, AdamW); else the measured one
+    #: the §3 closed-form effective learning rate applies (SGD, Adam, AdamW, Prodigy); else the measured one
     closed_form: bool = False
-    #: torch's Adam/AdamW: a and b are read from its state for the Adam diagnostics
-    adam: bool = False
+    #: ``(optimizer, weight, param group) → {"a", "b"}`` after the step (§2), for the Adam diagnostics: torch's
+    #: Adam/AdamW and Prodigy
+    ab: Callable[..., dict[str, Tensor]] | None = None
+    #: ``param group before the step → η``, the learning rate in force, where it is not the group's ``lr``
+    lr_in_force: Callable[[dict[str, Any]], float] | None = None
+    #: §8: the length of a row's update per unit of η (Muon: s √(B/A) for this 32 × 16 weight; Lion: √16), and
+    #: the decoupled decay per unit of η, for ``update_scale``
+    length: float | None = None
+    decay: float = 0.0
     #: why it cannot run here, if it cannot
     skip: str | None = None
+
+    @property
+    def adam(self) -> bool:
+        return self.ab is not None
 
 
 #: Hyper-parameters that make every step visible on the sphere (a weight decay where there is one, so that an
@@ -111,11 +125,16 @@ def torch_optimizers() -> list[type[torch.optim.Optimizer]]:
 
 def _torch(cls: type[torch.optim.Optimizer]) -> Opt:
     options = TORCH_OPTIONS.get(cls.__name__, {})
+    muon = cls is torch.optim.Muon  # 32 × 16: s = √max(1, 32/16), rows of norm √(16/32) when orthogonal
     return Opt(
         f"torch.{cls.__name__}",
         lambda params: cls(params, **options),
         closed_form=cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW),
-        adam=cls in (torch.optim.Adam, torch.optim.AdamW),
+        ab=(lambda optimizer, weight, group: adam_ab(optimizer, weight, group))
+        if cls in (torch.optim.Adam, torch.optim.AdamW)
+        else None,
+        length=math.sqrt(2) * math.sqrt(16 / 32) if muon else None,
+        decay=options.get("weight_decay", 0.0) if muon else 0.0,
         skip=TORCH_SKIPS.get(cls.__name__),
     )
 
@@ -136,7 +155,14 @@ OPTIMIZERS = [
         lambda p: schedulefree.AdamWScheduleFree(p, lr=1e-2, weight_decay=1e-2, warmup_steps=0),
     ),
     Opt("schedulefree.SGDScheduleFree", lambda p: schedulefree.SGDScheduleFree(p, lr=0.1, weight_decay=1e-2)),
-    Opt("lion_pytorch.Lion", lambda p: lion_pytorch.Lion(p, lr=1e-3, weight_decay=1e-2)),
+    Opt("lion_pytorch.Lion", lambda p: lion_pytorch.Lion(p, lr=1e-3, weight_decay=1e-2), length=4.0, decay=1e-2),
+    Opt(
+        "prodigyopt.Prodigy",
+        lambda p: prodigyopt.Prodigy(p, lr=1.0, weight_decay=1e-2),
+        closed_form=True,
+        ab=lambda optimizer, weight, group: prodigy_ab(optimizer, weight, group),
+        lr_in_force=lambda group: prodigy_lr(group),
+    ),
     _heavyball("AdamW", lr=1e-2, weight_decay=1e-2),
     _heavyball("SGD", lr=0.1, weight_decay=1e-2),
     _heavyball("SFAdamW", lr=1e-2, weight_decay=1e-2),
@@ -265,12 +291,13 @@ class Model(pl.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         weight = stepped_weight(self.hidden)
         group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
-        self._pending = {"x0": reference.rows(weight), "lr": group.get("lr")}
+        lr = group.get("lr") if self.opt.lr_in_force is None else self.opt.lr_in_force(group)
+        self._pending = {"x0": reference.rows(weight), "lr": lr}
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         record, self._pending = self._pending, None
         record["x1"] = reference.rows(weight)
-        if self.opt.adam:
-            record.update(adam_ab(getattr(optimizer, "optimizer", optimizer), weight, group))
+        if self.opt.ab is not None:
+            record.update(self.opt.ab(getattr(optimizer, "optimizer", optimizer), weight, group))
         self.steps.append(record)
 
     def configure_gradient_clipping(
@@ -300,6 +327,24 @@ def adam_ab(optimizer: torch.optim.Optimizer, weight: Tensor, group: dict[str, A
     a = reference.rows(state["exp_avg"]) / (1 - beta1**t)
     b = reference.rows(second).sqrt() / math.sqrt(1 - beta2**t) + group["eps"]
     return {"a": a, "b": b}
+
+
+def prodigy_lr(group: dict[str, Any]) -> float:
+    """Prodigy's step size from its param group before the step (docs/theory.md §8.6): d · lr, times
+    √(1 − β2^{k+1})/(1 − β1^{k+1}) with ``use_bias_correction``."""
+    beta1, beta2 = group["betas"]
+    k = group["k"]
+    correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if group["use_bias_correction"] else 1.0
+    return group["d"] * group["lr"] * correction
+
+
+def prodigy_ab(optimizer: torch.optim.Optimizer, weight: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+    """Prodigy after a step: a = m, b = √v + d ε with d as the step left it."""
+    state = optimizer.state[weight]
+    return {
+        "a": reference.rows(state["exp_avg"]),
+        "b": reference.rows(state["exp_avg_sq"]).sqrt() + group["d"] * group["eps"],
+    }
 
 
 # -------------------------------------------------------------------------------------------- the checks
@@ -348,9 +393,11 @@ def needs_gradient(opt: Opt) -> tuple[str, ...]:
 
 def expected_metrics(record: dict[str, Any], opt: Opt) -> dict[str, Tensor]:
     """Per-row reference values of one captured step (``tests/reference.py``)."""
-    kwargs = {"a": record["a"], "b": record["b"]} if opt.adam else {}
+    kwargs: dict[str, Any] = {"a": record["a"], "b": record["b"]} if opt.adam else {}
     grad = record["grad"] if record["grad"] is not None else torch.zeros_like(record["x0"])
     lr = record["lr"] if record["lr"] is not None else 1.0
+    if opt.length is not None:
+        kwargs.update(decay=lr * opt.decay, length=lr * opt.length)
     return reference.group_metrics(record["x0"], record["x1"], grad, lr, measured=not opt.closed_form, **kwargs)
 
 
@@ -359,7 +406,12 @@ def check_step(logged: dict[str, float], record: dict[str, Any], opt: Opt, names
     With a gradient every metric must be there; without, those that need one must not, and the others (the
     step did nothing to the layer) are checked when logged."""
     want = expected_metrics(record, opt)
-    metrics = (*STEP_METRICS, *GRADIENT_METRICS, *(ADAM_METRICS if opt.adam else ()))
+    metrics = (
+        *STEP_METRICS,
+        *GRADIENT_METRICS,
+        *(ADAM_METRICS if opt.adam else ()),
+        *LENGTH_METRICS[: bool(opt.length)],
+    )
     for metric in metrics:
         for name in names:
             key = f"sphere/{metric}/{name}"

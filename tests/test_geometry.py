@@ -25,6 +25,7 @@ def stats_of(x0, x1, g, lr, a=None, b=None, formula=True, equilibrium=float("nan
         xx=dot(x0, x0), xd=dot(x0, delta), dd=dot(delta, delta), xg=dot(x0, g), gg=dot(g, g), dg=dot(delta, g),
         pp=dot(p, p), xa=dot(x0, a), aa=dot(a, a), xs=dot(x0, s), ss=dot(s, s), sa=dot(s, a),
         group_size=full(d), formula=full(formula), adaptive=full(adaptive), equilibrium=full(equilibrium),
+        decay=full(0), update_length=full(float("nan")), relative_length=full(float("nan")),
     )  # fmt: skip
 
 
@@ -157,7 +158,10 @@ def test_group_stats_begin_with_the_kernels_columns_in_their_order():
     by position: the two field lists must agree."""
     from lightning_sphere.kernels.products import StepProducts
 
-    assert GroupStats._fields == (*StepProducts._fields, "group_size", "formula", "adaptive", "equilibrium")
+    assert GroupStats._fields == (
+        *StepProducts._fields, "group_size", "formula", "adaptive", "equilibrium", "decay", "update_length",
+        "relative_length",
+    )  # fmt: skip
 
 
 def test_the_reference_covers_every_metric_of_the_registry():

@@ -252,6 +252,10 @@ def test_settling_time_per_optimizer_from_the_first_positive_lr():
     sgdm = plotting.settling_steps(synthetic_run("lr-SGD/pg1", [0.1], 1e-2, momentum=0.9))
     assert sgdm == pytest.approx([(1 - 0.9) / (2 * 0.1 * 1e-2)])
     assert plotting.settling_steps(synthetic_run("lr-SGD", [0.1], 1e-2)) == []  # μ not logged: unknown
+    # §8: Muon and Lion decay the weights by (1 − ηλ) per step, as AdamW; Prodigy's logged lr is not its step size
+    assert plotting.settling_steps(synthetic_run("lr-Muon", [2e-2], 0.1, momentum=0.95)) == [1 / (2 * 2e-2 * 0.1)]
+    assert plotting.settling_steps(synthetic_run("lr-Lion", [1e-4], 1.0)) == [1 / (2 * 1e-4 * 1.0)]
+    assert plotting.settling_steps(synthetic_run("lr-Prodigy", [1.0], 0.1)) == []
 
 
 def test_a_single_logged_point_is_drawn_with_a_marker():
@@ -259,3 +263,17 @@ def test_a_single_logged_point_is_drawn_with_a_marker():
     figure = plotting.metric_figure({"run": plotting.Run("run", Path("."), series, {})}, "norm")
     (line,) = [line for line in figure.axes[0].get_lines() if line.get_gid() == "run|sphere/norm/all"]
     assert line.get_marker() == "o"
+
+
+def test_a_run_with_two_optimizers_names_each_settling_time():
+    """Muon for the matrices, AdamW for the rest (the transformer example): both times, each line named."""
+    muon = synthetic_run("lr-Muon", [0.02] * 400, 0.1)
+    adamw = synthetic_run("lr-AdamW", [3e-3] * 400, 0.1)
+    run = plotting.Run("run", Path("."), {**muon.scalars, **adamw.scalars}, {})
+    assert plotting.settling_times(run) == pytest.approx({"Muon": 1 / (2 * 0.02 * 0.1), "AdamW": 1 / (2 * 3e-3 * 0.1)})
+    figure = plotting.metric_figure({"run": run}, "angular_update")
+    ax = figure.axes[0]
+    drawn = [line.get_xdata()[0] for line in ax.get_lines() if line.get_gid() == "run|settling"]
+    assert drawn == pytest.approx([250.0])  # AdamW's 1,667 steps lie beyond 400 steps × SETTLING_BEYOND
+    assert [t.get_text() for t in ax.texts if t.get_text() == "Muon"] == ["Muon"]
+    assert any("settling time (AdamW) 1,667 steps, beyond the run" in t.get_text() for t in ax.texts)

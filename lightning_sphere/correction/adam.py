@@ -105,7 +105,7 @@ class AdamRewrite(Rewrite):
         def per_slice(s: ParamSlice, group: ParamGroup) -> Tensor:
             moments = read(self.optimizer.state[s.param], group)
             assert moments is not None  # an allowed slice had a gradient: torch's Adam stepped it, it has moments
-            return s.rows(moments.exp_avg_sq).sum(1, keepdim=True) * moments.inv_sqrt_bias2.square()
+            return s.rows(moments.exp_avg_sq).sum(1, keepdim=True) * scalar(moments.inv_sqrt_bias2).square()
 
         return (self._sum(plan, per_slice, 1)[:, 0] / self._group_size).sqrt()
 

@@ -59,15 +59,17 @@ ParamGroup = dict[str, Any]
 
 class Moments(NamedTuple):
     """An adaptive optimizer's a and b after a step (§2), as torch stores them:
-    a = ``exp_avg`` · ``inv_bias1`` and b = √``exp_avg_sq`` · ``inv_sqrt_bias2`` + ε (the group's ``eps``).
+    a = ``exp_avg`` · ``inv_bias1`` and b = √``exp_avg_sq`` · ``inv_sqrt_bias2`` + ε, ε the group's ``eps`` unless
+    ``eps`` gives the one in force (Prodigy's d·ε).
 
-    The bias corrections are 0-dim float64 tensors where the step count lives (no host sync).
+    The bias corrections are 0-dim float64 tensors where the step count lives (no host sync), or floats.
     """
 
     exp_avg: Tensor
     exp_avg_sq: Tensor
-    inv_bias1: Tensor
-    inv_sqrt_bias2: Tensor
+    inv_bias1: Tensor | float
+    inv_sqrt_bias2: Tensor | float
+    eps: Tensor | float | None = None
 
 
 class Scheme(Protocol):

@@ -27,7 +27,10 @@ class GroupStats(NamedTuple):
     """Everything :func:`sphere_metrics` needs of one step, one entry per group (tensors of shape ``(M,)``): the
     :class:`~lightning_sphere.kernels.products.StepProducts` fields, then the group's size d, 0/1 flags for whether
     the closed-form effective learning rate applies (``formula``) and whether ``a``, ``b`` come from Adam's state
-    (``adaptive``), and the §7 equilibrium for the group's hyper-parameters (NaN where none applies)."""
+    (``adaptive``), the §7 equilibrium for the group's hyper-parameters (NaN where none applies), the product ηλ of
+    a decoupled weight decay applied in the step (0 for none), and the length of the step's update (the step less
+    that decay) its hyper-parameters predict, ``update_length + relative_length · r_k`` (§8; NaN where they
+    predict none)."""
 
     xx: Tensor
     xd: Tensor
@@ -45,6 +48,9 @@ class GroupStats(NamedTuple):
     formula: Tensor
     adaptive: Tensor
     equilibrium: Tensor
+    decay: Tensor
+    update_length: Tensor
+    relative_length: Tensor
 
 
 class Sphere(NamedTuple):
@@ -98,6 +104,12 @@ def _deformation_cos(st: GroupStats, sp: Sphere) -> Tensor:
     s_a_tangential = st.sa - st.xs * st.xa / st.xx  # ⟨s⊥, a⊥⟩
     norms = _tangential_norm(st.ss, st.xs, st.xx) * _tangential_norm(st.aa, st.xa, st.xx)
     return _adaptive_only(s_a_tangential / norms, st)
+
+
+def _update_scale(st: GroupStats, sp: Sphere) -> Tensor:
+    # ‖Δ + ηλ x_k‖² = ‖Δ‖² + 2ηλ⟨x_k, Δ⟩ + (ηλ)²‖x_k‖²: the update less its decoupled decay, over the length predicted
+    update = (st.dd + 2 * st.decay * st.xd + st.decay.square() * st.xx).clamp(min=0).sqrt()
+    return update / (st.update_length + st.relative_length * sp.r0)
 
 
 def _momentum_radial(st: GroupStats, sp: Sphere) -> Tensor:
@@ -181,6 +193,14 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             "momentum_radial", _momentum_radial, "mean", "cosine", "§5", "Adam: ⟨a, u_k⟩ / ‖a‖", needs_gradient=True
+        ),
+        Metric(
+            "update_scale",
+            _update_scale,
+            "rms",
+            "ratio",
+            "§8",
+            "‖Δ + ηλ x_k‖ over the update length the hyper-parameters predict (Muon, Lion, Adafactor)",
         ),
         Metric(
             "angular_update_equilibrium",

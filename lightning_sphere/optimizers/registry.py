@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.correction.base import Moments, ParamGroup, Rewrite
 
 #: Correction modes; ``True`` means ``"srt"``.
@@ -67,6 +68,18 @@ class OptimizerRule:
             it after the step (checked on every measured step) instead of copying it before. ``False`` (the
             default, and for every optimizer outside the registry): it is copied right before the update, since
             optimizers may change it in place (schedule-free's division by its denominator) or drop it.
+        lr_in_force: ``(before, after) → η``, the learning rate the step used, from a param group as it was before
+            the step and as the step left it: the scheduled ``lr`` by default; Prodigy's d·lr·(bias correction),
+            whose d the step itself moves. Every other reading (``moments`` aside) sees the group after the step
+            with this ``lr``.
+        update_length: ``(param_group, entry, state) → (length, relative)``: the length of one group's update (the
+            step less a decoupled decay) the hyper-parameters predict, ``length + relative · r_k``, for optimizers
+            whose update has a length of its own (Muon's orthogonalized momentum, Lion's sign, Adafactor's
+            clipped relative step; §8); ``None``: none predicted. ``entry`` is the tracked module's
+            :class:`~lightning_sphere.core.groups.InvariantGroups`, ``state`` its first parameter's optimizer state.
+        weight_decay: ``param_group → λ``, the decay rate per unit of η (the group's ``weight_decay`` by default).
+        specialize: ``optimizer → rule``, for a class whose reading depends on how the instance was built (Lion's
+            ``decoupled_weight_decay``); ``None``: the rule as it is.
     """
 
     name: str
@@ -76,6 +89,10 @@ class OptimizerRule:
     correction: Callable[[ParamGroup, str], type[Rewrite]] = _refuse
     formula: bool = True
     gradient_intact: bool = False
+    lr_in_force: Callable[[ParamGroup, ParamGroup], Any] = lambda before, after: before["lr"]
+    weight_decay: Callable[[ParamGroup], Any] = lambda group: group.get("weight_decay", 0.0)
+    update_length: Callable[[ParamGroup, InvariantGroups, dict[str, Any]], tuple[float, float] | None] | None = None
+    specialize: Callable[[torch.optim.Optimizer], OptimizerRule] | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -83,7 +100,11 @@ class OptimizerRule:
 
     def decay_factor(self, group: ParamGroup) -> float:
         """1 − ηλ for a decoupled decay, else 1: x_k = (x_{k+1} + η a ⊘ b) / decay_factor."""
-        return 1 - group["lr"] * group["weight_decay"] if self.decoupled_decay(group) else 1.0
+        return 1 - group["lr"] * self.weight_decay(group) if self.decoupled_decay(group) else 1.0
+
+    def in_force(self, before: ParamGroup, after: ParamGroup) -> ParamGroup:
+        """The param group as the step used it: as the step left it, with the learning rate in force."""
+        return {**after, "lr": self.lr_in_force(before, after)}
 
 
 def _common_refusals(name: str, group: ParamGroup) -> None:
@@ -93,20 +114,31 @@ def _common_refusals(name: str, group: ParamGroup) -> None:
 
 #: Exact optimizer class → its rule. Extend with :func:`register_optimizer`.
 OPTIMIZERS: dict[type[torch.optim.Optimizer], OptimizerRule] = {}
+#: The rules of classes of other packages, by the dotted path of the module that defines them and their name
+#: (``"lion_pytorch.lion_pytorch.Lion"``): known without importing those packages.
+BY_PATH: dict[str, OptimizerRule] = {}
 
 
 #: The rule of every optimizer not in :data:`OPTIMIZERS`: measured effective learning rate, no correction.
 MEASURED = OptimizerRule("other", formula=False)
 
 
-def register_optimizer(optimizer_class: type[torch.optim.Optimizer], rule: OptimizerRule) -> None:
-    """Map ``optimizer_class`` (exactly; subclasses are not covered) to ``rule``."""
-    OPTIMIZERS[optimizer_class] = rule
+def register_optimizer(optimizer_class: type[torch.optim.Optimizer] | str, rule: OptimizerRule) -> None:
+    """Map ``optimizer_class`` (exactly; subclasses are not covered) to ``rule``. A string names a class by the
+    module that defines it, ``"package.module.Class"``, so that a rule for another package's optimizer needs no
+    import of that package."""
+    if isinstance(optimizer_class, str):
+        BY_PATH[optimizer_class] = rule
+    else:
+        OPTIMIZERS[optimizer_class] = rule
 
 
 def rule_of(optimizer: torch.optim.Optimizer) -> OptimizerRule:
-    """The rule of ``optimizer``'s exact class, :data:`MEASURED` if it has none."""
-    return OPTIMIZERS.get(type(optimizer), MEASURED)
+    """The rule of ``optimizer``'s exact class (by the class, else by its defining module's path), specialized to the
+    instance where the rule asks for it; :data:`MEASURED` if it has none."""
+    cls = type(optimizer)
+    rule = OPTIMIZERS.get(cls) or BY_PATH.get(f"{cls.__module__}.{cls.__qualname__}", MEASURED)
+    return rule.specialize(optimizer) if rule.specialize is not None else rule
 
 
 #: Framework wrappers around a torch optimizer: (module, class name) → the attribute holding the optimizer.

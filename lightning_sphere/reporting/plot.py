@@ -48,6 +48,7 @@ from lightning_sphere.reporting.runs import (
     read_runs,
     scheduled_lr_tags,
     settling_steps,
+    settling_times,
 )
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ __all__ = [
     "read_runs",
     "scheduled_lr_tags",
     "settling_steps",
+    "settling_times",
 ]
 
 #: Pixels per inch of every figure, and the size of one panel in inches: a figure of ``n`` panels is
@@ -215,13 +217,21 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
     _style(styles, "--", "equilibrium (§7)")
     notes = []
     last = max(s.steps[-1] for s in run.scalars.values() if s.steps.size)
-    for steps in settling_steps(run):
+    times = settling_times(run)
+    several = len({name.split("/")[0] for name in times}) > 1  # Muon for the matrices, AdamW for the rest: say whose
+    for name, steps in times.items():
+        whose = f" ({name})" if several else ""
         if steps <= SETTLING_BEYOND * last:
             ax.axvline(steps, color=colour, linestyle=":", gid=f"{run.name}|settling")
+            if several:
+                ax.annotate(
+                    name, (steps, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
+                    fontsize="x-small", color=colour,
+                )  # fmt: skip
             _style(styles, ":", "settling time (§7.2)")
         else:
-            notes.append(f"settling time {steps:,.0f} steps, beyond the run")
-    if not settling_steps(run):
+            notes.append(f"settling time{whose} {steps:,.0f} steps, beyond the run")
+    if not times:
         notes.append("η, λ (μ) not logged, no settling time")
     return notes
 

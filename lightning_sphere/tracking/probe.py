@@ -25,7 +25,7 @@ from lightning_sphere.core.rows import RowIndex, math_dtype
 from lightning_sphere.core.sharding import local
 from lightning_sphere.correction.base import Rewrite, StepView
 from lightning_sphere.correction.safeguards import Safeguards
-from lightning_sphere.kernels.compiled import Kernels, scalar
+from lightning_sphere.kernels.compiled import Kernels, host_float, scalar
 from lightning_sphere.kernels.products import StepProducts
 from lightning_sphere.measurement.metrics import GroupStats
 from lightning_sphere.optimizers.modes import rewrite_for, unsupported
@@ -95,6 +95,9 @@ class _Probe:
     warned_gradient: bool = False
     #: The step in progress has read its gradients (measured, or made SGD's again for the AdamG rewrite).
     ready: bool = False
+    #: The param groups as they were before the armed step (``id`` of the group → its values but ``params``): an
+    #: optimizer may move its own hyper-parameters during the step (Prodigy's d).
+    before: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -176,6 +179,7 @@ class _Probe:
             torch._foreach_copy_(self.buffers, params)
         self.snapshot = dict(zip(self.params, self.buffers, strict=True))
         self.gradients = None
+        self.before = {id(g): {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups}
 
     def gradients_ready(self) -> None:
         """The gradients are the ones the update will consume: give the AdamG rewrite's modules back the
@@ -254,26 +258,52 @@ class _Probe:
         self, snapshot: dict[Tensor, Tensor], grads: dict[Tensor, Tensor | None], views: list[StepView]
     ) -> None:
         """The :class:`GroupStats` of the step just taken, for every group of the probe, into the record."""
+        rule, in_force = self.rule, self._in_force()
         slices = [(s, group) for m in self.modules for s, group in zip(m.entry.slices, m.param_groups, strict=True)]
         per_row = [
-            _row_products(self.kernels, s, snapshot[s.param], grads[s.param], self.optimizer, self.rule, group, *cols)
-            for (s, group), cols in zip(slices, _view_columns(self, views), strict=True)
+            _row_products(self.kernels, s, snapshot[s.param], grads[s.param], self.optimizer, rule, in_force(group), *c)
+            for (s, group), c in zip(slices, _view_columns(self, views), strict=True)
         ]
         stats = self.record.stats
         products = StepProducts(*self.index.sum_rows(per_row).to(stats.dtype).unbind(1))
-        equilibrium = [self.rule.equilibrium(m.param_groups[0]) for m in self.modules]
+        groups = [in_force(m.param_groups[0]) for m in self.modules]
+        lengths = [
+            None
+            if rule.update_length is None
+            else rule.update_length(g, m.entry, self.optimizer.state[m.entry.params[0]])
+            for g, m in zip(groups, self.modules, strict=True)
+        ]
         group_size, formula, adaptive = self.static.unbind(1)
+
+        def per_module(values: list[float | None]) -> Tensor:
+            return self.index.per_module([float("nan") if v is None else v for v in values], group_size.dtype)
+
         group_stats = GroupStats(
             *products,
             group_size=group_size,
             formula=formula,
             adaptive=adaptive,
-            equilibrium=self.index.per_module(
-                [float("nan") if e is None else e for e in equilibrium], group_size.dtype
-            ),
+            equilibrium=per_module([rule.equilibrium(g) for g in groups]),
+            decay=per_module([_decay(rule, g) for g in groups]),
+            update_length=per_module([None if n is None else n[0] for n in lengths]),
+            relative_length=per_module([None if n is None else n[1] for n in lengths]),
         )
         stats.index_copy_(0, self.positions, torch.stack(group_stats, 1))
         self.record.measured[self.positions] = True
+
+    def _in_force(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """Param group → the group as the step used it (:meth:`OptimizerRule.in_force`), from its values before the
+        step (those of a step measured from a tracker built during it are taken as they are after it)."""
+        return lambda group: self.rule.in_force(self.before.get(id(group), group), group)
+
+
+def _decay(rule: OptimizerRule, group: dict[str, Any]) -> float | None:
+    """ηλ of the decoupled weight decay applied in the step, 0 for none; ``None`` where it cannot be read on the
+    host (a learning rate held on a device)."""
+    if not rule.decoupled_decay(group):
+        return 0.0
+    lr, decay = host_float(group["lr"]), host_float(rule.weight_decay(group))
+    return None if lr is None or decay is None else lr * decay
 
 
 #: The code of torch's hooked ``Optimizer.step`` (``Optimizer.profile_hook_step``), whose frames tell how many
@@ -377,8 +407,9 @@ def _row_products(
     else:
         m, v = s.rows(moments.exp_avg).to(dtype), s.rows(moments.exp_avg_sq).to(dtype)
         b = None if b is None else b.to(dtype)
-        bias = (moments.inv_bias1, moments.inv_sqrt_bias2)
-        products = kernels.adam_products(x, x1, g, s0, s1, scalar(lr), m, v, b, *bias, scalar(param_group["eps"]))
+        bias = (scalar(moments.inv_bias1), scalar(moments.inv_sqrt_bias2))
+        eps = scalar(param_group["eps"] if moments.eps is None else moments.eps)
+        products = kernels.adam_products(x, x1, g, s0, s1, scalar(lr), m, v, b, *bias, eps)
     if grad is None:
         products[:, _GRADIENT] = float("nan")
     return products
