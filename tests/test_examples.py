@@ -2,17 +2,20 @@
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up
     spec.loader.exec_module(module)
     return module
 
@@ -108,3 +111,81 @@ def test_fabric_loop(tmp_path, capsys):
     assert last["sphere/deformation_cos/all"] == pytest.approx(1, abs=1e-6)  # S: no deformation left
     assert [step for step, _ in scalars(tmp_path / "fabric", "train/loss")] == [0, 10, 20]
     assert f"--logdir {tmp_path / 'fabric'}" in out
+
+
+def test_transformer_data_are_fixed_byte_windows():
+    transformer = load("transformer")
+    config = transformer.Config(context=16, batch_size=4)
+    first, val = transformer.loaders(config, steps=3, seed=0)
+    again, _ = transformer.loaders(config, steps=3, seed=0)
+    other, _ = transformer.loaders(config, steps=3, seed=1)
+    (x, y), (x_again, _), (x_other, _) = next(iter(first)), next(iter(again)), next(iter(other))
+    assert x.shape == (4, 16) and x.dtype == torch.long and x.min() >= 0 and x.max() < 256
+    assert torch.equal(x, x_again) and not torch.equal(x, x_other)  # the seed fixes the batches
+    assert torch.equal(x[:, 1:], y[:, :-1])  # next-byte targets
+    assert len(first) == 3  # one epoch is the run
+    # the validation windows tile the last 10% of the text, which the training windows never reach
+    text, _ = transformer.stdlib_bytes(config.data_bytes)
+    held_out = text[round(0.9 * len(text)) :]
+    val_x, val_y = next(iter(val))
+    assert bytes(val_x[0].tolist()) == held_out[:16] and bytes(val_y[0].tolist()) == held_out[1:17]
+    starts = first.dataset.starts
+    assert int(starts.max()) + 17 <= round(0.9 * len(text))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_transformer_example(tmp_path, capsys):
+    """Both optimizers end to end on a tiny transformer: the monitor tracks one group per head of every block's
+    q and k projections, and nothing else; the losses are finite, the event files hold the losses and charts."""
+    transformer = load("transformer")
+    config = transformer.Config(d_model=32, n_heads=2, n_layers=2, context=16, batch_size=8)
+    results = transformer.main(steps=24, logdir=tmp_path, config=config)
+    out = capsys.readouterr().out
+
+    # what should be tracked, from the model's own modules: each head's rows of q and of k (head_dim rows of
+    # d_model entries) are normalized together by that head's q_norm / k_norm
+    model = transformer.TinyTransformer(config)
+    names = {module: name for name, module in model.named_modules()}
+    head_dim = config.d_model // config.n_heads
+    expected = {}
+    for block in model.blocks:
+        for projection, norm in ((block.attn.q, block.attn.q_norm), (block.attn.k, block.attn.k_norm)):
+            assert projection.weight.shape == (config.n_heads * head_dim, config.d_model) and projection.bias is None
+            expected[names[projection]] = (config.n_heads, head_dim * config.d_model, names[norm])
+    assert sorted(expected) == [f"blocks.{i}.attn.{p}" for i in range(2) for p in "kq"]
+
+    assert list(results) == ["adamw", "muon"]
+    for name, result in results.items():
+        assert {"val/loss", "train/loss", "final_angular_update", "steps", "seconds", "tracked"} <= set(result)
+        assert result["tracked"] == expected
+        assert result["steps"] == 24
+        assert math.isfinite(result["train/loss"]) and math.isfinite(result["val/loss"])
+        assert result["val/loss"] < math.log(256)  # below a uniform guess over the bytes: it learns
+        assert result["final_angular_update"] > 0 and result["sphere/angular_update/blocks.1.attn.k"] > 0
+        run_dir = tmp_path / name
+        assert list(run_dir.glob("events.out.tfevents.*"))
+        assert [step for step, _ in scalars(run_dir, "train/loss")] == [9, 19]
+        assert [step for step, _ in scalars(run_dir, "val/loss")] == [23]  # once, at the end
+        assert [step for step, _ in scalars(run_dir, "sphere/angular_update/blocks.0.attn.q")] == [9, 19, 23]
+    assert "sphere/angular_update_equilibrium/all" in results["adamw"]  # AdamW's §7 value
+    assert "lr-Muon" in EventAccumulator(str(tmp_path / "muon")).Reload().Tags()["scalars"]
+    # the summary once, the table, and the commands that show the runs
+    assert out.count("radially invariant groups") == 1 and "blocks.0.attn.v: output reaches Add" in out
+    assert "\nadamw " in out and "\nmuon " in out
+    assert f"--logdir {tmp_path}" in out and f"plot {tmp_path} -o {tmp_path / 'figures'}" in out
+    assert "GPU available" not in out and "Seed set" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_transformer_default_run(tmp_path):
+    """The README's numbers: both optimizers learn the text within the default 1,000 steps, Muon turns the heads
+    about twice as fast as AdamW, and AdamW's angular update is still above its §7 equilibrium (its settling
+    time, 1/(2ηλ) = 1,667 steps, is longer than the run). About 100 s."""
+    results = load("transformer").main(logdir=tmp_path)
+    adamw, muon = results["adamw"], results["muon"]
+    assert adamw["val/loss"] < 1.8 and muon["val/loss"] < 1.8
+    assert 1.5 < muon["final_angular_update"] / adamw["final_angular_update"] < 3
+    equilibrium = math.sqrt(2 * 3e-3 * 0.1 * (1 - 0.9) / (1 + 0.9))
+    assert adamw["sphere/angular_update_equilibrium/all"] == pytest.approx(equilibrium, rel=1e-6)
+    assert 1.0 < adamw["final_angular_update"] / equilibrium < 1.4
