@@ -17,7 +17,7 @@ Two runs, from the same initial weights and batches:
   on the embeddings, the gains and the head. Two optimizers: the LightningModule steps both itself (manual
   optimization), and would step any scheduler you give them.
 
-The learning rates are constant (the §7 equilibrium the table compares with assumes fixed hyper-parameters,
+The learning rates are constant (the §7 and §8.2 equilibria the table compares with assume fixed hyper-parameters,
 and ``lightning-sphere plot`` reads the settling time 1/(2ηλ) from the first logged lr, which a warm-up would
 make too long). A ``LearningRateMonitor`` logs η, λ and the momentum for the figures. Every invocation logs to a
 new folder; the commands that show it are printed at the end::
@@ -427,14 +427,14 @@ def main(
     print(f"\n{summary}\n")
     last = f"last {FINAL_SHARE:.0%}"
     print(f"After {steps} steps; angular update: RMS over the {last} of the run, all tracked groups (rad/step)")
-    print(f"{'run':<7}{'val loss':>9}{'bits/byte':>10}{'angular update':>16}{'equilibrium (§7)':>18}")
+    print(f"{'run':<7}{'val loss':>9}{'bits/byte':>10}{'angular update':>16}{'equilibrium (§7, §8)':>22}")
     for run, result in results.items():
-        equilibrium = result.get("sphere/angular_update_equilibrium/all")  # none for Muon (not registered)
+        equilibrium = result.get("sphere/angular_update_equilibrium/all")
         cells = (
             f"{result['val/loss']:>9.3f}",
             f"{result['val/loss'] / math.log(2):>10.3f}",
             f"{result['final_angular_update']:>16.4f}",
-            f"{equilibrium:>18.4f}" if equilibrium is not None else f"{'none':>18}",
+            f"{equilibrium:>22.4f}" if equilibrium is not None else f"{'none':>22}",
         )
         print(f"{run:<7}" + "".join(cells))
     print(f"\n{tensorboard_command(logdir)}\n{plot_command(logdir)}")

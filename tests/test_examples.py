@@ -168,6 +168,11 @@ def test_transformer_example(tmp_path, capsys):
         assert [step for step, _ in scalars(run_dir, "val/loss")] == [23]  # once, at the end
         assert [step for step, _ in scalars(run_dir, "sphere/angular_update/blocks.0.attn.q")] == [9, 19, 23]
     assert "sphere/angular_update_equilibrium/all" in results["adamw"]  # AdamW's §7 value
+    # Muon's (§8.2): Nesterov momentum 0.95, lr 0.02, weight decay 0.1; its update about orthogonal
+    mu = 0.95
+    muon_equilibrium = math.sqrt(2 * 0.02 * 0.1 * (1 - mu) ** 2 * ((1 + mu) ** 2 + mu**4 / (1 - mu**2)))
+    assert results["muon"]["sphere/angular_update_equilibrium/all"] == pytest.approx(muon_equilibrium, rel=1e-6)
+    assert 0.6 < results["muon"]["sphere/update_scale/all"] < 1.2
     assert "lr-Muon" in EventAccumulator(str(tmp_path / "muon")).Reload().Tags()["scalars"]
     # the summary once, the table, and the commands that show the runs
     assert out.count("radially invariant groups") == 1 and "blocks.0.attn.v: output reaches Add" in out
@@ -189,3 +194,5 @@ def test_transformer_default_run(tmp_path):
     equilibrium = math.sqrt(2 * 3e-3 * 0.1 * (1 - 0.9) / (1 + 0.9))
     assert adamw["sphere/angular_update_equilibrium/all"] == pytest.approx(equilibrium, rel=1e-6)
     assert 1.0 < adamw["final_angular_update"] / equilibrium < 1.4
+    # Muon's norm settles within the run (250 steps) and its angle stays 1.21× its §8.2 value (README)
+    assert 1.0 < muon["final_angular_update"] / muon["sphere/angular_update_equilibrium/all"] < 1.5

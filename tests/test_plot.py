@@ -276,4 +276,4 @@ def test_a_run_with_two_optimizers_names_each_settling_time():
     drawn = [line.get_xdata()[0] for line in ax.get_lines() if line.get_gid() == "run|settling"]
     assert drawn == pytest.approx([250.0])  # AdamW's 1,667 steps lie beyond 400 steps × SETTLING_BEYOND
     assert [t.get_text() for t in ax.texts if t.get_text() == "Muon"] == ["Muon"]
-    assert any("settling time (AdamW) 1,667 steps, beyond the run" in t.get_text() for t in ax.texts)
+    assert any("settles in 1,667 steps (AdamW), past the end" in t.get_text() for t in ax.texts)

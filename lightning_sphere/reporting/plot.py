@@ -142,7 +142,8 @@ def _legend(figure: Any, colours: dict[str, Any], styles: Sequence[tuple[LineSty
 
     handles = [Line2D([], [], color=c, label=name) for name, c in colours.items()]
     handles += [Line2D([], [], color="0.3", linestyle=style, label=label) for style, label in styles]
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small")
+    per_row = 4 if figure.get_figwidth() >= 8 else 2  # a one-panel figure: two entries a row, none cut
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), per_row), fontsize="small")
 
 
 def metric_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | None = None) -> Any:
@@ -192,7 +193,8 @@ def metric_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | Non
         if notes and ax is axes[0]:  # the same in every panel: said once
             lines = (f"{note}: {who[0] if len(who) == 1 else f'{len(who)} runs'}" for note, who in notes.items())
             text = "\n".join(lines)
-            ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize="x-small", va="bottom")
+            box = dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1)  # readable over the lines
+            ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize="x-small", va="bottom", bbox=box)
     if lr_panel:
         ax = axes[-1]
         for run in runs.values():
@@ -214,7 +216,7 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
         return []
     series = run.scalars[tag]
     ax.plot(series.steps, series.values, color=colour, linestyle="--", gid=f"{run.name}|{tag}")
-    _style(styles, "--", "equilibrium (§7)")
+    _style(styles, "--", "equilibrium (§7, §8)")
     notes = []
     last = max(s.steps[-1] for s in run.scalars.values() if s.steps.size)
     times = settling_times(run)
@@ -230,7 +232,7 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
                 )  # fmt: skip
             _style(styles, ":", "settling time (§7.2)")
         else:
-            notes.append(f"settling time{whose} {steps:,.0f} steps, beyond the run")
+            notes.append(f"settles in {steps:,.0f} steps{whose}, past the end")
     if not times:
         notes.append("η, λ (μ) not logged, no settling time")
     return notes
