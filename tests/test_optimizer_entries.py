@@ -244,6 +244,41 @@ def test_register_muon_reads_another_implementation():
         assert logged(scalars, "angular_update_equilibrium") == pytest.approx(math.sqrt(2e-3 * 0.1 / 1.9), rel=1e-12)
 
 
+class ClippedMuon(torch.optim.Muon):
+    """deepspeedai/DeepSpeed#7713's bug, reproduced: a clipping applied to Muon's orthogonalized update, to a norm
+    of at most ``clip`` per weight, whatever its width."""
+
+    def __init__(self, params: Any, clip: float, **options: Any) -> None:
+        super().__init__(params, **options)
+        self.clip = clip
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        group = self.param_groups[0]
+        before = [p.clone() for p in group["params"]]
+        super().step(closure)
+        decay = 1 - group["lr"] * group["weight_decay"]
+        for p, x0 in zip(group["params"], before, strict=True):
+            update = p - decay * x0
+            p.copy_(decay * x0 + update * (self.clip / update.norm()).clamp(max=1))
+
+
+def test_a_clipped_orthogonalized_update_shows_in_update_scale():
+    """The clipped update has the same norm at every width, while Muon's RMS-matched update grows as 0.2√(AB): the
+    logged ``update_scale`` of each layer is clip / (η · 0.2√(AB)) (a fraction that halves as the width
+    quadruples), where an unclipped Muon reads 0.85–0.93."""
+    register_muon(ClippedMuon)
+    lr, clip = 0.02, 0.05
+    for width in (16, 64, 256):
+        net = model("layer", inputs=width)
+        optimizer = ClippedMuon(net.parameters(), clip, lr=lr, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for record, scalars in captured_run(net, optimizer, steps=2):
+            assert float((record["x1"] - (1 - lr * 0.1) * record["x0"]).norm()) == pytest.approx(clip, rel=1e-9)
+            expected = clip / (lr * 0.2 * math.sqrt(32 * width))
+            assert logged(scalars, "update_scale") == pytest.approx(expected, rel=1e-9)
+            assert expected < 0.6
+
+
 # --------------------------------------------------------------------------------------------------- Lion
 
 
