@@ -22,13 +22,9 @@ new folder, and the command that shows it is printed at the end::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +33,6 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -45,7 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_sphere import SphereMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever this runs from
-from example_utils import conv_block, default_logdir, tensorboard_command
+from example_utils import conv_block, default_logdir, final_angular_update, quiet_lightning, tensorboard_command
 
 #: Each run: the optimizer class, its hyper-parameters, and whether SphereMonitor corrects it (AdamSRT). SGD-M's
 #: and AdamW's weight decay is large so that they settle well within the run (see the module's docstring).
@@ -116,20 +111,6 @@ def digits_loaders(batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
     return train, val
 
 
-def logged_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """``(step, value)`` of every point of one scalar in a run's TensorBoard event files, read by TensorBoard."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
-    events.Reload()
-    return [(event.step, event.value) for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
-
-
-def final_angular_update(run_dir: Path, steps: int) -> float:
-    """RMS of the logged ``sphere/angular_update/all`` over the last :data:`FINAL_SHARE` of ``steps`` (rad)."""
-    series = logged_series(run_dir, "sphere/angular_update/all")
-    tail = [value for step, value in series if step >= (1 - FINAL_SHARE) * steps]
-    return math.sqrt(sum(value * value for value in tail) / len(tail))
-
-
 def train(run: str, max_epochs: int, logdir: Path) -> tuple[dict[str, float], str]:
     """Train one model with SphereMonitor attached, logging to ``<logdir>/<run>``.
 
@@ -157,7 +138,7 @@ def train(run: str, max_epochs: int, logdir: Path) -> tuple[dict[str, float], st
     result = {
         "val/acc": trainer.callback_metrics["val/acc"].item(),
         **monitor.metrics,
-        "final_angular_update": final_angular_update(logdir / run, steps),
+        "final_angular_update": final_angular_update(logdir / run, steps, FINAL_SHARE),
         "steps": steps,
     }
     return result, monitor.summary()
@@ -168,22 +149,6 @@ def describe(run: str) -> str:
     optimizer, hyper_parameters, corrected = RUNS[run]
     name = "Adam → AdamSRT" if corrected else optimizer.__name__
     return " ".join([name, *(f"{key}={value}" for key, value in hyper_parameters.items())])
-
-
-@contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Drop Lightning's informational lines (devices, tips, "fit stopped"), printed once per run; the levels are
-    restored on exit, for a caller that imports this module."""
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def main(

@@ -32,14 +32,11 @@ new folder; the commands that show it are printed at the end::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +46,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sphere import SphereMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever this runs from
-from example_utils import default_logdir, tensorboard_command
+from example_utils import default_logdir, final_angular_update, plot_command, quiet_lightning, tensorboard_command
 
 #: Bytes of standard-library source text, of which the last :data:`VALIDATION_SHARE` are held out.
 DATA_BYTES = 2_000_000
@@ -305,20 +301,6 @@ class ByteLM(TinyTransformer, pl.LightningModule):
 # --------------------------------------------------------------------------------------------------- the runs
 
 
-def logged_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """``(step, value)`` of every point of one scalar in a run's TensorBoard event files, read by TensorBoard."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
-    events.Reload()
-    return [(event.step, event.value) for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
-
-
-def final_angular_update(run_dir: Path, steps: int) -> float:
-    """RMS of the logged ``sphere/angular_update/all`` over the last :data:`FINAL_SHARE` of ``steps`` (rad)."""
-    series = logged_series(run_dir, "sphere/angular_update/all")
-    tail = [value for step, value in series if step >= (1 - FINAL_SHARE) * steps]
-    return math.sqrt(sum(value * value for value in tail) / len(tail)) if tail else math.nan
-
-
 def train(run: str, steps: int, config: Config, seed: int, logdir: Path) -> tuple[dict[str, Any], str]:
     """Train one run with SphereMonitor attached, logging to ``<logdir>/<run>``.
 
@@ -350,39 +332,12 @@ def train(run: str, steps: int, config: Config, seed: int, logdir: Path) -> tupl
         "val/loss": trainer.callback_metrics["val/loss"].item(),
         "train/loss": trainer.callback_metrics["train/loss"].item(),
         **monitor.metrics,
-        "final_angular_update": final_angular_update(logdir / run, steps),
+        "final_angular_update": final_angular_update(logdir / run, steps, FINAL_SHARE),
         "steps": trainer.fit_loop.epoch_loop._batches_that_stepped,  # the step loggers see (not global_step)
         "seconds": seconds,
         "tracked": {g.module_name: (g.num_groups, g.group_size, g.norm_name) for g in monitor.groups},
     }
     return result, monitor.summary()
-
-
-@contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Drop Lightning's informational lines (devices, tips, "fit stopped"), printed once per run; the levels are
-    restored on exit, for a caller that imports this module."""
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def plot_command(logdir: Path) -> str:
-    """The command that draws ``logdir``'s figures: the ``lightning-sphere`` next to this Python (a venv's), else
-    on PATH (it needs the ``plot`` extra, matplotlib)."""
-    executable = Path(sys.executable).parent / "lightning-sphere"
-    program = "lightning-sphere"
-    if executable.exists():
-        relative = os.path.relpath(executable)
-        program = str(executable) if relative.startswith("..") else relative
-    return f"{program} plot {logdir} -o {logdir / 'figures'}"
 
 
 def main(
