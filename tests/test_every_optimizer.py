@@ -330,21 +330,18 @@ def adam_ab(optimizer: torch.optim.Optimizer, weight: Tensor, group: dict[str, A
 
 
 def prodigy_lr(group: dict[str, Any]) -> float:
-    """Prodigy's step size from its param group before the step (docs/theory.md §8.6): d · lr, times
-    √(1 − β2^{k+1})/(1 − β1^{k+1}) with ``use_bias_correction``."""
-    beta1, beta2 = group["betas"]
-    k = group["k"]
-    correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if group["use_bias_correction"] else 1.0
-    return group["d"] * group["lr"] * correction
+    """Prodigy's learning rate as Adam's (docs/theory.md §8.6): d η, from its param group before the step."""
+    return group["d"] * group["lr"]
 
 
 def prodigy_ab(optimizer: torch.optim.Optimizer, weight: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-    """Prodigy after a step: a = m, b = √v + d ε with d as the step left it."""
-    state = optimizer.state[weight]
-    return {
-        "a": reference.rows(state["exp_avg"]),
-        "b": reference.rows(state["exp_avg_sq"]).sqrt() + group["d"] * group["eps"],
-    }
+    """Prodigy after a step (§8.6): a = m/(d c₁), b = √v/(d c₂) + ε/c₂, d as the step left it, c₁ = 1 − β1^t and
+    c₂ = √(1 − β2^t) with ``use_bias_correction`` (else 1), t its step count ``k`` after the step."""
+    state, d, t = optimizer.state[weight], group["d"], group["k"]
+    beta1, beta2 = group["betas"]
+    c1, c2 = (1 - beta1**t, math.sqrt(1 - beta2**t)) if group["use_bias_correction"] else (1.0, 1.0)
+    a = reference.rows(state["exp_avg"]) / (d * c1)
+    return {"a": a, "b": reference.rows(state["exp_avg_sq"]).sqrt() / (d * c2) + group["eps"] / c2}
 
 
 # -------------------------------------------------------------------------------------------- the checks

@@ -26,6 +26,7 @@ from lightning_sphere.optimizers import (
     register_muon,
     rule_of,
     sign_filter_ratio,
+    unsupported,
 )
 from tests import reference
 from tests.lightning_helpers import Net, fit
@@ -165,6 +166,22 @@ def test_rules_of_other_packages_are_found_by_their_path():
         pass
 
     assert rule_of(MyLion(params)).name == "other"
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda p: torch.optim.Muon(p), "torch.optim.Muon"),
+        (lambda p: torch.optim.Adafactor(p), "torch.optim.Adafactor"),
+        (lambda p: pytest.importorskip("lion_pytorch").Lion(p), "lion_pytorch.Lion"),
+        (lambda p: pytest.importorskip("prodigyopt").Prodigy(p), "prodigyopt.Prodigy"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["srt", "s", "rt"])
+def test_a_refused_correction_names_the_optimizer(make, name, mode):
+    """With Muon next to AdamW in one run, the message must say which optimizer has no spherical form."""
+    message = unsupported(make([nn.Parameter(torch.randn(4, 3))]), mode)
+    assert message is not None and message.startswith(f"{name} has no spherical form here; supported: Adam and AdamW")
 
 
 # --------------------------------------------------------------------------------------------------- Muon
@@ -359,53 +376,83 @@ def test_schedule_free_refuses_the_correction(name, tmp_path):
 
 
 def prodigy_state(optimizer: Any, weight: Tensor, before: dict[str, Any]) -> dict[str, Any]:
-    """From Prodigy's own state after its step: the step size it took, d · η · √(1 − β2^{k+1})/(1 − β1^{k+1}) with
-    d and k as they were before the step (the correction only with ``use_bias_correction``), and the §2 a = m,
-    b = √v + d' ε with d' the moved d."""
+    """From Prodigy's own state after its step (written from prodigyopt's ``step``): the decay dlr λ it applied,
+    dlr = d η c₂/c₁ with d as it was before the step, c₁ = 1 − β1^t, c₂ = √(1 − β2^t) with ``use_bias_correction``
+    (else 1); its learning rate as Adam's, d η; and a = m/(d' c₁), b = √v/(d' c₂) + ε/c₂, d' the moved d."""
     beta1, beta2 = before["betas"]
-    k = before["k"]
-    correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if before["use_bias_correction"] else 1
-    dlr = before["d"] * before["lr"] * correction
-    state = optimizer.state[weight]
-    group = optimizer.param_groups[0]
-    b = reference.rows(state["exp_avg_sq"]).sqrt() + group["d"] * group["eps"]
-    return {"dlr": dlr, "a": reference.rows(state["exp_avg"]), "b": b}
+    t = before["k"] + 1
+    c1, c2 = (1 - beta1**t, math.sqrt(1 - beta2**t)) if before["use_bias_correction"] else (1.0, 1.0)
+    state, d = optimizer.state[weight], optimizer.param_groups[0]["d"]
+    return {
+        "lr": before["d"] * before["lr"],
+        "decay": before["d"] * before["lr"] * c2 / c1 * before["weight_decay"],
+        "a": reference.rows(state["exp_avg"]) / (d * c1),
+        "b": reference.rows(state["exp_avg_sq"]).sqrt() / (d * c2) + before["eps"] / c2,
+    }
 
 
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_prodigy_metrics_use_the_step_size_it_took(bias_correction):
-    """Prodigy's effective learning rate (§3 with a, b from its state and its step size dlr), Adam's diagnostics and
-    the AdamW equilibrium with dlr, against the capture, on a learnable task where d grows several times over
-    (inside the steps: read from the group as the step left it, every value here would be wrong)."""
+    """Prodigy's effective learning rate (§3 with a, b from its state and its learning rate d η), Adam's
+    diagnostics and the AdamW equilibrium with the decay it applied, against the capture, on a learnable task where
+    d grows several times over (inside the steps: read from the group as the step left it, every value here would
+    be wrong)."""
     prodigyopt = pytest.importorskip("prodigyopt")
     net = model("batch")
     optimizer = prodigyopt.Prodigy(net.parameters(), lr=1.0, weight_decay=0.1, use_bias_correction=bias_correction)
     steps = captured_run(net, optimizer, steps=12, read=prodigy_state, learnable=True)
-    for record, _ in steps:  # the step's x_{k+1} is the §2 step with dlr, a, b: the capture reads Prodigy right
-        step = record["x0"] * (1 - 0.1 * record["dlr"]) - record["dlr"] * record["a"] / record["b"]
+    for record, _ in steps:  # x_{k+1} is Adam's step with lr d η, a, b, and the decay: the capture reads it right
+        step = record["x0"] * (1 - record["decay"]) - record["lr"] * record["a"] / record["b"]
         assert torch.allclose(step, record["x1"], rtol=1e-12, atol=1e-15)
     for record, scalars in steps:
         want = reference.group_metrics(
-            record["x0"], record["x1"], record["grad"], record["dlr"], a=record["a"], b=record["b"]
+            record["x0"], record["x1"], record["grad"], record["lr"], a=record["a"], b=record["b"]
         )
         for metric in ("effective_lr", "angular_update", "deformation_cos", "momentum_radial", "direction_cos"):
             value = reference.summarize(want[metric], reference.REDUCE[metric])
             assert logged(scalars, metric) == pytest.approx(value, rel=1e-8, abs=1e-12), metric
-        predicted = math.sqrt(2 * record["dlr"] * 0.1 * 0.1 / 1.9)
+        predicted = math.sqrt(2 * record["decay"] * 0.1 / 1.9)  # AdamW's, with the decay the step applied
         assert logged(scalars, "angular_update_equilibrium") == pytest.approx(predicted, rel=1e-12)
     growth = 2 if bias_correction else 10  # 3–5× and 200–700× over seeds 0–4
     assert steps[-1][0]["before"]["d"] > growth * steps[0][0]["before"]["d"]
 
 
-def test_prodigy_without_momentum_is_measured():
+def test_prodigy_with_frozen_d_is_adam():
+    """A functional ground truth: with ``d_coef=0`` Prodigy's d stays d0, and with its bias correction its step is
+    torch's Adam's with lr d0 · η (ε negligible in both, which place it differently; Prodigy refuses 0). The two
+    runs' closed-form effective learning rates and Adam diagnostics agree: with a = m and b = √v + dε (m and v carry
+    d and d²) they would differ by 1/d0 = 1,000, with the bias corrections left in the step size by 1/(1 − β1^t)."""
+    prodigyopt = pytest.importorskip("prodigyopt")
+    runs = {}
+    for name in ("prodigy", "adam"):
+        torch.manual_seed(0)  # the same initial weights, and (from the suite's seed below) the same batches
+        net = model("batch")
+        optimizer = (
+            prodigyopt.Prodigy(net.parameters(), lr=0.5, d0=1e-3, d_coef=0.0, eps=1e-30, use_bias_correction=True)
+            if name == "prodigy"
+            else torch.optim.Adam(net.parameters(), lr=0.5e-3, eps=1e-30)
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            runs[name] = captured_run(net, optimizer, steps=4)
+    for (record, prodigy), (twin, adam) in zip(runs["prodigy"], runs["adam"], strict=True):
+        assert torch.allclose(record["x1"], twin["x1"], rtol=1e-10, atol=0)  # the same step
+        for metric in ("effective_lr", "deformation_cos", "momentum_radial", "angular_update"):
+            assert logged(prodigy, metric) == pytest.approx(logged(adam, metric), rel=1e-8), metric
+
+
+def test_prodigy_without_momentum():
+    """β1 = 0: no m, so the measured effective learning rate; the equilibrium is AdamW's at β1 = 0, √(2 d η λ)."""
     prodigyopt = pytest.importorskip("prodigyopt")
     net = model("batch")
-    optimizer = prodigyopt.Prodigy(net.parameters(), lr=1.0, betas=(0.0, 0.99))
-    for record, scalars in captured_run(net, optimizer, steps=2):
+    optimizer = prodigyopt.Prodigy(net.parameters(), lr=1.0, betas=(0.0, 0.99), weight_decay=0.1)
+    for record, scalars in captured_run(net, optimizer, steps=3):
         want = reference.group_metrics(record["x0"], record["x1"], record["grad"], 1.0, measured=True)
         value = reference.summarize(want["effective_lr"], "median")
         assert logged(scalars, "effective_lr") == pytest.approx(value, rel=1e-9)
         assert "sphere/deformation_cos/0" not in scalars
+        dlr = record["before"]["d"] * record["before"]["lr"]  # no bias correction by default
+        assert logged(scalars, "angular_update_equilibrium") == pytest.approx(math.sqrt(2 * dlr * 0.1), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------ equilibria (simulated)

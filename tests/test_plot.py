@@ -252,10 +252,18 @@ def test_settling_time_per_optimizer_from_the_first_positive_lr():
     sgdm = plotting.settling_steps(synthetic_run("lr-SGD/pg1", [0.1], 1e-2, momentum=0.9))
     assert sgdm == pytest.approx([(1 - 0.9) / (2 * 0.1 * 1e-2)])
     assert plotting.settling_steps(synthetic_run("lr-SGD", [0.1], 1e-2)) == []  # μ not logged: unknown
-    # §8: Muon and Lion decay the weights by (1 − ηλ) per step, as AdamW; Prodigy's logged lr is not its step size
+    # §8.2: torch's Muon decays the weights by (1 − ηλ) per step, as AdamW; Prodigy's learning rate is d·η, and
+    # lion-pytorch's λ is per unit of η or not (decoupled_weight_decay), which no tag says: none for them
     assert plotting.settling_steps(synthetic_run("lr-Muon", [2e-2], 0.1, momentum=0.95)) == [1 / (2 * 2e-2 * 0.1)]
-    assert plotting.settling_steps(synthetic_run("lr-Lion", [1e-4], 1.0)) == [1 / (2 * 1e-4 * 1.0)]
-    assert plotting.settling_steps(synthetic_run("lr-Prodigy", [1.0], 0.1)) == []
+    for name in ("lr-Lion", "lr-Prodigy"):
+        run = synthetic_run(name, [1e-3] * 5, 0.1)
+        assert plotting.settling_steps(run) == []
+        figure = plotting.metric_figure({"run": run}, "angular_update")
+        assert figure.axes[0].texts[0].get_text() == f"no settling time known for {name[3:]} (§7.2): run"
+    run = synthetic_run("lr-AdamW", [1e-3] * 5, 0.1)
+    del run.scalars["lr-AdamW-weight_decay"]
+    figure = plotting.metric_figure({"run": run}, "angular_update")
+    assert figure.axes[0].texts[0].get_text().startswith("λ not logged (LearningRateMonitor(log_weight_decay=True))")
 
 
 def test_a_single_logged_point_is_drawn_with_a_marker():

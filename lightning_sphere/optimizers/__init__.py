@@ -23,6 +23,7 @@ from lightning_sphere.optimizers.lion import lion_rule, sign_filter_ratio
 from lightning_sphere.optimizers.modes import cannot_invert, correction_mode, rewrite_for, unsupported
 from lightning_sphere.optimizers.muon import muon_filter_ratio, muon_rule, register_muon
 from lightning_sphere.optimizers.registry import (
+    BY_PATH,
     MEASURED,
     MODES,
     OPTIMIZERS,
@@ -36,6 +37,7 @@ from lightning_sphere.optimizers.registry import (
 )
 
 __all__ = [
+    "BY_PATH",
     "MEASURED",
     "MODES",
     "OPTIMIZERS",

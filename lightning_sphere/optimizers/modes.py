@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_sphere.correction.base import Rewrite
-from lightning_sphere.optimizers.registry import MEASURED, MODES, ParamGroup, class_path, rule_of
+from lightning_sphere.optimizers.registry import MODES, ParamGroup, class_path, rule_of
 
 
 def correction_mode(value: bool | str | None) -> str | None:
@@ -33,8 +33,9 @@ def rewrite_for(optimizer: torch.optim.Optimizer, group: ParamGroup, mode: str) 
     try:
         return rule.correction(group, mode)
     except ValueError as err:
-        message = str(err)
-        raise ValueError(message if rule is not MEASURED else f"{class_path(type(optimizer))} has {message}") from None
+        message = str(err)  # "no spherical form …" is said of the class: name it (Muon next to AdamW in one run)
+        named = message.startswith("no spherical form")
+        raise ValueError(f"{class_path(type(optimizer))} has {message}" if named else message) from None
 
 
 def cannot_invert(optimizer: torch.optim.Optimizer, mode: str) -> str | None:

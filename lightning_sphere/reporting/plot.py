@@ -204,7 +204,8 @@ def metric_figure(runs: dict[str, Run], metric: str, layers: Sequence[str] | Non
         ax.set_title("scheduled learning rate (LearningRateMonitor)", fontsize="medium")
         ax.set_xlabel("step")
         ax.set_yscale("log")
-    _legend(figure, colours, styles)
+    drawn = {run.name for run in runs.values() if any(f"sphere/{metric}/{layer}" in run.scalars for layer in names)}
+    _legend(figure, {name: c for name, c in colours.items() if name in drawn}, styles)  # the runs on these axes
     return figure
 
 
@@ -234,8 +235,18 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
         else:
             notes.append(f"settles in {steps:,.0f} steps{whose}, past the end")
     if not times:
-        notes.append("η, λ (μ) not logged, no settling time")
+        notes.append(_no_settling_time(run))
     return notes
+
+
+def _no_settling_time(run: Run) -> str:
+    """Why a run gets no settling time: what it did not log, or that its optimizers' logs do not give one."""
+    tags = scheduled_lr_tags(run)
+    if not tags:
+        return "η, λ (μ) not logged, no settling time"
+    if not any(f"{tag}-weight_decay" in run.scalars for tag in tags):
+        return "λ not logged (LearningRateMonitor(log_weight_decay=True)), no settling time"
+    return f"no settling time known for {', '.join(tag.removeprefix('lr-') for tag in tags)} (§7.2)"
 
 
 def _style(styles: list[tuple[LineStyleType, str]], style: LineStyleType, label: str) -> None:

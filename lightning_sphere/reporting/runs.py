@@ -177,15 +177,15 @@ def scheduled_lr_tags(run: Run) -> list[str]:
 
 def settling_times(run: Run) -> dict[str, float]:
     """The settling times, in steps, of the param groups whose hyper-parameters the run logged (§7.2): the
-    norm shrinks by about ηλ per step under AdamW, SGD, Muon and Lion (§8), so 1/(2ηλ); by ηλ/(1 − μ) under SGD
+    norm shrinks by about ηλ per step under AdamW, SGD and torch's Muon (§8.2), so 1/(2ηλ); by ηλ/(1 − μ) under SGD
     with momentum, whose buffer accumulates the decay, so (1 − μ)/(2ηλ) (no dampening assumed). Read from a
     ``LearningRateMonitor(log_momentum=True, log_weight_decay=True)``'s tags ``lr-<Optimizer>[/pgN]``,
     ``…-weight_decay`` and ``…-momentum`` (at the first step with a positive lr: a warm-up from 0 is skipped).
     ``Adam`` counts as AdamW when the run logged an equilibrium (``Adam(decoupled_weight_decay=True)``; with L2
     decay there is none). Dampening is not logged and taken as 0 (with dampening τ the time is 1/(1 − τ) times
-    longer). None for other optimizers (Prodigy's logged lr is not the step size it
-    takes; lion-pytorch's ``decoupled_weight_decay=True`` decays by ηλ/η₀, which the logged λ does not say: its
-    time is η₀ times the one drawn), λ = 0, or SGD whose momentum was not logged. Keyed by the param group's
+    longer). None for other optimizers, where the logged η and λ do not give the decay per step (Prodigy's
+    learning rate is d·η; lion-pytorch's λ means ηλ per step, or λ with ``decoupled_weight_decay=True``, which no
+    tag says), λ = 0, or SGD whose momentum was not logged. Keyed by the param group's
     tag less ``lr-`` (``"AdamW"``, ``"Muon/pg1"``): a run with two optimizers, Muon for the matrices and AdamW for
     the rest, gets both, and which steps the tracked layers is the user's to read."""
     decoupled_adam = any(tag.startswith(f"sphere/{EQUILIBRIUM}/") for tag in run.scalars)
@@ -195,7 +195,7 @@ def settling_times(run: Run) -> dict[str, float]:
         optimizer = tag.removeprefix("lr-").split("/")[0]
         if optimizer == "Adam" and decoupled_adam:
             optimizer = "AdamW"
-        if decay is None or optimizer not in ("SGD", "AdamW", "Muon", "Lion"):
+        if decay is None or optimizer not in ("SGD", "AdamW", "Muon"):
             continue
         momentum = run.scalars.get(f"{tag}-momentum") if optimizer == "SGD" else None
         if optimizer == "SGD" and momentum is None:
