@@ -520,3 +520,35 @@ def test_a_lightning_checkpoint_carries_the_state_into_the_resumed_run(tmp_path)
     state = trainer.optimizers[0].state[model.net.fc1.weight]["sphere_rotational:net.fc1"]
     assert torch.equal(state[:, 0], saved[:, 0])
     assert torch.equal(state[:, 2], (saved[:, 2].double() * 0.9).float())
+
+
+# ----------------------------------------------------------------------------------------------- layer kinds
+
+
+@pytest.mark.parametrize("mode", ["rotational", "hyperball"])
+@pytest.mark.parametrize("kind", ["spectral_norm", "mask", "prune"])
+def test_parametrized_and_pruned_layers_are_held_on_the_tensor_the_optimizer_steps(kind, mode):
+    """issue 18's layer kinds: the mode acts on the tensor the optimizer steps (spectral_norm's original, whose
+    whole-matrix scale is free; a masked or pruned weight's, whose rows are), and holds its groups' norms."""
+    from tests.test_every_optimizer import LAYERS, stepped_weight
+
+    torch.manual_seed(0)
+    net = Net()
+    LAYERS[kind](net.fc1)
+    optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)]
+    tracker = SphereTracker(find_invariant_groups(net, batches(1, 1)[0][0]), optimizers, correction=mode)
+    assert "fc1" in [e.module_name for e in tracker.groups], tracker.untracked
+    weight = stepped_weight(net.fc1)
+
+    def norms() -> Tensor:
+        w = weight.detach()
+        return w.norm()[None] if kind == "spectral_norm" else w.norm(dim=1)
+
+    data = batches(10, 2)
+    train_step(net, optimizers, data[0])
+    first, start = norms(), weight.detach().clone()
+    for batch in data[1:]:
+        train_step(net, optimizers, batch)
+    torch.testing.assert_close(norms(), first, rtol=1e-12, atol=0)
+    assert (weight.detach() - start).abs().max() > 1e-3  # it trained
+    tracker.close()
