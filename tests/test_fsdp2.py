@@ -303,3 +303,19 @@ def assert_same_records_at(
     for key, value in expected[step].items():
         tolerance = max(abs_tol, 1e-6) if key.startswith("sphere/grad_cos/") else abs_tol
         assert math.isclose(got[step][key], value, rel_tol=1e-6, abs_tol=tolerance), (key, got[step][key], value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, optimizer", [("hyperball", "adamw"), ("rotational", "sgd")])
+def test_fsdp2_resumes_the_rotational_and_hyperball_modes_from_a_distributed_checkpoint(tmp_path, mode, optimizer):
+    """§9's state (the radii, the rotational running mean, the SGD decay's momentum as a DTensor) rides in the
+    optimizer's part of the distributed checkpoint: the resumed run logs and ends as the uninterrupted one."""
+    net = "block" if optimizer == "adamw" else "conv"
+    ranks = on_two_ranks(_fits, tmp_path, [("fsdp2", net, optimizer, {"spherical_correction": mode}, "ckpt")])
+    for (result,) in ranks:
+        assert "error" not in result, result
+        resumed = result["resumed"]
+        if result is ranks[0][0]:
+            for step in (3, 5):
+                assert_same_records_at(resumed["history"], result["history"], step, abs_tol=1e-7)
+        assert_same_weights(resumed["weights"], result["weights"])

@@ -277,6 +277,8 @@ class _Probe:
             for g, m in zip(groups, self.modules, strict=True)
         ]
         group_size, formula, adaptive = self.static.unbind(1)
+        if targets is not None:  # a steered step is not the optimizer's: its effective lr is measured, no a ⊘ b
+            formula, adaptive = torch.zeros_like(formula), torch.zeros_like(adaptive)
 
         def per_module(values: list[float | None]) -> Tensor:
             return self.index.per_module([float("nan") if v is None else v for v in values], group_size.dtype)

@@ -11,6 +11,7 @@ with the radii kept here. Format: keys ``accepted``, ``rejected``, ``radii``, ``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +77,54 @@ class CheckpointState:
     def forget(self) -> None:
         """What a checkpoint restored was for this fit, not for the next model."""
         self.verdicts, self.radii, self.resumed, self.resumed_groups = {}, {}, {}, []
+
+
+#: The prefix of the optimizer-state keys §9's modes keep (``"sphere_hyperball:<module>"``, ...).
+_STEERING_KEYS = "sphere_"
+
+
+def restore_steering_state(
+    path: str | Path | None, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]
+) -> list[str]:
+    """The optimizer-state entries of the rotational and hyperball modes (docs/theory.md §9) from a distributed
+    checkpoint (a folder, written by torch.distributed.checkpoint: FSDP2 under Lightning), which Lightning's loading
+    leaves out: it loads only the keys a freshly initialized optimizer's state has. Put into each optimizer's state
+    before the first step, where the modes read them, so that the run goes on as if never stopped. A checkpoint
+    file (``torch.save``) needs nothing: its optimizer state loads whole. Returns the keys restored."""
+    if path is None or not Path(path).is_dir():
+        return []
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_sphere.core.sharding import DTensor, is_dtensor
+
+    metadata: dict[str, Any] = dict(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    params = dict(named_parameters(model))
+    target: dict[str, Any] = {}
+    where: list[tuple[dict[str, Any], str, Tensor]] = []
+    for key, meta in metadata.items():
+        head, _, name = key.partition(f".{_STEERING_KEYS}")
+        optimizer_key, _, rest = head.partition(".state.")
+        if not name or not optimizer_key.startswith("optimizer_") or rest not in params or not hasattr(meta, "size"):
+            continue
+        index = int(optimizer_key.removeprefix("optimizer_"))
+        if index >= len(optimizers):
+            continue
+        param, name = params[rest], _STEERING_KEYS + name
+        if tuple(meta.size) == tuple(param.shape) and is_dtensor(param):
+            value: Tensor = DTensor.from_local(
+                torch.zeros_like(param.to_local()), param.device_mesh, param.placements, run_check=False,
+                shape=param.shape, stride=param.stride(),
+            )  # fmt: skip
+        else:
+            value = torch.zeros(tuple(meta.size), dtype=meta.properties.dtype, device=param.device)
+        target.setdefault(optimizer_key, {}).setdefault("state", {}).setdefault(rest, {})[name] = value
+        where.append((optimizers[index].state[param], name, value))
+    if not where:
+        return []
+    dcp.load(target, checkpoint_id=str(path))
+    for state, name, value in where:
+        state[name] = value
+    return [name for _, name, _ in where]
 
 
 def _group_spec(entry: InvariantGroups) -> dict[str, Any]:

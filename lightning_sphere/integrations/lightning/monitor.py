@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.core.groups import InvariantGroups
+from lightning_sphere.correction.steering import Hyperball, Rotational
 from lightning_sphere.integrations.lightning.announcements import Announcements
 from lightning_sphere.integrations.lightning.arguments import (
     _check_arguments,
@@ -39,7 +40,7 @@ from lightning_sphere.integrations.lightning.arguments import (
     _correction,
     _selection,
 )
-from lightning_sphere.integrations.lightning.checkpoint import CheckpointState
+from lightning_sphere.integrations.lightning.checkpoint import CheckpointState, restore_steering_state
 from lightning_sphere.integrations.lightning.follower import GroupFollower
 from lightning_sphere.integrations.lightning.framework import Framework
 from lightning_sphere.integrations.lightning.invariance import InvarianceWatch
@@ -229,6 +230,9 @@ class SphereMonitorLogic:
         finder, checkpoint = self._follower.finder, self._checkpoint
         if checkpoint.resumed and self.correction is not None and finder is not None:
             checkpoint.resume_rewrite(finder.model, trainer.optimizers, self.correction)
+        if isinstance(self.correction, Rotational | Hyperball):
+            optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
+            restore_steering_state(getattr(trainer, "ckpt_path", None), pl_module, optimizers)
         self._log.start(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
