@@ -393,17 +393,66 @@ def test_refusals_say_what_to_change():
     lbfgs = refusal(lambda n: torch.optim.LBFGS(n.parameters()), "rotational")
     assert "torch.optim.LBFGS" in lbfgs and "line search" in lbfgs
     coupled = refusal(lambda n: torch.optim.SGD(n.parameters(), lr=0.1, weight_decay=1e-2), "hyperball")
-    assert "added to the gradient" in coupled and "weight_decay=0" in coupled
+    assert "fc1 (param group 0 of its optimizer)" in coupled
+    assert "added to the gradient" in coupled and "weight_decay=0 in the param group of the tracked layers" in coupled
     adam_l2 = refusal(lambda n: torch.optim.Adam(n.parameters(), lr=1e-2, weight_decay=1e-2), "rotational")
-    assert "no target angular update" in adam_l2 and "Rotational(angular_update=" in adam_l2
+    assert "knows no equilibrium angle for torch.optim.Adam" in adam_l2 and "added to the gradient" in adam_l2
+    assert "Rotational(angular_update=" in adam_l2
+    nesterov = refusal(lambda n: torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                                 weight_decay=1e-2), "rotational")  # fmt: skip
+    assert "(nesterov=True)" in nesterov and "Set one" not in nesterov
     no_decay = refusal(lambda n: torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9), "rotational")
-    assert "weight_decay=0" in no_decay
+    assert "weight_decay=0" in no_decay and "needs a weight decay" in no_decay
+    outside = refusal(lambda n: torch.optim.RMSprop(n.parameters(), lr=1e-3), "rotational")
+    assert "outside the optimizer registry" in outside and "weight decay" not in outside  # nothing circular
+    returned = refusal(lambda n: torch.optim.AdamW(n.parameters(), lr=1e-2), Rotational(angular_update=lambda g: None))
+    assert "returned None" in returned
 
     class Custom(torch.optim.SGD):
         pass
 
-    unknown = refusal(lambda n: Custom(n.parameters(), lr=0.1, weight_decay=1e-2), Rotational(angular_update=0.01))
+    unknown = refusal(lambda n: Custom(n.parameters(), lr=0.1, weight_decay=1e-2), "hyperball")
     assert "does not know how" in unknown and "register_optimizer" in unknown
+
+
+def test_only_the_param_groups_of_tracked_layers_are_checked():
+    """The usual recipes: a decay on the head only (hyperball over SGD), the head and gains without decay (rotational
+    over AdamW) — refused before, though no tracked layer was in the offending group."""
+
+    def split(net: Net, tracked: dict[str, Any], rest: dict[str, Any]) -> list[dict[str, Any]]:
+        mine = [net.fc1.weight, *net.fc2.parameters()]
+        others = [p for p in net.parameters() if all(p is not q for q in mine)]
+        return [{"params": mine, **tracked}, {"params": others, **rest}]
+
+    for make, mode in [
+        (lambda n: torch.optim.SGD(split(n, dict(weight_decay=0.0), dict(weight_decay=5e-4)), lr=0.1), "hyperball"),
+        (lambda n: torch.optim.AdamW(split(n, dict(weight_decay=0.1), dict(weight_decay=0.0)), lr=1e-2), "rotational"),
+    ]:
+        net = Net()
+        optimizer = make(net)
+        tracker = SphereTracker(find_invariant_groups(net, batches(1, 1)[0][0]), [optimizer], correction=mode)
+        assert sorted(tracker.corrections) == ["fc1", "fc2"]
+        for batch in batches(3, 2):
+            train_step(net, [optimizer], batch)
+        tracker.close()
+
+
+def test_centering_that_turns_a_group_is_announced():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.weight += 0.3  # a trained layer's rows need not be centered
+    warnings: list[str] = []
+    optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)]
+    found = find_invariant_groups(net, batches(1, 1)[0][0])
+    SphereTracker(found, optimizers, correction="rotational", warn=warnings.append)
+    rows = net.fc1.weight.detach()
+    largest = float((rows.mean(1).abs() * math.sqrt(IN) / rows.norm(dim=1)).asin().max())
+    assert any(f"turns the groups of fc1 by up to {largest:.2g} rad" in w for w in warnings), warnings
+    quiet: list[str] = []
+    SphereTracker(find_invariant_groups(net, batches(1, 1)[0][0]), optimizers, correction=Rotational(center=False),
+                  warn=quiet.append)  # fmt: skip
+    assert not any("centering" in w for w in quiet)
 
 
 def test_schedule_free_is_refused():
@@ -433,6 +482,9 @@ def twin_run_with(make: Callable[[Net], list[torch.optim.Optimizer]], mode: Any)
         (dict(update_norm_decay=1.0), "update_norm_decay"),
         (dict(eps=-1.0), "eps"),
         (dict(angular_update=-0.1), "angular_update"),
+        (dict(angular_update=True), "angular_update"),
+        (dict(center="no"), "center"),
+        (dict(update_norm_decay=True), "update_norm_decay"),
     ],
 )
 def test_bad_options_are_refused_at_construction(options, message):
@@ -440,9 +492,32 @@ def test_bad_options_are_refused_at_construction(options, message):
         Rotational(**options)
 
 
-def test_bad_radius_is_refused():
+@pytest.mark.parametrize("radius", [0.0, True, "1"])
+def test_bad_radius_is_refused(radius):
     with pytest.raises(ValueError, match="radius"):
-        Hyperball(radius=0.0)
+        Hyperball(radius=radius)
+
+
+def test_a_wide_group_in_float16_keeps_turning():
+    """Lion's update has ‖u‖² = d: the running mean of ‖u_⊥‖², kept per entry, does not overflow float16 (65504)
+    for a 320 × 320 layer, and the group goes on turning by η_r."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(320, 320, bias=False), nn.LayerNorm(320, elementwise_affine=False), nn.Linear(320, 5))
+    net = net.half()
+    optimizer = lion_pytorch.Lion(net.parameters(), lr=1e-4, weight_decay=1.0)
+    x = torch.randn(16, 320, dtype=torch.float16)
+    tracker = SphereTracker(find_invariant_groups(net, x), [optimizer], correction=Rotational(angular_update=0.01))
+    before = net[0].weight.detach().float().clone()
+    for _ in range(20):
+        F.cross_entropy(net(torch.randn(16, 320, dtype=torch.float16)).float(), torch.randint(0, 5, (16,))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = optimizer.state[net[0].weight]["sphere_rotational:0"]
+    assert torch.isfinite(state).all()
+    after = net[0].weight.detach().float()
+    angle = torch.arccos((before * after).sum() / (before.norm() * after.norm())).item()
+    assert angle > 0.05  # 20 steps of ~0.01 rad (random directions): frozen, it read 0.007 before
+    tracker.close()
 
 
 # ----------------------------------------------------------------------------------------------- the monitor

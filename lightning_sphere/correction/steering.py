@@ -67,12 +67,18 @@ class Rotational:
     name: ClassVar[str] = "rotational"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.center, bool):
+            raise ValueError(f"Rotational(center) must be True or False, got {self.center!r}")
+        for field in ("update_norm_decay", "eps"):
+            if isinstance(getattr(self, field), bool) or not isinstance(getattr(self, field), int | float):
+                raise ValueError(f"Rotational({field}) must be a number, got {getattr(self, field)!r}")
         if not 0 <= self.update_norm_decay < 1:
             raise ValueError(f"Rotational(update_norm_decay) must be in [0, 1), got {self.update_norm_decay!r}")
         if not self.eps >= 0:
             raise ValueError(f"Rotational(eps) must be ≥ 0, got {self.eps!r}")
         target = self.angular_update
-        if target is not None and not callable(target) and not (isinstance(target, int | float) and target > 0):
+        number = isinstance(target, int | float) and not isinstance(target, bool)
+        if target is not None and not callable(target) and not (number and target > 0):
             raise ValueError(
                 f"Rotational(angular_update) must be a positive number of radians per step, a function of the param "
                 f"group, or None for the optimizer's equilibrium; got {target!r}"
@@ -101,7 +107,8 @@ class Hyperball:
     name: ClassVar[str] = "hyperball"
 
     def __post_init__(self) -> None:
-        if self.radius is not None and not (isinstance(self.radius, int | float) and self.radius > 0):
+        number = isinstance(self.radius, int | float) and not isinstance(self.radius, bool)
+        if self.radius is not None and not (number and self.radius > 0):
             raise ValueError(f"Hyperball(radius) must be a positive number or None, got {self.radius!r}")
 
 
@@ -116,6 +123,9 @@ def _like_param(value: Tensor, param: Tensor) -> Tensor:
                                   stride=param.stride())  # fmt: skip
     return value
 
+
+#: The angle (radians) from which centering a group is announced.
+CENTERING_NOTE = 0.01
 
 #: The modes that steer any optimizer's update.
 Steering = Rotational | Hyperball
@@ -163,18 +173,32 @@ class SteeredRewrite(Rewrite):
         self._announce_zero_groups()
 
     def _announce_zero_groups(self) -> None:
-        """Say once, at construction (one transfer), which modules have groups still at zero: they take the base
-        optimizer's steps until they have a norm, which then becomes their radius."""
+        """Say once, at construction (one transfer), which modules have groups still at zero (they take the base
+        optimizer's steps until they have a norm, which then becomes their radius), and, when centering, how far
+        centering turns each module's groups at their first step."""
         with torch.no_grad():
-            rows = [s.rows(s.param.detach()).float().square().sum(1, keepdim=True) for s, _ in self.slices]
-            zero = (self.index.sum_rows(rows)[:, 0] == 0).cpu() if rows else torch.zeros(0, dtype=torch.bool)
+            rows = [s.rows(s.param.detach()).double() for s, _ in self.slices]
+            per_row = [torch.stack([r.square().sum(1), r.sum(1)], 1) for r in rows]
+            sums = self.index.sum_rows(per_row).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
+        size = self._group_size.cpu()
+        squares, totals = sums.unbind(1)
+        centering = (totals.square() / size / squares.clamp(min=1e-300)).clamp(max=1).sqrt().asin()
+        center = isinstance(self.options, Rotational) and self.options.center
         for m, groups in zip(self.modules, self.index.groups, strict=True):
-            count = int(zero[groups].sum())
+            count = int((squares[groups] == 0).sum())
             if count:
                 self.safeguards.warn(
                     f"lightning_sphere: {m.entry.module_name} has {count} of {m.entry.num_groups} groups at zero: "
                     f"the {self.options.name} correction leaves them to {self.rule.name} until they have a norm, "
                     "which then becomes their radius"
+                )
+            angle = float(centering[groups][squares[groups] > 0].max()) if count < m.entry.num_groups else 0.0
+            if center and angle > CENTERING_NOTE:
+                self.safeguards.warn(
+                    f"lightning_sphere: centering (Rotational(center=True), Kosson et al.'s default) turns the groups "
+                    f"of {m.entry.module_name} by up to {angle:.2g} rad at their first step (their mean taken out, "
+                    "their norm kept), which changes the layer's output unless its input is centered; "
+                    "Rotational(center=False) keeps the weights as they are"
                 )
 
     def _init_state(self) -> None:
@@ -351,6 +375,11 @@ class SteeredRewrite(Rewrite):
                 self.optimizer.state[m.entry.params[0]][self._keys[i]] = view
                 self._views[i] = view
 
+    def _stored(self, radius: Tensor) -> Tensor:
+        """A new radius as the state will hold it (16-bit weights: rounded), so that the first step already lands on
+        the radius every later one holds."""
+        return radius.to(self.state.dtype).to(radius.dtype)
+
     def radius_values(self) -> dict[str, Tensor]:
         """Module name → its groups' radii (0 where not known yet), for tests and reports."""
         return {m.entry.module_name: self.state[self.index.groups[i], 0] for i, m in enumerate(self.modules)}
@@ -359,7 +388,7 @@ class SteeredRewrite(Rewrite):
 class RotationalRewrite(SteeredRewrite):
     """Kosson et al.'s rotational variant of any registered optimizer (§9.1)."""
 
-    columns = ("radius", "update_norm_sq", "decay_power")
+    columns = ("radius", "update_mean_square", "decay_power")
 
     def _init_state(self) -> None:
         self.state[:, 2] = 1.0  # β^0
@@ -376,7 +405,7 @@ class RotationalRewrite(SteeredRewrite):
         xu, uu, su = sums.xd * inv_lr, sums.dd * inv_lr.square(), sums.sd * inv_lr
         radius, mean_sq, power = self.state.unbind(1)
         first = radius == 0
-        radius = torch.where(first, sums.xx.sqrt(), radius)
+        radius = torch.where(first, self._stored(sums.xx.sqrt()), radius)
         if options.center:
             mean_u, centered_sq = su / n, sums.xx - sums.sx.square() / n
             mean_x = torch.where(first & (centered_sq > 0), sums.sx / n, 0)
@@ -389,9 +418,9 @@ class RotationalRewrite(SteeredRewrite):
         uu = uu - 2 * mean_u * su + n * mean_u.square()
         along = xu / radius.square()
         tangent_sq = (uu - 2 * along * xu + along.square() * xx).clamp(min=0)
-        mean_sq = (1 - beta) * tangent_sq + beta * mean_sq
+        mean_sq = (1 - beta) * tangent_sq / n + beta * mean_sq  # kept per entry: no overflow in 16-bit state
         power = power * beta
-        average = (mean_sq / (1 - power)).sqrt()
+        average = (mean_sq * n / (1 - power)).sqrt()
         step = target * radius / (average + options.eps)
         moved_sq = xx - 2 * step * (xu - along * xx) + step.square() * tangent_sq
         scale = radius / moved_sq.sqrt()
@@ -418,7 +447,7 @@ class HyperballRewrite(SteeredRewrite):
         radius = self.state[:, 0]
         first = radius == 0
         start = sums.xx.sqrt() if options.radius is None else torch.full_like(radius, options.radius)
-        radius = torch.where(first & (sums.xx > 0), start, radius)
+        radius = torch.where(first & (sums.xx > 0), self._stored(start), radius)
         length = sums.dd.sqrt()
         step = torch.where(length > 0, eta * radius / length, 0)
         moved_sq = sums.xx - 2 * step * sums.xd + step.square() * sums.dd

@@ -68,10 +68,10 @@ def rewrite_for(optimizer: torch.optim.Optimizer, group: ParamGroup, mode: Mode)
 def _steering(
     optimizer: torch.optim.Optimizer, rule: OptimizerRule, group: ParamGroup, mode: Steering
 ) -> type[Rewrite]:
-    """The rotational or hyperball rewrite of §9 for ``group``, or ``ValueError`` saying why it cannot apply."""
+    """The rotational or hyperball rewrite of §9 for ``group`` (one that holds tracked layers), or ``ValueError``
+    saying why it cannot apply and what to change."""
     name, what = class_path(type(optimizer)), f"spherical_correction={mode!r}"
-    if rule.update_refusal:
-        raise ValueError(f"{what}: {name} {rule.update_refusal}")
+    _class_refusal(optimizer, rule, mode)
     if group.get("maximize", False):
         raise ValueError(f"{what}: {name}(maximize=True) is not supported")
     lr = group.get("lr")
@@ -83,31 +83,60 @@ def _steering(
             "the optimizer a float lr (or a tensor on the CPU)"
         )
     decay = _float(rule.weight_decay(group))
-    if decay:
+    if isinstance(mode, Hyperball) and decay:
         if rule is MEASURED:
             raise ValueError(
                 f"{what}: lightning_sphere does not know how {name} applies its weight_decay={decay:g}, so it cannot "
-                "take it out of the update. Register the optimizer (register_optimizer) or set weight_decay=0 in the "
-                "param groups of the tracked layers"
+                "leave it out of the update. Set weight_decay=0 in the param group of the tracked layers, or register "
+                "the optimizer (register_optimizer)"
             )
-        if isinstance(mode, Hyperball) and not rule.decoupled_decay(group):
+        if not rule.decoupled_decay(group):
             raise ValueError(
                 f"{what}: {name}'s weight_decay={decay:g} is added to the gradient, so it is part of the update and "
-                "cannot be taken out; at a fixed radius a decay means nothing. Set weight_decay=0 in the param "
-                "groups of the tracked layers, or use an optimizer with a decoupled decay (AdamW), which the "
-                "hyperball leaves out of those groups"
+                "cannot be taken out; at a fixed radius a decay means nothing. Set weight_decay=0 in the param group "
+                "of the tracked layers (other layers may keep theirs), or use an optimizer with a decoupled decay "
+                "(AdamW), which the hyperball leaves out of those groups"
             )
     if isinstance(mode, Rotational):
         probe = group if _float(lr) else {**group, "lr": 1e-8}  # a warm-up from 0: the target exists later
         if rotational_target(mode, rule.in_force(probe, probe), rule) is None:
-            raise ValueError(
-                f"{what}: no target angular update for {name} with these hyper-parameters: the optimizer registry "
-                f"knows no equilibrium for it (weight_decay={decay or 0:g}; §7–§8 need a decay, and a decoupled one "
-                "for Adam). Set a weight decay, or give the target yourself: Rotational(angular_update=radians per "
-                "step, or a function of the param group)"
-            )
+            raise ValueError(f"{what}: {_no_target(name, rule, mode, probe, decay)}")
         return RotationalRewrite
     return HyperballRewrite
+
+
+def _no_target(name: str, rule: OptimizerRule, mode: Rotational, group: ParamGroup, decay: float) -> str:
+    """Why the rotational mode has no target angular update for ``group``, and what to do."""
+    give = "give the target: Rotational(angular_update=radians per step, or a function of the param group)"
+    target = mode.angular_update
+    if callable(target):
+        return (
+            f"Rotational(angular_update=...) returned {target(group)!r} for this param group of {name}; return a "
+            "positive angle in radians per step for every param group that holds tracked layers"
+        )
+    if rule is MEASURED:
+        return f"{name} is outside the optimizer registry, which alone knows equilibrium angles (§7–§8); {give}"
+    if not decay:
+        return (
+            f"{name}'s param group has weight_decay=0; its equilibrium angle (§7–§8) needs a weight decay. Set one "
+            f"on the param group of the tracked layers, or {give}"
+        )
+    why = []
+    if group.get("nesterov"):
+        why.append("nesterov=True")
+    if rule.adaptive and not rule.decoupled_decay(group):  # Adam's L2: rescaled by b, no fixed point (§7)
+        why.append(f"a weight_decay={decay:g} added to the gradient")
+    because = f" ({', '.join(why)})" if why else ""
+    return (
+        f"the optimizer registry knows no equilibrium angle for {name} with these hyper-parameters{because} "
+        f"(docs/theory.md §8.7 lists what it knows); {give}"
+    )
+
+
+def _class_refusal(optimizer: torch.optim.Optimizer, rule: OptimizerRule, mode: Steering) -> None:
+    """``ValueError`` for an optimizer class §9's modes cannot steer at all."""
+    if rule.update_refusal:
+        raise ValueError(f"spherical_correction={mode!r}: {class_path(type(optimizer))} {rule.update_refusal}")
 
 
 def _float(value: Any) -> float:
@@ -119,6 +148,8 @@ def cannot_invert(optimizer: torch.optim.Optimizer, mode: Mode) -> str | None:
     more dimensions (the ones a correction may track), or ``None``: see
     :meth:`~lightning_sphere.correction.Rewrite.cannot_invert`. Call it after :func:`unsupported`."""
     rule = rule_of(optimizer)
+    if isinstance(mode, Rotational | Hyperball):
+        return None  # x_k is copied, not undone
     for i, group in enumerate(optimizer.param_groups):
         if any(p.dim() >= 2 for p in group["params"]):
             reason = rewrite_for(optimizer, group, mode).cannot_invert(group, rule)
@@ -131,12 +162,16 @@ def cannot_invert(optimizer: torch.optim.Optimizer, mode: Mode) -> str | None:
 
 
 def unsupported(optimizer: torch.optim.Optimizer, mode: Mode) -> str | None:
-    """Why ``mode`` cannot rewrite ``optimizer``'s steps, or ``None`` if it can: every param group, or under the
-    rotational and hyperball modes every one that holds a weight of two or more dimensions (a bias or a gain is
-    never tracked, and may keep a decay those modes refuse)."""
+    """Why ``mode`` cannot rewrite ``optimizer``'s steps, or ``None`` if it can: every param group; under the
+    rotational and hyperball modes, only what the class allows (which param groups hold tracked layers is known once
+    the groups are, and each is checked then: :func:`rewrite_for` on a module's param group)."""
+    if isinstance(mode, Rotational | Hyperball):
+        try:
+            _class_refusal(optimizer, rule_of(optimizer), mode)
+        except ValueError as err:
+            return str(err)
+        return None
     for group in optimizer.param_groups:
-        if isinstance(mode, Rotational | Hyperball) and not any(p.dim() >= 2 for p in group["params"]):
-            continue
         try:
             rewrite_for(optimizer, group, mode)
         except ValueError as err:

@@ -122,7 +122,7 @@ class _Probe:
             raise ValueError(reason)
         algorithms: dict[type[Rewrite] | None, list[tuple[int, Stepped]]] = {}
         for offset, module in modules:
-            algorithm = None if correction is None else rewrite_for(optimizer, module.param_groups[0], correction)
+            algorithm = None if correction is None else _algorithm(optimizer, module, correction)
             reason = None if algorithm is None else algorithm.check(module)
             if reason:
                 raise ValueError(reason)
@@ -300,6 +300,15 @@ class _Probe:
         """Param group → the group as the step used it (:meth:`OptimizerRule.in_force`), from its values before the
         step (those of a step measured from a tracker built during it are taken as they are after it)."""
         return lambda group: self.rule.in_force(self.before.get(id(group), group), group)
+
+
+def _algorithm(optimizer: torch.optim.Optimizer, module: Stepped, correction: Mode) -> type[Rewrite]:
+    """The rewrite for ``module``, or ``ValueError`` naming the module and its param group."""
+    try:
+        return rewrite_for(optimizer, module.param_groups[0], correction)
+    except ValueError as err:
+        index = next(i for i, g in enumerate(optimizer.param_groups) if g is module.param_groups[0])
+        raise ValueError(f"{module.entry.module_name} (param group {index} of its optimizer): {err}") from None
 
 
 def _decay(rule: OptimizerRule, group: dict[str, Any]) -> float | None:
