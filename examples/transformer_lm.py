@@ -170,17 +170,22 @@ class LM(ByteLM):
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
-    """The markdown table of the runs: mean ± std over the seeds (the value alone for one seed)."""
+    """The markdown table of the runs: mean ± std over the seeds (the value alone for one seed). The validation
+    loss is also given less the plain run's of the same base on the same seed (same initial weights, same
+    batches: a paired difference, with less noise than the losses' own spread over seeds)."""
     lines = [
-        f"| run | val loss (nats/byte) | angular update, last {FINAL_SHARE:.0%} (rad) | target (rad) "
-        "| measured / target | training time per seed (s) |",
-        "|---|---|---|---|---|---|",
+        f"| run | val loss (nats/byte) | − plain run's, paired | angular update, last {FINAL_SHARE:.0%} (rad) "
+        "| target (rad) | measured / target | training time per seed (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run, seeds in results.items():
         targets = [r.get("sphere/angular_update_equilibrium/all", math.nan) for r in seeds]
         target = "–" if any(math.isnan(t) for t in targets) else f"{sum(targets) / len(targets):.5f}"
+        plain = results.get(RUNS[run].base) if RUNS[run].correction else None
+        paired = [r["val/loss"] - p["val/loss"] for r, p in zip(seeds, plain, strict=True)] if plain else [math.nan]
         cells = (
             mean_std([r["val/loss"] for r in seeds], ".3f"),
+            mean_std(paired, "+.3f"),
             mean_std([r["final_angular_update"] for r in seeds], ".5f"),
             target,
             mean_std([r["final_angular_update"] / t for r, t in zip(seeds, targets, strict=True)], ".3f"),
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         the monitor's last ``"sphere/…"`` metrics, ``"seconds"``, ``"steps"``, ``"tracked"``) and its ``"seed"``.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per run (default 500)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default 400)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per run, 0, 1, … (default 2)")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="default: all six")
     parser.add_argument("--logdir", type=Path, help="default: a new lightning_logs/transformer_lm-<date>-<time>")

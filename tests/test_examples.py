@@ -217,6 +217,7 @@ def test_transformer_lm_holds_out_whole_files():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore:.*some optimizers do not have momentum:RuntimeWarning")  # Muon's, and AdamW's betas
 def test_transformer_lm_quick(tmp_path, capsys):
     """``--quick``: the six runs on a tiny model, one seed. The targets the table prints are the §7/§8 equilibria
     (plain and rotational) and atan(lr) (hyperball), recomputed here from the hyper-parameters; the measured
@@ -253,11 +254,19 @@ def test_transformer_lm_quick(tmp_path, capsys):
         measured = math.sqrt(sum(v * v for v in tail) / len(tail))
         assert result["final_angular_update"] == pytest.approx(measured, rel=1e-6)
         # the table's row: val loss, measured, target, ratio, as printed and written
+        plain = results["adamw" if run.startswith("adam") else "muon"][0]  # the same base, uncorrected
+        paired = "–" if plain is result else f"{result['val/loss'] - plain['val/loss']:+.3f}"
         row = (
-            f"| {run} | {result['val/loss']:.3f} | {measured:.5f} | {targets[run]:.5f} | "
+            f"| {run} | {result['val/loss']:.3f} | {paired} | {measured:.5f} | {targets[run]:.5f} | "
             f"{measured / targets[run]:.3f} | {result['seconds']:.1f} |"
         )
         assert row in table.splitlines() and row in out
+        if run not in ("adamw", "muon"):  # the modes keep every group at its norm, the one it had at the start
+            norms = [value for _, value in scalars(run_dir, "sphere/norm/all")]
+            assert norms == pytest.approx([norms[0]] * len(norms), rel=1e-5)
+        if run in ("adamh", "muonh", "muon-rotational"):  # held at their target from the first step
+            assert measured == pytest.approx(targets[run], rel=0.02)
+        # (adamw-rotational starts low: its running mean of ‖u⊥‖² lags Adam's shrinking update; the slow test)
     # the hyperball runs' q and k: lr = the matched angle, no decay (LearningRateMonitor's logs)
     for run, lr in (("adamh", adamw), ("muonh", muon)):
         optimizer = "AdamW" if run == "adamh" else "Muon"
