@@ -1,5 +1,6 @@
-"""What the spherical correction costs: AdamSRT end to end against plain Adam, and its optimizer step
-against plain Adam's and AdamP's (pip ``adamp``, the peer that also treats scale-invariant weights)."""
+"""What the spherical corrections cost: AdamSRT end to end against plain Adam, the rotational and hyperball modes
+(docs/theory.md §9) against plain AdamW, and AdamSRT's optimizer step against plain Adam's and AdamP's (pip
+``adamp``, the peer that also treats scale-invariant weights)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,30 @@ def _model(settings: Settings, batch_size: int) -> tuple[torch.nn.Module, torch.
     return model, x, torch.randint(10, (batch_size,), device=device)
 
 
+#: End-to-end runs: name → (optimizer factory, correction); each corrected run is compared with its plain one.
+_RUNS: dict[str, tuple[Callable[..., torch.optim.Optimizer], str | None]] = {
+    "adam": (lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=5e-4), None),
+    "adamsrt": (lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=5e-4), "srt"),
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05), None),
+    "rotational": (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05), "rotational"),
+    "hyperball": (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05), "hyperball"),
+}
+#: corrected run → (plain run, label)
+_COMPARED = {
+    "adamsrt": ("adam", "correction every step (AdamSRT) / plain Adam"),
+    "rotational": ("adamw", "rotational AdamW (§9.1) / plain AdamW"),
+    "hyperball": ("adamw", "hyperball AdamW, AdamH (§9.2) / plain AdamW"),
+}
+
+
 def end_to_end(settings: Settings) -> list[Row]:
-    """Training-step time (forward, backward, step) with ``"srt"`` correcting every step / plain Adam."""
+    """Training-step time (forward, backward, step) with each correction on every step / its plain optimizer."""
     runs: dict[str, Callable[[], None]] = {}
-    for name, correct in (("adam", False), ("adamsrt", True)):
+    for name, (make, correction) in _RUNS.items():
         model, x, y = _model(settings, settings.correction_batch_size)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
-        if correct:
-            SphereTracker(find_invariant_groups(model, x), [opt], correction="srt")
+        opt = make(model.parameters())
+        if correction:
+            SphereTracker(find_invariant_groups(model, x), [opt], correction=correction)
 
         def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt, x=x, y=y) -> None:
             F.cross_entropy(model(x), y).backward()
@@ -42,11 +59,13 @@ def end_to_end(settings: Settings) -> list[Row]:
             step()
         runs[name] = step
     times = interleaved(runs, settings.repeats, settings.steps, settings.torch_device)
-    ratios = [a / b for a, b in zip(times["adamsrt"], times["adam"], strict=True)]
-    detail = f"{1e3 * statistics.median(times['adamsrt']):.1f} ms / {1e3 * statistics.median(times['adam']):.1f} ms"
-    label = f"correction every step (AdamSRT), end to end at batch {settings.correction_batch_size} / plain Adam"
+    rows = []
+    for corrected, (plain, label) in _COMPARED.items():
+        ratios = [a / b for a, b in zip(times[corrected], times[plain], strict=True)]
+        detail = f"{1e3 * statistics.median(times[corrected]):.1f} ms / {1e3 * statistics.median(times[plain]):.1f} ms"
+        rows.append(Row(f"{label}, end to end at batch {settings.correction_batch_size}", ratios, "≤ 1.05", detail))
     print("correction: end to end done", file=sys.stderr, flush=True)
-    return [Row(label, ratios, "≤ 1.05", detail)]
+    return rows
 
 
 def optimizer_step(settings: Settings) -> list[Row]:

@@ -65,7 +65,7 @@ def test_the_rule_on_examples():
 
 def test_the_theory_has_its_sections_in_order(theory_sections):
     top = sorted(int(s) for s in theory_sections if s.isdigit())
-    assert top == list(range(1, 9))
+    assert top == list(range(1, len(top) + 1)) and len(top) >= 9  # numbered 1…N, none missing
 
 
 def test_every_citation_is_a_section_of_the_theory(theory_sections):

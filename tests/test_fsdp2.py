@@ -172,6 +172,12 @@ DEFAULT_RUNS = {
     "grouped transpose": ("fsdp2", "transpose", "sgd", {}),
     "ddp measured": ("ddp", "conv", "sgd", {}),
     "ddp plain": ("ddp", "conv", "sgd", None),
+    # issue 21: any optimizer's update on the sphere
+    "fsdp2 rotational": ("fsdp2", "conv", "sgd", {"spherical_correction": "rotational"}),
+    # AdamW on the block: on the conv net a bias its norm cancels has a gradient of round-off, which Adam's step
+    # turns into lr-sized moves that differ between one process and two
+    "fsdp2 hyperball": ("fsdp2", "block", "adamw", {"spherical_correction": "hyperball"}),
+    "ddp hyperball": ("ddp", "block", "adamw", {"spherical_correction": "hyperball"}),
 }
 
 
@@ -205,6 +211,26 @@ def test_fsdp2_correction_moves_the_weights_as_in_one_process(default_runs, tmp_
     for name, radii in single["radii"].items():  # every rank holds every group's virtual radius, the same bits
         assert torch.equal(ranks[0]["radii"][name], ranks[1]["radii"][name])
         torch.testing.assert_close(ranks[0]["radii"][name], radii, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, net, optimizer, mode, weight",
+    [
+        ("fsdp2 rotational", "conv", "sgd", "rotational", "net.conv2.weight"),
+        ("fsdp2 hyperball", "block", "adamw", "hyperball", "net.q.weight"),
+        ("ddp hyperball", "block", "adamw", "hyperball", "net.q.weight"),
+    ],
+)
+def test_rotational_and_hyperball_move_the_weights_as_in_one_process(
+    default_runs, tmp_path, name, net, optimizer, mode, weight
+):
+    """Groups whose rows span the ranks: their per-group sums (one collective per pass) and their state, replicated
+    on every rank, give the single process's steps and logs (the targets among them)."""
+    single = fit(tmp_path, "single", net, optimizer, {"spherical_correction": mode})
+    assert_like_one_process(default_runs[name], single)
+    plain = fit(tmp_path, "single", net, optimizer, None)["weights"]
+    assert not torch.allclose(single["weights"][weight], plain[weight])  # it did act
+    assert any(k.startswith("sphere/angular_update_equilibrium/") for step in single["history"].values() for k in step)
 
 
 def test_tensor_parallelism_is_refused_naming_parameters_and_placements(default_runs):

@@ -384,8 +384,8 @@ def test_stopping_costs_no_host_sync_between_logging_steps(tmp_path, monkeypatch
         ("groups", {"net.0": True}, '"auto", "numeric" or a dict'),
         ("groups", {"net.0": "row"}, '"auto", "numeric" or a dict'),
         ("groups", {0: "channel"}, '"auto", "numeric" or a dict'),
-        ("spherical_correction", 1, "True, False or one of ('srt', 's', 'rt')"),
-        ("spherical_correction", "SRT", "True, False or one of ('srt', 's', 'rt')"),
+        ("spherical_correction", 1, "True, False, one of ('srt', 's', 'rt', 'rotational', 'hyperball'), a Rot"),
+        ("spherical_correction", "SRT", "True, False, one of ('srt', 's', 'rt', 'rotational', 'hyperball'), a Rot"),
     ],
 )
 def test_arguments_of_the_wrong_type_are_refused_by_name(argument, value, expected):

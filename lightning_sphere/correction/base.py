@@ -51,7 +51,7 @@ from lightning_sphere.core.rows import RowIndex
 from lightning_sphere.core.sharding import local
 from lightning_sphere.correction.safeguards import Guard, Plan, Safeguards
 from lightning_sphere.kernels.compiled import Kernels, host_float
-from lightning_sphere.kernels.rewrites import AdamGSums, RewriteSums
+from lightning_sphere.kernels.rewrites import AdamGSums, RewriteSums, UpdateSums
 
 #: One param group of a torch optimizer: its hyper-parameters, and its ``params``.
 ParamGroup = dict[str, Any]
@@ -88,6 +88,10 @@ class Scheme(Protocol):
 
     def decay_factor(self, group: ParamGroup) -> float: ...
 
+    def equilibrium(self, group: ParamGroup) -> float | None: ...
+
+    def in_force(self, before: ParamGroup, after: ParamGroup) -> ParamGroup: ...
+
 
 class StepView(NamedTuple):
     """How the measurement must read a corrected step (docs/theory.md §3 with the corrected update), per group.
@@ -97,10 +101,14 @@ class StepView(NamedTuple):
             groups the step left to Adam.
         scale: per-group factors (σ_k, σ_{k+1}), each ``(M,)``, mapping the stored weights to the virtual
             ones of the AdamG rewrite, x̃ = σ x (so ``norm`` and ``effective_lr`` report the virtual radius).
+        target: the angular update the step was made to take, radians ``(M,)`` (the rotational and hyperball
+            modes, §9), logged as ``angular_update_equilibrium`` in place of §7's value; the update length the
+            optimizer predicts (``update_scale``) does not describe such a step and is not logged.
     """
 
     b: Tensor | None = None
     scale: tuple[Tensor, Tensor] | None = None
+    target: Tensor | None = None
 
 
 class Rewrite:
@@ -113,7 +121,8 @@ class Rewrite:
         modules: the modules to rewrite, with their param groups.
         index: their rows and groups, in the same order.
         optimizer: the optimizer whose steps they are.
-        mode: ``"srt"``, ``"s"`` or ``"rt"``.
+        mode: ``"srt"``, ``"s"`` or ``"rt"``; a :class:`~lightning_sphere.Rotational` or
+            :class:`~lightning_sphere.Hyperball` for the algorithms of :mod:`~lightning_sphere.correction.steering`.
         kernels: the per-row kernels to run.
         rule: the optimizer's registry entry.
         safeguards: when to step aside (see :mod:`~lightning_sphere.correction.safeguards`).
@@ -127,7 +136,7 @@ class Rewrite:
         modules: Sequence[Stepped],
         index: RowIndex,
         optimizer: torch.optim.Optimizer,
-        mode: str,
+        mode: Any,
         kernels: Kernels,
         rule: Scheme,
         safeguards: Safeguards | None = None,
@@ -202,6 +211,9 @@ class Rewrite:
         """Whether the algorithm undoes a 1 − ηλ factor for ``group``."""
         return False
 
+    def before_step(self) -> None:
+        """Right before the optimizer's step (its pre-hook), for the algorithms that need x_k as it was."""
+
     def rewrite(self, measured: bool) -> Any:
         """Turn the step just taken into the corrected one, in place; return what the later phases need.
 
@@ -256,7 +268,7 @@ class Rewrite:
         (:meth:`~lightning_sphere.correction.safeguards.Guard.plan`)."""
         return self.guard.plan()
 
-    def verdict(self, plan: Plan, sums: RewriteSums | AdamGSums, finite: Tensor) -> Tensor:
+    def verdict(self, plan: Plan, sums: RewriteSums | AdamGSums | UpdateSums, finite: Tensor) -> Tensor:
         """``(M,)`` bool: the groups this step rewrites, on the device
         (:meth:`~lightning_sphere.correction.safeguards.Guard.verdict`)."""
         return self.guard.verdict(plan, sums, finite)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lightning_sphere.core.groups import InvariantGroups, ParamSlice, Stepped
 from lightning_sphere.core.rows import RowIndex
 from lightning_sphere.core.tolerance import tolerance_for
-from lightning_sphere.kernels.rewrites import AdamGSums, RewriteSums
+from lightning_sphere.kernels.rewrites import AdamGSums, RewriteSums, UpdateSums
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ class Guard:
             "its spherical correction stops, and it takes the plain optimizer's steps from now on"
         )
 
-    def verdict(self, plan: Plan, sums: RewriteSums | AdamGSums, finite: Tensor) -> Tensor:
+    def verdict(self, plan: Plan, sums: RewriteSums | AdamGSums | UpdateSums, finite: Tensor) -> Tensor:
         """``(M,)`` bool: the groups this step rewrites, on the device.
 
         A group is rewritten when its module is allowed (``plan``), the step's ``sums`` (per group) are

@@ -24,9 +24,12 @@ from lightning_sphere.kernels.rewrites import (
     adam_sums,
     adamg_direction,
     adamg_sums,
+    hyperball_write,
     momentum_sums,
     momentum_transport,
+    rotational_write,
     scale_rows,
+    update_sums,
 )
 
 #: Total tracked entries from which compiling the kernels pays for its one-time cost.
@@ -67,6 +70,9 @@ class Kernels:
         self.adamg_sums = self._wrap(adamg_sums)
         self.adamg_direction = self._wrap(adamg_direction)
         self.scale_rows = self._wrap(scale_rows)
+        self.update_sums = self._wrap(update_sums)
+        self.rotational_write = self._wrap(rotational_write)
+        self.hyperball_write = self._wrap(hyperball_write)
 
     def _wrap(self, eager: _F) -> _F:
         if not self.compiled:

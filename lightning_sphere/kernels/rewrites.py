@@ -137,3 +137,50 @@ def scale_rows(g: Tensor, factor: Tensor) -> None:
     """g ← factor·g in place, ``factor`` a ``(C, 1)`` column (the AdamG rewrite's conversions between the
     gradients of the stored and of the real weights)."""
     g.mul_(factor)
+
+
+class UpdateSums(NamedTuple):
+    """Per-row sums of :func:`update_sums`, for the corrections that steer any optimizer's update (rotational,
+    hyperball: docs/theory.md §9) from a copy of x_k: ‖x_k‖², ⟨x_k, g⟩, ‖g‖² (the invariance test), ‖x_{k+1}‖²
+    of the plain step, ``undo`` = ‖x_k‖² (x_k is copied, not undone: no round-off to allow for), then of the
+    update Δ = (1 − ηλ) x_k − x_{k+1} (the plain step less its decoupled decay, η times the base update):
+    ⟨x_k, Δ⟩, ‖Δ‖², ΣΔ and Σx_k (the last two for centering)."""
+
+    xx: Tensor
+    xg: Tensor
+    gg: Tensor
+    x1x1: Tensor
+    undo: Tensor
+    xd: Tensor
+    dd: Tensor
+    sd: Tensor
+    sx: Tensor
+
+
+def update_sums(x0: Tensor, x1: Tensor, g: Tensor, decay_factor: Tensor) -> Tensor:
+    """The :class:`UpdateSums` per row of the step from ``x0`` (x_k, copied) to ``x1`` (x_{k+1}): ``(C, 9)``."""
+    d = decay_factor * x0 - x1
+    xx = _dot(x0, x0)
+    return _columns(
+        UpdateSums, **_invariance(x0, g), x1x1=_dot(x1, x1), undo=xx, xd=_dot(x0, d), dd=_dot(d, d),
+        sd=d.sum(1), sx=x0.sum(1),
+    )  # fmt: skip
+
+
+def rotational_write(
+    x0: Tensor, x1: Tensor, decay_factor: Tensor, inv_lr: Tensor, mean_x: Tensor, kx: Tensor, mean_u: Tensor,
+    along: Tensor, step: Tensor, scale: Tensor, mask: Tensor,
+) -> None:  # fmt: skip
+    """Kosson et al.'s rotational step in the rows of ``mask`` (docs/theory.md §9.1), the others keeping torch's:
+    x' = (x_k − mean_x)·kx (centered once, at the group's first step), u = ((1 − ηλ) x_k − x_{k+1})/η the base
+    update, u_c = u − mean_u, u_⊥ = u_c − along·x', x_{k+1} ← scale·(x' − step·u_⊥). Columns ``(C, 1)`` per row."""
+    x = (x0 - mean_x) * kx
+    u = (decay_factor * x0 - x1) * inv_lr - mean_u
+    x1.copy_(torch.where(mask, scale * (x - step * (u - along * x)), x1))
+
+
+def hyperball_write(x0: Tensor, x1: Tensor, decay_factor: Tensor, step: Tensor, scale: Tensor, mask: Tensor) -> None:
+    """The hyperball step in the rows of ``mask`` (docs/theory.md §9.2), the others keeping torch's: with Δ = (1 − ηλ)
+    x_k − x_{k+1} (the update, decay excluded), x_{k+1} ← scale·(x_k − step·Δ); ``step`` = ηR/‖Δ‖ and ``scale`` =
+    R/‖x_k − step·Δ‖ per group, as ``(C, 1)`` columns."""
+    x1.copy_(torch.where(mask, scale * (x0 - step * (decay_factor * x0 - x1)), x1))

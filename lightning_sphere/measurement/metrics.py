@@ -208,7 +208,8 @@ METRICS: dict[str, Metric] = {
             "rms",
             "rad",
             "§7",
-            "the angular update §7 predicts at equilibrium",
+            "the angular update §7 predicts at equilibrium; under the rotational or hyperball mode, the one it "
+            "imposes (§9)",
         ),
     ]
 }

@@ -2,34 +2,61 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from lightning_sphere.correction.base import Rewrite
-from lightning_sphere.optimizers.registry import MODES, ParamGroup, class_path, rule_of
+from lightning_sphere.correction.steering import (
+    Hyperball,
+    HyperballRewrite,
+    Rotational,
+    RotationalRewrite,
+    Steering,
+    rotational_target,
+)
+from lightning_sphere.optimizers.registry import MEASURED, MODES, OptimizerRule, ParamGroup, class_path, rule_of
+
+#: A correction mode: one of §4–§6's by name, or one of §9's with its arguments.
+Mode = str | Steering
 
 
-def correction_mode(value: bool | str | None) -> str | None:
-    """The mode a ``spherical_correction`` argument asks for, ``None`` for none.
+def correction_mode(value: bool | str | Steering | None) -> Mode | None:
+    """The mode a ``spherical_correction`` argument asks for, ``None`` for none: ``True`` is ``"srt"``;
+    ``"rotational"`` and ``"hyperball"`` are :class:`~lightning_sphere.Rotational` and
+    :class:`~lightning_sphere.Hyperball` with their defaults, which may also be given themselves.
 
     Raises:
-        ValueError: for anything but a bool, ``None`` or one of :data:`MODES`.
+        ValueError: for anything but a bool, ``None``, one of :data:`MODES`, a ``Rotational`` or a ``Hyperball``.
     """
     if value is None or value is False:
         return None
     if value is True:
         return "srt"
+    if isinstance(value, Rotational | Hyperball):
+        return value
+    if value == "rotational":
+        return Rotational()
+    if value == "hyperball":
+        return Hyperball()
     if isinstance(value, str) and value in MODES:
         return value
-    raise ValueError(f"spherical_correction must be True, False or one of {MODES}, got {value!r}")
+    raise ValueError(
+        f"spherical_correction must be True, False, one of {MODES}, a Rotational(...) or a Hyperball(...), "
+        f"got {value!r}"
+    )
 
 
-def rewrite_for(optimizer: torch.optim.Optimizer, group: ParamGroup, mode: str) -> type[Rewrite]:
+def rewrite_for(optimizer: torch.optim.Optimizer, group: ParamGroup, mode: Mode) -> type[Rewrite]:
     """The rewrite algorithm for one param group of ``optimizer`` under ``mode``.
 
     Raises:
         ValueError: naming the optimizer and what is supported, when no algorithm applies.
     """
     rule = rule_of(optimizer)
+    if isinstance(mode, Rotational | Hyperball):
+        return _steering(optimizer, rule, group, mode)
     try:
         return rule.correction(group, mode)
     except ValueError as err:
@@ -38,7 +65,56 @@ def rewrite_for(optimizer: torch.optim.Optimizer, group: ParamGroup, mode: str) 
         raise ValueError(f"{class_path(type(optimizer))} has {message}" if named else message) from None
 
 
-def cannot_invert(optimizer: torch.optim.Optimizer, mode: str) -> str | None:
+def _steering(
+    optimizer: torch.optim.Optimizer, rule: OptimizerRule, group: ParamGroup, mode: Steering
+) -> type[Rewrite]:
+    """The rotational or hyperball rewrite of §9 for ``group``, or ``ValueError`` saying why it cannot apply."""
+    name, what = class_path(type(optimizer)), f"spherical_correction={mode!r}"
+    if rule.update_refusal:
+        raise ValueError(f"{what}: {name} {rule.update_refusal}")
+    if group.get("maximize", False):
+        raise ValueError(f"{what}: {name}(maximize=True) is not supported")
+    lr = group.get("lr")
+    if lr is None:
+        raise ValueError(f"{what}: {name}'s param groups have no 'lr', the step length the mode needs")
+    if isinstance(lr, Tensor) and lr.device.type != "cpu":
+        raise ValueError(
+            f"{what}: {name}'s lr is a tensor on {lr.device}; reading it every step would wait for the device. Give "
+            "the optimizer a float lr (or a tensor on the CPU)"
+        )
+    decay = _float(rule.weight_decay(group))
+    if decay:
+        if rule is MEASURED:
+            raise ValueError(
+                f"{what}: lightning_sphere does not know how {name} applies its weight_decay={decay:g}, so it cannot "
+                "take it out of the update. Register the optimizer (register_optimizer) or set weight_decay=0 in the "
+                "param groups of the tracked layers"
+            )
+        if isinstance(mode, Hyperball) and not rule.decoupled_decay(group):
+            raise ValueError(
+                f"{what}: {name}'s weight_decay={decay:g} is added to the gradient, so it is part of the update and "
+                "cannot be taken out; at a fixed radius a decay means nothing. Set weight_decay=0 in the param "
+                "groups of the tracked layers, or use an optimizer with a decoupled decay (AdamW), which the "
+                "hyperball leaves out of those groups"
+            )
+    if isinstance(mode, Rotational):
+        probe = group if _float(lr) else {**group, "lr": 1e-8}  # a warm-up from 0: the target exists later
+        if rotational_target(mode, rule.in_force(probe, probe), rule) is None:
+            raise ValueError(
+                f"{what}: no target angular update for {name} with these hyper-parameters: the optimizer registry "
+                f"knows no equilibrium for it (weight_decay={decay or 0:g}; §7–§8 need a decay, and a decoupled one "
+                "for Adam). Set a weight decay, or give the target yourself: Rotational(angular_update=radians per "
+                "step, or a function of the param group)"
+            )
+        return RotationalRewrite
+    return HyperballRewrite
+
+
+def _float(value: Any) -> float:
+    return float(value) if value is not None else 0.0
+
+
+def cannot_invert(optimizer: torch.optim.Optimizer, mode: Mode) -> str | None:
     """Why ``mode`` cannot undo the steps of one of ``optimizer``'s param groups that hold a weight of two or
     more dimensions (the ones a correction may track), or ``None``: see
     :meth:`~lightning_sphere.correction.Rewrite.cannot_invert`. Call it after :func:`unsupported`."""
@@ -54,9 +130,13 @@ def cannot_invert(optimizer: torch.optim.Optimizer, mode: str) -> str | None:
     return None
 
 
-def unsupported(optimizer: torch.optim.Optimizer, mode: str) -> str | None:
-    """Why ``mode`` cannot rewrite ``optimizer``'s steps, or ``None`` if it can (every param group)."""
+def unsupported(optimizer: torch.optim.Optimizer, mode: Mode) -> str | None:
+    """Why ``mode`` cannot rewrite ``optimizer``'s steps, or ``None`` if it can: every param group, or under the
+    rotational and hyperball modes every one that holds a weight of two or more dimensions (a bias or a gain is
+    never tracked, and may keep a decay those modes refuse)."""
     for group in optimizer.param_groups:
+        if isinstance(mode, Rotational | Hyperball) and not any(p.dim() >= 2 for p in group["params"]):
+            continue
         try:
             rewrite_for(optimizer, group, mode)
         except ValueError as err:

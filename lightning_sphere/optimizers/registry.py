@@ -36,13 +36,15 @@ import torch
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.correction.base import Moments, ParamGroup, Rewrite
 
-#: Correction modes; ``True`` means ``"srt"``.
-MODES = ("srt", "s", "rt")
+#: Correction modes; ``True`` means ``"srt"``. The last two steer any optimizer's update (docs/theory.md §9) and
+#: also come as :class:`~lightning_sphere.Rotational` and :class:`~lightning_sphere.Hyperball` with arguments.
+MODES = ("srt", "s", "rt", "rotational", "hyperball")
 
 
 SUPPORTED = (
     "Adam and AdamW: 'srt' (True, AdamSRT), 's' (AdamS), 'rt'; SGD with momentum: 'srt' (True, SGDMRT), 'rt'; "
-    "SGD without momentum: 'srt' (True, the AdamG rewrite)"
+    "SGD without momentum: 'srt' (True, the AdamG rewrite); any optimizer whose step is one update: 'rotational', "
+    "'hyperball'"
 )
 
 
@@ -80,6 +82,8 @@ class OptimizerRule:
         weight_decay: ``param_group → λ``, the decay rate per unit of η (the group's ``weight_decay`` by default).
         specialize: ``optimizer → rule``, for a class whose reading depends on how the instance was built (Lion's
             ``decoupled_weight_decay``); ``None``: the rule as it is.
+        update_refusal: why the rotational and hyperball modes (§9) cannot steer this optimizer's steps (its step is
+            no single update of the weights the model holds), or ``None``: they can.
     """
 
     name: str
@@ -93,6 +97,7 @@ class OptimizerRule:
     weight_decay: Callable[[ParamGroup], Any] = lambda group: group.get("weight_decay", 0.0)
     update_length: Callable[[ParamGroup, InvariantGroups, dict[str, Any]], tuple[float, float] | None] | None = None
     specialize: Callable[[torch.optim.Optimizer], OptimizerRule] | None = None
+    update_refusal: str | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -119,8 +124,18 @@ OPTIMIZERS: dict[type[torch.optim.Optimizer], OptimizerRule] = {}
 BY_PATH: dict[str, OptimizerRule] = {}
 
 
-#: The rule of every optimizer not in :data:`OPTIMIZERS`: measured effective learning rate, no correction.
+#: The rule of every optimizer not in :data:`OPTIMIZERS`: measured effective learning rate, no correction of §4–§6.
 MEASURED = OptimizerRule("other", formula=False)
+
+#: LBFGS: measured, and nothing to steer.
+OPTIMIZERS[torch.optim.LBFGS] = OptimizerRule(
+    "LBFGS",
+    formula=False,
+    update_refusal=(
+        "takes a line search over several evaluations of its closure per step, not one update of the weights "
+        "that could be put on the sphere"
+    ),
+)
 
 
 def register_optimizer(optimizer_class: type[torch.optim.Optimizer] | str, rule: OptimizerRule) -> None:

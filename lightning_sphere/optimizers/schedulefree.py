@@ -33,5 +33,14 @@ for _module, _name in (
     ("sgd_schedulefree_closure", "SGDScheduleFreeClosure"),
 ):
     register_optimizer(
-        f"schedulefree.{_module}.{_name}", OptimizerRule(_name, formula=False, correction=_no_spherical_form)
+        f"schedulefree.{_module}.{_name}",
+        OptimizerRule(
+            _name,
+            formula=False,
+            correction=_no_spherical_form,
+            update_refusal=(
+                "steps a sequence z the model does not hold (the model holds y = (1 − β) z + β x), so that the step of "
+                "y is no update of the optimizer's to put on the sphere"
+            ),
+        ),
     )

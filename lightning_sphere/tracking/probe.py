@@ -28,7 +28,7 @@ from lightning_sphere.correction.safeguards import Safeguards
 from lightning_sphere.kernels.compiled import Kernels, host_float, scalar
 from lightning_sphere.kernels.products import StepProducts
 from lightning_sphere.measurement.metrics import GroupStats
-from lightning_sphere.optimizers.modes import rewrite_for, unsupported
+from lightning_sphere.optimizers.modes import Mode, rewrite_for, unsupported
 from lightning_sphere.optimizers.registry import OptimizerRule, class_path, rule_of
 
 #: The :class:`StepProducts` columns only adaptive optimizers define (NaN before their first step).
@@ -104,7 +104,7 @@ class _Probe:
         cls,
         optimizer: torch.optim.Optimizer,
         modules: list[tuple[int, Stepped]],
-        correction: str | None,
+        correction: Mode | None,
         kernels: Kernels,
         safeguards: Safeguards,
         record: _Record,
@@ -164,6 +164,8 @@ class _Probe:
         if _nested(optimizer):
             return None  # a subclass's step() calling its base class's: both fire the hooks; the outer one acts
         self.ready = False
+        for rewrite in self.rewrites:
+            rewrite.before_step()
         if self.armed and self.snapshot is None:
             self.copy_weights()
         wrapped = after_closure(args, kwargs, self.gradients_ready)
@@ -259,6 +261,7 @@ class _Probe:
     ) -> None:
         """The :class:`GroupStats` of the step just taken, for every group of the probe, into the record."""
         rule, in_force = self.rule, self._in_force()
+        targets = _targets(self, views)
         slices = [(s, group) for m in self.modules for s, group in zip(m.entry.slices, m.param_groups, strict=True)]
         per_row = [
             _row_products(self.kernels, s, snapshot[s.param], grads[s.param], self.optimizer, rule, in_force(group), *c)
@@ -283,9 +286,9 @@ class _Probe:
             group_size=group_size,
             formula=formula,
             adaptive=adaptive,
-            equilibrium=per_module([rule.equilibrium(g) for g in groups]),
+            equilibrium=per_module([rule.equilibrium(g) for g in groups]) if targets is None else targets,
             decay=per_module([_decay(rule, g) for g in groups]),
-            update_length=per_module([None if n is None else n[0] for n in lengths]),
+            update_length=per_module([None if n is None or targets is not None else n[0] for n in lengths]),
             relative_length=per_module([None if n is None else n[1] for n in lengths]),
         )
         stats.index_copy_(0, self.positions, torch.stack(group_stats, 1))
@@ -358,6 +361,14 @@ def _buffers_like(buffers: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
     if len(buffers) == len(tensors) and all(_same_layout(b, t) for b, t in zip(buffers, tensors, strict=True)):
         return buffers
     return [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors]
+
+
+def _targets(probe: _Probe, views: list[StepView]) -> Tensor | None:
+    """``(M,)``: the angular update each group's step was made to take (§9), when a rewrite steered the step;
+    ``None`` for §7's equilibria. A steered rewrite covers all the probe's modules (one mode per tracker)."""
+    if not views or all(v.target is None for v in views):
+        return None
+    return torch.cat([v.target for v in views if v.target is not None]).to(probe.record.stats.dtype)
 
 
 def _view_columns(probe: _Probe, views: list[StepView]) -> list[tuple[Tensor | None, Tensor | None, Tensor | None]]:

@@ -52,6 +52,7 @@ from lightning_sphere.measurement.metrics import (
     valid_groups,
 )
 from lightning_sphere.measurement.reduce import segment_reduce
+from lightning_sphere.optimizers.modes import Mode, correction_mode
 from lightning_sphere.optimizers.registry import unwrap_optimizer
 from lightning_sphere.tracking.probe import _Probe, _Record
 from lightning_sphere.tracking.state import _real_state_dicts, _safeguards
@@ -104,7 +105,9 @@ class SphereTracker:
         optimizers: the optimizers that step them. A module whose parameters are not all in one
             optimizer is left out; the reason is in :attr:`untracked`.
         correction: ``None``, or the spherical correction to apply after every real step of the tracked
-            groups: ``"srt"``, ``"s"`` or ``"rt"`` (see :func:`~lightning_sphere.optimizers.rewrite_for`).
+            groups: ``"srt"``, ``"s"`` or ``"rt"`` (§4–§6), ``"rotational"`` or ``"hyperball"`` (§9), or a
+            :class:`~lightning_sphere.Rotational` or :class:`~lightning_sphere.Hyperball` with arguments (see
+            :func:`~lightning_sphere.optimizers.rewrite_for`).
             Measurements then describe the corrected update.
         compile: run the per-row kernels compiled with ``torch.compile``; ``None`` decides by size and
             device (:func:`~lightning_sphere.kernels.should_compile`).
@@ -134,7 +137,7 @@ class SphereTracker:
         self,
         groups: Sequence[InvariantGroups],
         optimizers: Sequence[torch.optim.Optimizer],
-        correction: str | None = None,
+        correction: Mode | None = None,
         compile: bool | None = None,
         *,
         model: nn.Module | None = None,
@@ -143,6 +146,7 @@ class SphereTracker:
         warn: Callable[[str], None] | None = None,
         gradient_clipping: str | None = None,
     ) -> None:
+        correction = correction_mode(correction)
         self._safeguards = _safeguards(model, tolerance, compute_dtype, warn, gradient_clipping)
         optimizers = [unwrap_optimizer(o) for o in optimizers]
         self.groups, self.untracked, stepped = _by_optimizer(groups, optimizers)
@@ -228,6 +232,8 @@ class SphereTracker:
         """Copy the weights now, as the step pre-hook would: for a step whose pre-hook has already run. Its
         gradients are read at :meth:`gradients_ready`, which the caller must then call before the update."""
         for probe in self._probes_of(optimizer):
+            for rewrite in probe.rewrites:
+                rewrite.before_step()
             if probe.armed and probe.snapshot is None:
                 probe.copy_weights()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lightning_sphere.optimizers.modes import cannot_invert, correction_mode, unsupported
+from lightning_sphere.optimizers.modes import Mode, cannot_invert, correction_mode, unsupported
 from lightning_sphere.optimizers.registry import MODES
 from lightning_sphere.reporting.sinks import Selection
 
@@ -52,14 +52,15 @@ def _selection(error: type[Exception], metrics: Sequence[str] | None, per_layer:
         raise error(f"SphereMonitor: {err}") from None
 
 
-def _correction(error: type[Exception], spherical_correction: Any) -> str | None:
+def _correction(error: type[Exception], spherical_correction: Any) -> Mode | None:
     """The correction mode ``spherical_correction`` names (``None``: measurement only); ``error`` for another
     value."""
     try:
         return correction_mode(spherical_correction)
     except ValueError:
         raise error(
-            f"SphereMonitor(`spherical_correction`) must be True, False or one of {MODES}, got "
+            f"SphereMonitor(`spherical_correction`) must be True, False, one of {MODES}, a Rotational(...) or a "
+            f"Hyperball(...), got "
             f"{spherical_correction!r} ({type(spherical_correction).__name__})"
         ) from None
 
@@ -72,7 +73,7 @@ def _cadence_mismatch(hist: int, every: int) -> str:
 
 
 def _check_optimizers(
-    error: type[Exception], optimizers: Sequence[torch.optim.Optimizer], correction: str | None
+    error: type[Exception], optimizers: Sequence[torch.optim.Optimizer], correction: Mode | None
 ) -> None:
     """At fit start: ``error`` for an optimizer or option the spherical ``correction`` cannot honour, or a param
     group whose lr·weight_decay ≥ 1 it could not undo."""

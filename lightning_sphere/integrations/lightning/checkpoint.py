@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_sphere.core.groups import InvariantGroups, ParamSlice
 from lightning_sphere.core.names import named_parameters
+from lightning_sphere.optimizers.modes import Mode
 from lightning_sphere.tracking.tracker import SphereTracker
 
 #: What the radii of a checkpoint's monitor state go with: the real weights its state dict holds.
@@ -60,7 +61,7 @@ class CheckpointState:
         else:  # a checkpoint of lightning_sphere 0.1: the stored unit-norm weights, with their radii
             self.radii = radii
 
-    def resume_rewrite(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], correction: str) -> None:
+    def resume_rewrite(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], correction: Mode) -> None:
         """A checkpoint written under the AdamG rewrite holds the real weights r̂ u, and its monitor state the
         radii and the groups they go with: store u again before the first forward pass, so that the run goes on
         as if it had never stopped (its groups are read off that pass's graph only later)."""

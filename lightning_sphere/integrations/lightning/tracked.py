@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.integrations.lightning.follower import GroupFollower
 from lightning_sphere.integrations.lightning.framework import Framework
+from lightning_sphere.optimizers.modes import Mode
 from lightning_sphere.tracking.probe import after_closure
 from lightning_sphere.tracking.tracker import SphereTracker
 
@@ -40,7 +41,7 @@ class TrackedModules:
         trainer: Any,
         radii: Mapping[str, Tensor],
         *,
-        correction: str | None,
+        correction: Mode | None,
         compile: bool | None,
         tolerance: float | None,
         gradient_clipping: str | None,
