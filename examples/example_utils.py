@@ -77,13 +77,13 @@ def final_angular_update(run_dir: Path, steps: int, share: float) -> float:
 
 
 def mean_std(values: list[float], fmt: str) -> str:
-    """``mean ± std`` (the sample standard deviation) of ``values`` in ``fmt``; the value alone for one seed, "–"
-    if any is NaN."""
+    """``mean ± std`` (the sample standard deviation) of ``values`` in ``fmt`` (the std without a sign ``fmt``
+    may ask for); the value alone for one seed, "–" if any is NaN."""
     if any(math.isnan(v) for v in values):
         return "–"
     if len(values) == 1:  # one seed: no spread to show
         return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.replace('+', ''))}"
 
 
 @contextlib.contextmanager

@@ -14,7 +14,9 @@ learning rates (so that the equilibria below hold and stay put), for each of ``-
 - ``adamw``: ``torch.optim.AdamW`` on everything, as ``transformer.py`` (lr 3e-3, betas (0.9, 0.95), weight
   decay 0.1 on the matrices, none on the norms' gains);
 - ``adamw-rotational``: the same, with ``SphereMonitor(spherical_correction="rotational")``: the tracked groups'
-  angular update is held at AdamW's equilibrium (docs/theory.md §7.1), √(2ηλ(1 − β1)/(1 + β1)) = 0.00562 rad;
+  angular update is held at AdamW's equilibrium (docs/theory.md §7.1), √(2ηλ(1 − β1)/(1 + β1)) = 0.00562 rad,
+  at a fixed norm. Its defaults are Kosson et al.'s, ``center=True`` included, which centers each head's weights
+  once, at the first step: RMSNorm does not remove a mean, so that first step also changes the function a little;
 - ``adamh``: the same AdamW with ``spherical_correction="hyperball"`` (AdamH): each tracked group stays at its
   initial norm R and moves lr·R per step. Its lr is the step's relative length, so the q and k matrices get a
   param group of their own with lr = AdamW's equilibrium angle above (0.00562, the matched setting: the angle
@@ -28,12 +30,16 @@ learning rates (so that the equilibria below hold and stay put), for each of ``-
 
 Every run has the same param groups (q and k apart), so only those hyper-parameters and the correction differ.
 The correction applies to the tracked groups only, for every optimizer of the module (Muon and AdamW alike).
+The plain runs start far from their equilibrium and approach it with the norms' time constant 1/(2ηλ), 1,667
+steps for AdamW and 250 for Muon: within the default 400 steps they turn the heads faster than the modes do.
 
 Prints, and writes to ``<logdir>/transformer_lm.md``, per run: the final validation loss (mean ± std over the
-seeds), the measured angular update of the tracked groups (RMS over the last 25% of the run of the logged
+seeds), its difference to the plain run's of the same base, seed by seed (same weights and batches), the
+measured angular update of the tracked groups (RMS over the last 25% of the run of the logged
 ``sphere/angular_update/all``) against the value the run should hold (the logged
 ``sphere/angular_update_equilibrium/all``: §7/§8 for the plain runs, η_r for rotational, atan(lr) for hyperball),
-their ratio, and the training time per seed::
+their ratio, and the training time per seed. The defaults, two seeds of 400 steps, take about 4 minutes on one
+thread of a 2-core CPU::
 
     python examples/transformer_lm.py                 # --steps N --seeds S --runs … --logdir DIR --figure [DIR]
     python examples/transformer_lm.py --quick         # a smoke test: one seed, a tiny model, 24 steps
@@ -41,7 +47,8 @@ their ratio, and the training time per seed::
 
 Logs go to ``<logdir>/seed<k>/<run>`` (TensorBoard; a ``LearningRateMonitor`` logs η, λ and the momentum).
 ``--figure`` also writes ``transformer_lm_angular_update.png`` (seed 0, the plot command's figure) and
-``transformer_lm_loss.png`` (training loss, mean over the seeds) into ``docs/`` (or the folder given).
+``transformer_lm_loss.png`` (training loss, mean over the seeds, and the corrected runs' less their plain run's)
+into ``docs/`` (or the folder given).
 """
 
 from __future__ import annotations
@@ -216,9 +223,10 @@ def moving_average(values: Any, window: int) -> Any:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def loss_figure(logdir: Path, results: dict[str, list[dict[str, Any]]], path: Path, window: int = 10) -> Path:
-    """Training loss, mean over the seeds, moving average of ``window`` logged points: itself, and its difference
-    to the first run's on the same batches; the legend gives each run's final validation loss."""
+def loss_figure(logdir: Path, runs: list[str], seeds: int, path: Path, window: int = 10) -> Path:
+    """From the event files under ``logdir``: the training loss, mean over the seeds, moving average of ``window``
+    logged points, and the corrected runs' less their plain run's (on the same batches, from the same weights);
+    the legend gives each run's final validation loss (mean ± std over the seeds)."""
     import matplotlib
     import numpy as np
     from matplotlib.figure import Figure
@@ -229,23 +237,23 @@ def loss_figure(logdir: Path, results: dict[str, list[dict[str, Any]]], path: Pa
     palette = matplotlib.colormaps["tab10"]  # as the plot command colours the same runs, in the same order
     figure = Figure(figsize=(2 * PANEL_INCHES[0] + 1, PANEL_INCHES[1] + 1), dpi=DPI, layout="constrained")
     curves_ax, difference_ax = figure.subplots(1, 2)
-    curves = {}
-    for run, seeds in results.items():
-        series = [logged[f"seed{result['seed']}/{run}"].scalars["train/loss"] for result in seeds]
-        curves[run] = (series[0].steps, np.mean([s.values for s in series], axis=0))
-    first = next(iter(curves))
-    window = max(1, min(window, len(curves[first][0])))
+    curves, val = {}, {}
+    for run in runs:
+        scalars = [logged[f"seed{seed}/{run}"].scalars for seed in range(seeds)]
+        curves[run] = (scalars[0]["train/loss"].steps, np.mean([s["train/loss"].values for s in scalars], axis=0))
+        val[run] = mean_std([float(s["val/loss"].values[-1]) for s in scalars], ".3f")
+    window = max(1, min(window, len(curves[runs[0]][0])))
     for i, (run, (steps, values)) in enumerate(curves.items()):
         shown = steps[window - 1 :]
-        val = mean_std([r["val/loss"] for r in results[run]], ".3f")
         style = {"color": palette(i % palette.N), "marker": "o" if len(shown) < 2 else None}  # a lone point shows
-        curves_ax.plot(shown, moving_average(values, window), label=f"{run} (val {val})", **style)
-        difference_ax.plot(shown, moving_average(values - curves[first][1], window), **style)
-    seeds = len(next(iter(results.values())))
-    span = f"moving average over {window * transformer.LOG_EVERY} steps"
-    curves_ax.set_title(f"training loss, mean of {seeds} seed(s), {span}", fontsize="medium")
+        curves_ax.plot(shown, moving_average(values, window), label=f"{run} (val {val[run]})", **style)
+        base = RUNS[run].base
+        if RUNS[run].correction and base in curves:
+            difference_ax.plot(shown, moving_average(values - curves[base][1], window), **style)
+    span = f"{window * transformer.LOG_EVERY}-step moving average"
+    curves_ax.set_title(f"training loss (mean of {seeds} seed(s), {span})", fontsize="medium")
     curves_ax.set_ylabel("nats/byte")
-    difference_ax.set_title(f"training loss − {first}'s (same batches)", fontsize="medium")
+    difference_ax.set_title("less its plain run's (adamw, muon), same batches", fontsize="medium")
     difference_ax.axhline(0, color="0.5", linewidth=0.5)
     for ax in (curves_ax, difference_ax):
         ax.set_xlabel("step")
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     (logdir / "transformer_lm.md").write_text(f"{setting}\n\n{text_table}\n")
     if args.figure is not None:
         print(angular_update_figure(logdir, args.runs, 0, args.figure / "transformer_lm_angular_update.png"))
-        print(loss_figure(logdir, results, args.figure / "transformer_lm_loss.png"))
+        print(loss_figure(logdir, args.runs, seeds, args.figure / "transformer_lm_loss.png"))
     print(f"\n{tensorboard_command(logdir)}\n{plot_command(logdir / 'seed0')}")
     return results
 
