@@ -93,6 +93,25 @@ def test_non_logging_steps_add_no_host_sync(tmp_path, monkeypatch, optimizer, co
     assert ("correction" in monitors[0].summary()) == correction  # and correcting them, when asked
 
 
+@pytest.mark.parametrize(
+    "optimizer, correction",
+    [("sgd-momentum", "rotational"), ("adamw", "rotational"), ("adamw", "hyperball")],
+)
+def test_rotational_and_hyperball_steps_add_no_host_sync(tmp_path, monkeypatch, optimizer, correction):
+    """§9's modes: the copy of x_k, the per-group sums, the state and a learning rate held constant stay on the
+    device (a scheduled one costs a non-blocking copy, not a sync)."""
+    counts = []
+    for with_monitor in (False, True):
+        counter = SyncCounter(monkeypatch)
+        monitors = [SphereMonitor(log_every_n_steps=1000, spherical_correction=correction)] if with_monitor else []
+        fit_windowed(tmp_path, counter, OPTIMIZERS[optimizer], monitors)
+        counts.append(counter.calls)
+        monkeypatch.undo()
+    without, with_ = counts
+    assert with_ == without
+    assert correction in monitors[0].summary()
+
+
 @pytest.mark.parametrize("correction", [False, True])
 def test_steps_between_logging_steps_add_no_host_sync(tmp_path, monkeypatch, correction):
     """Measuring every third step: the steps right after a measured one cost no sync either."""

@@ -76,8 +76,10 @@ class ReferenceRotational:
         self.beta, self.center, self.eps = beta, center, eps
         self.state: dict[int, dict[str, Any]] = {}
 
-    def __call__(self, g: int, x0: Tensor, x1: Tensor, lr: float, decay: float, target: float) -> Tensor:
-        u = ((1 - lr * decay) * x0 - x1) / lr  # the base update without its decoupled decay, nor η
+    def __call__(
+        self, g: int, x0: Tensor, x1: Tensor, lr: float, decay: float, target: float, coupled: Tensor | float = 0.0
+    ) -> Tensor:
+        u = ((1 - lr * decay) * x0 - x1) / lr - coupled  # the base update without its weight decay, nor η
         state = self.state.get(g)
         if state is None:  # first step: the radius, and the weights centered at that norm
             radius = x0.norm()
@@ -101,7 +103,9 @@ class ReferenceHyperball:
     def __init__(self, radius: float | None = None) -> None:
         self.radius, self.radii = radius, {}
 
-    def __call__(self, g: int, x0: Tensor, x1: Tensor, lr: float, decay: float, target: float) -> Tensor:
+    def __call__(
+        self, g: int, x0: Tensor, x1: Tensor, lr: float, decay: float, target: float, coupled: Tensor | float = 0.0
+    ) -> Tensor:
         if x0.norm() == 0:
             return x1  # the plain step, until the group has a norm
         radius = self.radii.setdefault(g, x0.norm() if self.radius is None else torch.tensor(self.radius).double())
@@ -124,6 +128,10 @@ CASES: dict[str, tuple[Callable[[Net], list[torch.optim.Optimizer]], float, Call
               lambda lr: adamw_target(lr, 0.1, 0.9)),
     "SGD-M": (lambda n: [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)], 0.0,
               lambda lr: math.sqrt(2 * lr * 1e-2 / 1.9)),
+    "SGD-Nesterov": (lambda n: [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                                weight_decay=1e-2)], 0.0, None),
+    "SGD-dampening": (lambda n: [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, dampening=0.5,
+                                                 weight_decay=1e-2)], 0.0, None),
     "Adam": (lambda n: [torch.optim.Adam(n.parameters(), lr=1e-2)], 0.0, None),
     "SGD": (lambda n: [torch.optim.SGD(n.parameters(), lr=0.1)], 0.0, None),
     "Lion": (lambda n: [lion_pytorch.Lion(n.parameters(), lr=1e-3, weight_decay=1.0)], 1.0, None),
@@ -131,8 +139,15 @@ CASES: dict[str, tuple[Callable[[Net], list[torch.optim.Optimizer]], float, Call
                         torch.optim.AdamW([n.head.weight, n.head.bias, *n.bn.parameters()], lr=1e-2)], 0.1, None),
     "Prodigy": (lambda n: [prodigyopt.Prodigy(n.parameters(), lr=1.0, weight_decay=1e-2)], 1e-2, None),
 }  # fmt: skip
-#: cases whose weight decay is coupled into the gradient (refused by the hyperball)
-COUPLED = {"SGD-M"}
+#: cases whose weight decay is coupled into the gradient (refused by the hyperball): (μ, τ, nesterov, λ) of torch's
+#: SGD, whose momentum buffer holds the decay's terms besides the gradients; Kosson et al. keep that part apart, and
+#: so does the reference: l ← μ l + (1 − τ) λ x_k (λ x_k on the first step, as torch's buffer starts undamped),
+#: u = (x_k − x_{k+1})/η − l, or with Nesterov − (λ x_k + μ l)
+COUPLED = {
+    "SGD-M": (0.9, 0.0, False, 1e-2),
+    "SGD-Nesterov": (0.9, 0.0, True, 1e-2),
+    "SGD-dampening": (0.9, 0.5, False, 1e-2),
+}
 #: an explicit target, for the cases the reference does not derive one for
 EXPLICIT = 0.02
 
@@ -183,7 +198,7 @@ def twin_run(case: str, mode: Any, reference: Any, steps: int = 12, bias: bool =
     found = find_invariant_groups(net, batches(1, seed + 1)[0][0])
     tracker = SphereTracker(found, optimizers, correction=mode, model=net, warn=lambda m: None)
     assert sorted(e.module_name for e in tracker.groups) == ["fc1", "fc2"]
-    got, want = [], []
+    got, want, held = [], [], {}
     for batch in batches(steps, seed + 2):
         train_step(net, optimizers, batch)
         main = twin_optimizers[0]
@@ -194,7 +209,12 @@ def twin_run(case: str, mode: Any, reference: Any, steps: int = 12, bias: bool =
         lam = decay_in_force(main, lr, before, decay)
         target = target_of(before["lr"]) if target_of is not None else EXPLICIT
         for g, (views, x) in enumerate(zip(groups_of(twin), x0, strict=True)):
-            put(views, reference(g, x, flat(views), lr, lam, target))
+            coupled = 0.0
+            if case in COUPLED:
+                mu, tau, nesterov, l2 = COUPLED[case]
+                held[g] = mu * held[g] + (1 - tau) * l2 * x if g in held else l2 * x
+                coupled = l2 * x + mu * held[g] if nesterov else held[g]
+            put(views, reference(g, x, flat(views), lr, lam, target, coupled))
         got.append(torch.cat([flat(g) for g in groups_of(net)]))
         want.append(torch.cat([flat(g) for g in groups_of(twin)]))
     tracker.close()
@@ -500,3 +520,35 @@ def test_a_lightning_checkpoint_carries_the_state_into_the_resumed_run(tmp_path)
     state = trainer.optimizers[0].state[model.net.fc1.weight]["sphere_rotational:net.fc1"]
     assert torch.equal(state[:, 0], saved[:, 0])
     assert torch.equal(state[:, 2], (saved[:, 2].double() * 0.9).float())
+
+
+# ----------------------------------------------------------------------------------------------- layer kinds
+
+
+@pytest.mark.parametrize("mode", ["rotational", "hyperball"])
+@pytest.mark.parametrize("kind", ["spectral_norm", "mask", "prune"])
+def test_parametrized_and_pruned_layers_are_held_on_the_tensor_the_optimizer_steps(kind, mode):
+    """issue 18's layer kinds: the mode acts on the tensor the optimizer steps (spectral_norm's original, whose
+    whole-matrix scale is free; a masked or pruned weight's, whose rows are), and holds its groups' norms."""
+    from tests.test_every_optimizer import LAYERS, stepped_weight
+
+    torch.manual_seed(0)
+    net = Net()
+    LAYERS[kind](net.fc1)
+    optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)]
+    tracker = SphereTracker(find_invariant_groups(net, batches(1, 1)[0][0]), optimizers, correction=mode)
+    assert "fc1" in [e.module_name for e in tracker.groups], tracker.untracked
+    weight = stepped_weight(net.fc1)
+
+    def norms() -> Tensor:
+        w = weight.detach()
+        return w.norm()[None] if kind == "spectral_norm" else w.norm(dim=1)
+
+    data = batches(10, 2)
+    train_step(net, optimizers, data[0])
+    first, start = norms(), weight.detach().clone()
+    for batch in data[1:]:
+        train_step(net, optimizers, batch)
+    torch.testing.assert_close(norms(), first, rtol=1e-12, atol=0)
+    assert (weight.detach() - start).abs().max() > 1e-3  # it trained
+    tracker.close()

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_sphere.core.groups import ParamSlice
 from lightning_sphere.core.rows import math_dtype
-from lightning_sphere.core.sharding import local
+from lightning_sphere.core.sharding import DTensor, is_dtensor, local
 from lightning_sphere.correction.base import ParamGroup, Rewrite, StepView, _finite
 from lightning_sphere.correction.safeguards import Plan
 from lightning_sphere.kernels.compiled import host_float, scalar
@@ -103,6 +103,18 @@ class Hyperball:
     def __post_init__(self) -> None:
         if self.radius is not None and not (isinstance(self.radius, int | float) and self.radius > 0):
             raise ValueError(f"Hyperball(radius) must be a positive number or None, got {self.radius!r}")
+
+
+#: The optimizer-state key of the momentum of a weight decay coupled into torch's SGD (§9.1).
+DECAY_MOMENTUM = "sphere_decay_momentum"
+
+
+def _like_param(value: Tensor, param: Tensor) -> Tensor:
+    """``value`` (this rank's part) as the optimizer state of ``param``: a DTensor laid out as it is, if it is one."""
+    if is_dtensor(param):
+        return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride())  # fmt: skip
+    return value
 
 
 #: The modes that steer any optimizer's update.
@@ -186,6 +198,9 @@ class SteeredRewrite(Rewrite):
             torch._foreach_copy_(self._buffers, params)
         self._x0 = {s.param: b for (s, _), b in zip(self.slices, self._buffers, strict=True)}
         self._before = {id(g): {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups}
+        if self.rule.decay_momentum is not None:  # whether torch's buffer starts on this step (b = g + λx)
+            state = self.optimizer.state
+            self._fresh = {s.param: state[s.param].get("momentum_buffer") is None for s, _ in self.slices}
 
     # ---------------------------------------------------------------- the step
 
@@ -197,13 +212,16 @@ class SteeredRewrite(Rewrite):
         plan = self.plan()
         groups = [self.rule_group(m.param_groups[0]) for m in self.modules]
         decay = [scalar(self.rule.decay_factor(g)) for g in groups]
+        held, coefficients = self._coupled_decay(plan, groups, x0)
 
         def per_slice(s: ParamSlice, group: ParamGroup) -> Tensor:
             grad = s.param.grad
             assert grad is not None  # an allowed module's slices all have one (Guard.plan)
             dtype = math_dtype(s.param)
             x, x1, g = (s.rows(t).to(dtype) for t in (x0[s.param], s.param.detach(), grad))
-            return self.kernels.update_sums(x, x1, g, decay[self._module_by_slice[id(s)]])
+            i = self._module_by_slice[id(s)]
+            h = s.rows(held[s.param]).to(dtype) if s.param in held else x
+            return self.kernels.update_sums(x, x1, g, decay[i], h, *coefficients[i])
 
         sums = UpdateSums(*self._sum(plan, per_slice, len(UpdateSums._fields)).to(self._dtype).unbind(1))
         step, scale, target, extra, ok = self.coefficients(sums, groups)
@@ -218,12 +236,53 @@ class SteeredRewrite(Rewrite):
                 x, x1 = s.rows(x0[s.param]).to(dtype), s.rows(s.param.detach())
                 work = x1.to(dtype)
                 step_row, scale_row, mask_row, *more = (c if c.dtype == torch.bool else c.to(dtype) for c in per_row)
-                self.write(x, work, decay[i], step_row, scale_row, mask_row, more)
+                h = s.rows(held[s.param]).to(dtype) if s.param in held else x
+                self.write(x, work, decay[i], step_row, scale_row, mask_row, [h, *coefficients[i], *more])
                 s.write_rows(s.param.detach(), work)
         assert self._pending is not None  # set by coefficients()
         self.state.copy_(torch.where(mask[:, None], self._pending.to(self.state.dtype), self.state))
         self._store_state(plan)
         return SteeredStep(target)
+
+    def _coupled_decay(
+        self, plan: Plan, groups: list[ParamGroup], x0: dict[Tensor, Tensor]
+    ) -> tuple[dict[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
+        """A weight decay coupled into torch's SGD, taken out of the update as Kosson et al.'s wrapper keeps it
+        apart (§9.1): its momentum l ← μ l + (1 − τ) λ x_k (l = λ x_k where torch's buffer starts) is kept per
+        parameter in the optimizer's state (``"sphere_decay_momentum"``), and the update less the decay is
+        Δ − (a x_k + b l), a = ηλ with Nesterov (else 0), b = ημ with Nesterov (else η). Returns the held l by
+        parameter and (a, b) per module ((0, 0) where nothing is coupled)."""
+        zero = (scalar(0.0), scalar(0.0))
+        coefficients: list[tuple[Tensor, Tensor]] = [zero] * len(self.modules)
+        held: dict[Tensor, Tensor] = {}
+        read = self.rule.decay_momentum
+        if read is None:
+            return held, coefficients
+        state = self.optimizer.state
+        for i, (m, group) in enumerate(zip(self.modules, groups, strict=True)):
+            lam = host_float(self.rule.weight_decay(group)) or 0.0
+            if not plan.allowed[i] or self.rule.decoupled_decay(group) or lam == 0:
+                continue
+            momentum, dampening, nesterov = read(group)
+            lr = host_float(group["lr"]) or 0.0
+            coefficients[i] = (scalar(lr * lam if nesterov else 0.0), scalar(lr * momentum if nesterov else lr))
+            for p in m.entry.params:
+                if p in held:
+                    continue
+                x = x0[p]
+                stored = state[p].get(DECAY_MOMENTUM)
+                if stored is None or self._fresh.get(p, True) or momentum == 0:
+                    # torch's buffer starts at g + λx; one already running when the tracker starts holds λ times
+                    # an average of past weights, taken as x_k's
+                    start = 1.0 if self._fresh.get(p, True) or momentum == 0 else (1 - dampening) / (1 - momentum)
+                    value = x * (lam * start)
+                    state[p][DECAY_MOMENTUM] = _like_param(value, p)
+                    held[p] = value
+                else:
+                    value = local(stored)
+                    value.mul_(momentum).add_(x, alpha=(1 - dampening) * lam)
+                    held[p] = value
+        return held, coefficients
 
     def view(self, step: Any) -> StepView:
         if step is None:  # a plain step: no target
@@ -343,8 +402,8 @@ class RotationalRewrite(SteeredRewrite):
     def write(
         self, x0: Tensor, x1: Tensor, decay: Tensor, step: Tensor, scale: Tensor, mask: Tensor, extra: list[Tensor]
     ) -> None:
-        inv_lr, mean_x, kx, mean_u, along = extra
-        self.kernels.rotational_write(x0, x1, decay, inv_lr, mean_x, kx, mean_u, along, step, scale, mask)
+        held, a, b, inv_lr, mean_x, kx, mean_u, along = extra
+        self.kernels.rotational_write(x0, x1, decay, held, a, b, inv_lr, mean_x, kx, mean_u, along, step, scale, mask)
 
 
 class HyperballRewrite(SteeredRewrite):

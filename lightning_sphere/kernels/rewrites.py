@@ -157,9 +157,13 @@ class UpdateSums(NamedTuple):
     sx: Tensor
 
 
-def update_sums(x0: Tensor, x1: Tensor, g: Tensor, decay_factor: Tensor) -> Tensor:
-    """The :class:`UpdateSums` per row of the step from ``x0`` (x_k, copied) to ``x1`` (x_{k+1}): ``(C, 9)``."""
-    d = decay_factor * x0 - x1
+def update_sums(
+    x0: Tensor, x1: Tensor, g: Tensor, decay_factor: Tensor, held: Tensor, a: Tensor, b: Tensor
+) -> Tensor:  # fmt: skip
+    """The :class:`UpdateSums` per row of the step from ``x0`` (x_k, copied) to ``x1`` (x_{k+1}): ``(C, 9)``. The
+    update is Δ = (1 − ηλ) x_k − x_{k+1} − (a x_k + b·held): ``a``, ``b`` take a decay coupled into the gradient
+    out of it, ``held`` its momentum (torch's SGD, §9.1); zero otherwise."""
+    d = decay_factor * x0 - x1 - (a * x0 + b * held)
     xx = _dot(x0, x0)
     return _columns(
         UpdateSums, **_invariance(x0, g), x1x1=_dot(x1, x1), undo=xx, xd=_dot(x0, d), dd=_dot(d, d),
@@ -168,14 +172,15 @@ def update_sums(x0: Tensor, x1: Tensor, g: Tensor, decay_factor: Tensor) -> Tens
 
 
 def rotational_write(
-    x0: Tensor, x1: Tensor, decay_factor: Tensor, inv_lr: Tensor, mean_x: Tensor, kx: Tensor, mean_u: Tensor,
-    along: Tensor, step: Tensor, scale: Tensor, mask: Tensor,
+    x0: Tensor, x1: Tensor, decay_factor: Tensor, held: Tensor, a: Tensor, b: Tensor, inv_lr: Tensor, mean_x: Tensor,
+    kx: Tensor, mean_u: Tensor, along: Tensor, step: Tensor, scale: Tensor, mask: Tensor,
 ) -> None:  # fmt: skip
     """Kosson et al.'s rotational step in the rows of ``mask`` (docs/theory.md §9.1), the others keeping torch's:
     x' = (x_k − mean_x)·kx (centered once, at the group's first step), u = ((1 − ηλ) x_k − x_{k+1})/η the base
-    update, u_c = u − mean_u, u_⊥ = u_c − along·x', x_{k+1} ← scale·(x' − step·u_⊥). Columns ``(C, 1)`` per row."""
+    update (less a coupled decay, as in :func:`update_sums`), u_c = u − mean_u, u_⊥ = u_c − along·x',
+    x_{k+1} ← scale·(x' − step·u_⊥). Columns ``(C, 1)`` per row."""
     x = (x0 - mean_x) * kx
-    u = (decay_factor * x0 - x1) * inv_lr - mean_u
+    u = (decay_factor * x0 - x1 - (a * x0 + b * held)) * inv_lr - mean_u
     x1.copy_(torch.where(mask, scale * (x - step * (u - along * x)), x1))
 
 

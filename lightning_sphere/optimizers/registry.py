@@ -84,6 +84,9 @@ class OptimizerRule:
             ``decoupled_weight_decay``); ``None``: the rule as it is.
         update_refusal: why the rotational and hyperball modes (§9) cannot steer this optimizer's steps (its step is
             no single update of the weights the model holds), or ``None``: they can.
+        decay_momentum: ``param_group → (μ, τ, nesterov)`` of the momentum a weight decay coupled into the gradient
+            goes through (torch's SGD: the buffer μ b + (1 − τ)(g + λx)), so that the rotational mode can take the
+            decay out of the update (§9.1); ``None`` where no such decay is known.
     """
 
     name: str
@@ -98,6 +101,7 @@ class OptimizerRule:
     update_length: Callable[[ParamGroup, InvariantGroups, dict[str, Any]], tuple[float, float] | None] | None = None
     specialize: Callable[[torch.optim.Optimizer], OptimizerRule] | None = None
     update_refusal: str | None = None
+    decay_momentum: Callable[[ParamGroup], tuple[float, float, bool]] | None = None
 
     @property
     def adaptive(self) -> bool:

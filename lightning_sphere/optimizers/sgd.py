@@ -42,5 +42,11 @@ def _sgd_correction(group: ParamGroup, mode: str) -> type[Rewrite]:
 
 register_optimizer(
     torch.optim.SGD,
-    OptimizerRule("SGD", equilibrium=_sgd_equilibrium, correction=_sgd_correction, gradient_intact=True),
+    OptimizerRule(
+        "SGD",
+        equilibrium=_sgd_equilibrium,
+        correction=_sgd_correction,
+        gradient_intact=True,
+        decay_momentum=lambda group: (group["momentum"], group["dampening"], group["nesterov"]),
+    ),
 )
