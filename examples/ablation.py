@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sphere import SphereMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples' shared helpers, wherever this runs from
-from example_utils import conv_block
+from example_utils import conv_block, mean_std
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the data are in memory
 
@@ -230,14 +230,6 @@ def draw_equilibrium(logdir: Path, name: str, figure: Path) -> Path:
     return figure
 
 
-def _mean_std(values: list[float], fmt: str) -> str:
-    if any(math.isnan(v) for v in values):
-        return "–"
-    if len(values) == 1:  # one seed: no spread to show
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
-
-
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     """The markdown table: test accuracy (%) and final angular update vs equilibrium, mean ± std over seeds."""
     lines = [
@@ -245,10 +237,10 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, runs in results.items():
-        acc = _mean_std([100 * r["test_acc"] for r in runs], ".2f")
-        theta = _mean_std([r["angular_update"] for r in runs], ".2e")
+        acc = mean_std([100 * r["test_acc"] for r in runs], ".2f")
+        theta = mean_std([r["angular_update"] for r in runs], ".2e")
         eq = [r["equilibrium"] for r in runs]
-        ratio = _mean_std([r["angular_update"] / r["equilibrium"] for r in runs], ".2g")
+        ratio = mean_std([r["angular_update"] / r["equilibrium"] for r in runs], ".2g")
         eq_cell = "–" if any(math.isnan(v) for v in eq) else f"{statistics.mean(eq):.2e}"
         lines.append(f"| {CONFIGS[name].label} | {acc} | {theta} | {eq_cell} | {ratio} |")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """What the examples share: the BatchNorm conv block, a fresh log folder per invocation, the commands that show
-it, reading a logged series back and quieting Lightning's informational lines. Plain PyTorch only (TensorBoard's
-reader imported where it is used), so that ``plain_torch.py`` stays free of Lightning."""
+it, reading a logged series back, a mean ± std over seeds and quieting Lightning's informational lines. Plain
+PyTorch only (TensorBoard's reader imported where it is used), so that ``plain_torch.py`` stays free of
+Lightning."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from collections import OrderedDict
@@ -72,6 +74,16 @@ def final_angular_update(run_dir: Path, steps: int, share: float) -> float:
     series = logged_series(run_dir, "sphere/angular_update/all")
     tail = [value for step, value in series if step >= (1 - share) * steps]
     return math.sqrt(sum(value * value for value in tail) / len(tail)) if tail else math.nan
+
+
+def mean_std(values: list[float], fmt: str) -> str:
+    """``mean ± std`` (the sample standard deviation) of ``values`` in ``fmt`` (the std without a sign ``fmt``
+    may ask for); the value alone for one seed, "–" if any is NaN."""
+    if any(math.isnan(v) for v in values):
+        return "–"
+    if len(values) == 1:  # one seed: no spread to show
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.replace('+', ''))}"
 
 
 @contextlib.contextmanager

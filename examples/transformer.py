@@ -133,13 +133,14 @@ class Windows(Dataset):
         return window[:-1], window[1:]
 
 
-def loaders(config: Config, steps: int, seed: int) -> tuple[DataLoader, DataLoader]:
+def loaders(config: Config, steps: int, seed: int, split: int | None = None) -> tuple[DataLoader, DataLoader]:
     """Byte tokens of :func:`stdlib_bytes`: a training loader of ``steps`` batches of windows drawn at random
     positions of the first 90% (one epoch, fixed by ``seed``: every run sees the same batches in the same
-    order), and a validation loader of every non-overlapping window of the last 10%."""
+    order), and a validation loader of every non-overlapping window of the last 10%. ``split``: the bytes that
+    train instead of the first 90% (``transformer_lm.py`` ends them on a file boundary), the rest held out."""
     text, _ = stdlib_bytes(config.data_bytes)
     tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
-    split = round(len(tokens) * (1 - VALIDATION_SHARE))
+    split = round(len(tokens) * (1 - VALIDATION_SHARE)) if split is None else split
     train, val = tokens[:split], tokens[split:]
     width = config.context + 1
     generator = torch.Generator().manual_seed(seed)
@@ -237,14 +238,24 @@ def adamw_groups(params: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]
     ]
 
 
+def muon_class() -> type[torch.optim.Optimizer]:
+    """``torch.optim.Muon``.
+
+    Raises:
+        SystemExit: this torch has none (it came with torch 2.9).
+    """
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        raise SystemExit(f"the muon run needs torch.optim.Muon (torch 2.9 or later); this is torch {torch.__version__}")
+    return muon
+
+
 def make_optimizers(run: str, model: TinyTransformer) -> list[torch.optim.Optimizer]:
     """``adamw``: one AdamW; ``muon``: Muon on :func:`hidden_matrices`, AdamW on every other parameter."""
     adamw = {key: value for key, value in ADAMW.items() if key != "weight_decay"}
     if run == "adamw":
         return [torch.optim.AdamW(adamw_groups(list(model.named_parameters())), **adamw)]
-    muon = getattr(torch.optim, "Muon", None)
-    if muon is None:
-        raise SystemExit(f"the muon run needs torch.optim.Muon (torch 2.9 or later); this is torch {torch.__version__}")
+    muon = muon_class()
     hidden = {id(p) for p in hidden_matrices(model)}
     rest = [(name, p) for name, p in model.named_parameters() if id(p) not in hidden]
     return [muon(hidden_matrices(model), **MUON), torch.optim.AdamW(adamw_groups(rest), **adamw)]
@@ -261,11 +272,14 @@ def describe(run: str) -> str:
 
 class ByteLM(TinyTransformer, pl.LightningModule):
     """:class:`TinyTransformer` as a LightningModule (its layers at the top, so that the charts are named
-    ``blocks.0.attn.q``, …), trained with one or two optimizers stepped by hand (manual optimization)."""
+    ``blocks.0.attn.q``, …), trained with one or two optimizers stepped by hand (manual optimization). A
+    subclass with other runs names them in :attr:`runs` and makes their optimizers in ``configure_optimizers``."""
+
+    runs: tuple[str, ...] = RUNS
 
     def __init__(self, run: str, config: Config, steps: int) -> None:
-        if run not in RUNS:
-            raise ValueError(f"run must be one of {RUNS}, got {run!r}")
+        if run not in self.runs:
+            raise ValueError(f"run must be one of {self.runs}, got {run!r}")
         super().__init__(config)
         self.save_hyperparameters({"run": run, "steps": steps, **asdict(config)})
         self.automatic_optimization = False
@@ -301,22 +315,38 @@ class ByteLM(TinyTransformer, pl.LightningModule):
 # --------------------------------------------------------------------------------------------------- the runs
 
 
-def train(run: str, steps: int, config: Config, seed: int, logdir: Path) -> tuple[dict[str, Any], str]:
-    """Train one run with SphereMonitor attached, logging to ``<logdir>/<run>``.
+def train(
+    run: str,
+    steps: int,
+    config: Config,
+    seed: int,
+    logdir: Path,
+    *,
+    module_class: type[ByteLM] = ByteLM,
+    spherical_correction: bool | str = False,
+    version: str | None = None,
+    split: int | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Train one run with SphereMonitor attached, logging to ``<logdir>/<version>`` (default ``<logdir>/<run>``).
+
+    ``module_class`` (a :class:`ByteLM` whose :attr:`~ByteLM.runs` hold ``run``), the monitor's
+    ``spherical_correction`` and the training bytes ``split`` (see :func:`loaders`) are for
+    ``transformer_lm.py``; this example keeps the defaults.
 
     Returns:
         The run's result (see :func:`main`) and the monitor's summary table.
     """
+    version = run if version is None else version
     pl.seed_everything(seed, verbose=False)  # the same initial weights for every run
-    train_loader, val_loader = loaders(config, steps, seed)
-    monitor = SphereMonitor(log_every_n_steps=LOG_EVERY)
+    train_loader, val_loader = loaders(config, steps, seed, split)
+    monitor = SphereMonitor(log_every_n_steps=LOG_EVERY, spherical_correction=spherical_correction)
     trainer = pl.Trainer(
         # one epoch is the run, `steps` batches: under manual optimization Lightning counts global_step (and
         # max_steps) per optimizer step, twice per batch in the muon run
         max_epochs=1,
         accelerator="cpu",
         devices=1,
-        logger=TensorBoardLogger(save_dir=logdir, name="", version=run, default_hp_metric=False),
+        logger=TensorBoardLogger(save_dir=logdir, name="", version=version, default_hp_metric=False),
         callbacks=[monitor, LearningRateMonitor(log_momentum=True, log_weight_decay=True)],
         log_every_n_steps=LOG_EVERY,
         num_sanity_val_steps=0,
@@ -324,7 +354,7 @@ def train(run: str, steps: int, config: Config, seed: int, logdir: Path) -> tupl
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    module = ByteLM(run, config, steps)
+    module = module_class(run, config, steps)
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)  # validation once, at the end of the one epoch
     seconds = time.perf_counter() - start
@@ -332,7 +362,7 @@ def train(run: str, steps: int, config: Config, seed: int, logdir: Path) -> tupl
         "val/loss": trainer.callback_metrics["val/loss"].item(),
         "train/loss": trainer.callback_metrics["train/loss"].item(),
         **monitor.metrics,
-        "final_angular_update": final_angular_update(logdir / run, steps, FINAL_SHARE),
+        "final_angular_update": final_angular_update(logdir / version, steps, FINAL_SHARE),
         "steps": trainer.fit_loop.epoch_loop._batches_that_stepped,  # the step loggers see (not global_step)
         "seconds": seconds,
         "tracked": {g.module_name: (g.num_groups, g.group_size, g.norm_name) for g in monitor.groups},

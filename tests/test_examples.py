@@ -196,3 +196,107 @@ def test_transformer_default_run(tmp_path):
     assert 1.0 < adamw["final_angular_update"] / equilibrium < 1.4
     # Muon's norm settles within the run (250 steps) and its angle stays 1.21× its §8.2 value (README)
     assert 1.0 < muon["final_angular_update"] / muon["sphere/angular_update_equilibrium/all"] < 1.5
+
+
+def test_transformer_lm_holds_out_whole_files():
+    """transformer_lm.py trains on the modules up to the one ending nearest 90% of the text and validates on the
+    ones after it: the split is a file boundary, and no training window reaches past it."""
+    lm = load("transformer_lm")
+    config = lm.QUICK
+    split, last_trained = lm.file_split(config)
+    text, files = lm.transformer.stdlib_bytes(config.data_bytes)
+    ends = [sum(path.stat().st_size for path in files[: i + 1]) for i in range(len(files))]
+    assert split == ends[files.index(last_trained)] and split < len(text)
+    assert abs(split - 0.9 * len(text)) == min(abs(end - 0.9 * len(text)) for end in ends if end < len(text))
+    assert text[:split].endswith(last_trained.read_bytes())
+    first_held_out = files[files.index(last_trained) + 1]
+    train, val = lm.transformer.loaders(config, steps=50, seed=0, split=split)
+    val_x, _ = next(iter(val))
+    assert bytes(val_x[0].tolist()) == first_held_out.read_bytes()[: config.context]
+    assert int(train.dataset.starts.max()) + config.context + 1 <= split
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore:.*some optimizers do not have momentum:RuntimeWarning")  # Muon's, and AdamW's betas
+def test_transformer_lm_quick(tmp_path, capsys):
+    """``--quick``: the six runs on a tiny model, one seed. The targets the table prints are the §7/§8 equilibria
+    (plain and rotational) and atan(lr) (hyperball), recomputed here from the hyper-parameters; the measured
+    angular update is the RMS of the logged values over the last quarter, read back from the event files."""
+    lm = load("transformer_lm")
+    results = lm.main(["--quick", "--logdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert list(results) == ["adamw", "adamw-rotational", "adamh", "muon", "muonh", "muon-rotational"]
+
+    adamw = math.sqrt(2 * 3e-3 * 0.1 * (1 - 0.9) / (1 + 0.9))  # §7.1
+    mu = 0.95
+    muon = math.sqrt(2 * 0.02 * 0.1 * (1 - mu) ** 2 * ((1 + mu) ** 2 + mu**4 / (1 - mu**2)))  # §8.2, Nesterov
+    assert math.isclose(lm.ADAMH_LR, adamw, rel_tol=1e-12) and math.isclose(lm.MUONH_LR, muon, rel_tol=1e-12)
+    targets = {
+        "adamw": adamw,
+        "adamw-rotational": adamw,
+        "adamh": math.atan(adamw),
+        "muon": muon,
+        "muonh": math.atan(muon),
+        "muon-rotational": muon,
+    }
+    heads = lm.QUICK.n_heads
+    table = (tmp_path / "transformer_lm.md").read_text()
+    for run, (result,) in results.items():
+        run_dir = tmp_path / "seed0" / run
+        assert result["steps"] == 24 and result["seed"] == 0
+        assert math.isfinite(result["val/loss"]) and result["val/loss"] < math.log(256)
+        assert set(result["tracked"]) == {f"blocks.{i}.attn.{p}" for i in range(2) for p in "qk"}
+        assert {groups for groups, _, _ in result["tracked"].values()} == {heads}  # a group per head
+        assert result["sphere/angular_update_equilibrium/all"] == pytest.approx(targets[run], rel=1e-5)
+        series = scalars(run_dir, "sphere/angular_update/all")
+        tail = [value for step, value in series if step >= 0.75 * 24]
+        assert [step for step, _ in series] == [9, 19, 23] and len(tail) == 2
+        measured = math.sqrt(sum(v * v for v in tail) / len(tail))
+        assert result["final_angular_update"] == pytest.approx(measured, rel=1e-6)
+        # the table's row: val loss, measured, target, ratio, as printed and written
+        plain = results["adamw" if run.startswith("adam") else "muon"][0]  # the same base, uncorrected
+        paired = "–" if plain is result else f"{result['val/loss'] - plain['val/loss']:+.3f}"
+        row = (
+            f"| {run} | {result['val/loss']:.3f} | {paired} | {measured:.5f} | {targets[run]:.5f} | "
+            f"{measured / targets[run]:.3f} | {result['seconds']:.1f} |"
+        )
+        assert row in table.splitlines() and row in out
+        if run not in ("adamw", "muon"):  # the modes keep every group at its norm, the one it had at the start
+            norms = [value for _, value in scalars(run_dir, "sphere/norm/all")]
+            assert norms == pytest.approx([norms[0]] * len(norms), rel=1e-5)
+        if run in ("adamh", "muonh", "muon-rotational"):  # held at their target from the first step
+            assert measured == pytest.approx(targets[run], rel=0.02)
+        # (adamw-rotational starts low: its running mean of ‖u⊥‖² lags Adam's shrinking update; the slow test)
+    # the hyperball runs' q and k: lr = the matched angle, no decay (LearningRateMonitor's logs)
+    for run, lr in (("adamh", adamw), ("muonh", muon)):
+        optimizer = "AdamW" if run == "adamh" else "Muon"
+        logged = scalars(tmp_path / "seed0" / run, f"lr-{optimizer}/pg1")
+        assert logged[0][1] == pytest.approx(lr, rel=1e-6)
+        assert scalars(tmp_path / "seed0" / run, f"lr-{optimizer}/pg1-weight_decay")[0][1] == 0
+    assert out.count("radially invariant groups") == 1 and f"plot {tmp_path / 'seed0'}" in out
+    assert "GPU available" not in out and "Seed set" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore:.*some optimizers do not have momentum:RuntimeWarning")
+def test_transformer_lm_default_run(tmp_path):
+    """The README's numbers (two seeds of 400 steps, about 4 minutes): every run learns the text; the rotational
+    and hyperball runs turn the heads at their target from the start (their norms fixed), while the plain runs,
+    whose norms are still settling, turn them 1.2–1.6 times faster than their equilibrium; the two modes end
+    within 0.01 nats of each other on each seed, and within 0.1 of their plain run."""
+    results = load("transformer_lm").main(["--logdir", str(tmp_path)])
+    for run, seeds in results.items():
+        for result in seeds:
+            assert result["steps"] == 400 and result["val/loss"] < 2.3
+            ratio = result["final_angular_update"] / result["sphere/angular_update_equilibrium/all"]
+            if run in ("adamw", "muon"):
+                assert 1.2 < ratio < 1.6
+            else:
+                assert ratio == pytest.approx(1, abs=0.03)
+                plain = results["adamw" if run.startswith("adam") else "muon"][result["seed"]]
+                assert abs(result["val/loss"] - plain["val/loss"]) < 0.1
+    for rotational, hyperball in (("adamw-rotational", "adamh"), ("muon-rotational", "muonh")):
+        for a, b in zip(results[rotational], results[hyperball], strict=True):
+            assert abs(a["val/loss"] - b["val/loss"]) < 0.01
+    assert "| adamh |" in (tmp_path / "transformer_lm.md").read_text()
