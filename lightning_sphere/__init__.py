@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning_sphere.core.groups import InvariantGroups, ParamSlice
 from lightning_sphere.core.tolerance import COSINE_TOLERANCE, NUMERIC_TOLERANCE
-from lightning_sphere.correction.steering import Hyperball, Rotational
+from lightning_sphere.correction.steering_options import Hyperball, Rotational
 from lightning_sphere.detection.api import FoundGroups, find_invariant_groups
 from lightning_sphere.measurement.metrics import METRICS, Metric
 from lightning_sphere.optimizers.registry import Moments, OptimizerRule, register_optimizer

@@ -8,14 +8,8 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.correction.base import Rewrite
-from lightning_sphere.correction.steering import (
-    Hyperball,
-    HyperballRewrite,
-    Rotational,
-    RotationalRewrite,
-    Steering,
-    rotational_target,
-)
+from lightning_sphere.correction.steering import HyperballRewrite, RotationalRewrite
+from lightning_sphere.correction.steering_options import Hyperball, Rotational, Steering, rotational_target
 from lightning_sphere.optimizers.registry import MEASURED, MODES, OptimizerRule, ParamGroup, class_path, rule_of
 
 #: A correction mode: one of §4–§6's by name, or one of §9's with its arguments.

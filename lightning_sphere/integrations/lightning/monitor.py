@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_sphere.core.groups import InvariantGroups
-from lightning_sphere.correction.steering import Hyperball, Rotational
+from lightning_sphere.correction.steering_options import Hyperball, Rotational
 from lightning_sphere.integrations.lightning.announcements import Announcements
 from lightning_sphere.integrations.lightning.arguments import (
     _check_arguments,
