@@ -266,6 +266,20 @@ def test_settling_time_per_optimizer_from_the_first_positive_lr():
     assert figure.axes[0].texts[0].get_text().startswith("λ not logged (LearningRateMonitor(log_weight_decay=True))")
 
 
+def test_a_run_whose_norm_is_held_gets_no_settling_time():
+    """The rotational and hyperball modes (§9) hold the norm: the dashed line is the angle they impose, nothing
+    settles, though LearningRateMonitor logged η and λ (AdamW's param groups)."""
+    run = synthetic_run("lr-AdamW", [1e-3] * 50, 0.1)
+    steps = run.scalars["lr-AdamW"].steps
+    run.scalars["sphere/norm/all"] = plotting.Series(steps, np.full(steps.size, 2.3))
+    figure = plotting.metric_figure({"run": run}, "angular_update")
+    ax = figure.axes[0]
+    assert not [line for line in ax.get_lines() if line.get_gid() == "run|settling"]
+    assert [t.get_text() for t in ax.texts] == ["norm held (rotational or hyperball, §9): nothing settles: run"]
+    run.scalars["sphere/norm/all"] = plotting.Series(steps, np.linspace(2.3, 2.4, steps.size))  # a plain run's
+    assert not plotting.norm_held(run)
+
+
 def test_a_single_logged_point_is_drawn_with_a_marker():
     series = {"sphere/norm/all": plotting.Series(np.array([3]), np.array([1.5]))}
     figure = plotting.metric_figure({"run": plotting.Run("run", Path("."), series, {})}, "norm")

@@ -218,6 +218,8 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
     series = run.scalars[tag]
     ax.plot(series.steps, series.values, color=colour, linestyle="--", gid=f"{run.name}|{tag}")
     _style(styles, "--", "equilibrium (§7, §8)")
+    if norm_held(run):  # rotational or hyperball: the line is the angle the mode imposes, and nothing settles
+        return ["norm held (rotational or hyperball, §9): nothing settles"]
     notes = []
     last = max(s.steps[-1] for s in run.scalars.values() if s.steps.size)
     times = settling_times(run)
@@ -237,6 +239,16 @@ def _draw_equilibrium(ax: Any, run: Run, layer: str, colour: Any, styles: list[t
     if not times:
         notes.append(_no_settling_time(run))
     return notes
+
+
+def norm_held(run: Run) -> bool:
+    """Whether the run's tracked groups kept their norm (``sphere/norm/all`` constant to 1e-5 over two or more logged
+    steps): the rotational and hyperball modes hold it (§9), where any plain optimizer's norms grow or decay."""
+    series = run.scalars.get("sphere/norm/all")
+    if series is None or series.values.size < 2:
+        return False
+    values = series.values
+    return bool(np.ptp(values) <= 1e-5 * np.abs(values).max())
 
 
 def _no_settling_time(run: Run) -> str:
