@@ -102,6 +102,7 @@ class SteeredRewrite(Rewrite):
         squares, totals = sums.unbind(1)
         centering = (totals.square() / size / squares.clamp(min=1e-300)).clamp(max=1).sqrt().asin()
         center = isinstance(self.options, Rotational) and self.options.center
+        turned: dict[str, float] = {}
         for m, groups in zip(self.modules, self.index.groups, strict=True):
             count = int((squares[groups] == 0).sum())
             if count:
@@ -112,12 +113,16 @@ class SteeredRewrite(Rewrite):
                 )
             angle = float(centering[groups][squares[groups] > 0].max()) if count < m.entry.num_groups else 0.0
             if center and angle > CENTERING_NOTE:
-                self.safeguards.warn(
-                    f"lightning_sphere: centering (Rotational(center=True), Kosson et al.'s default) turns the groups "
-                    f"of {m.entry.module_name} by up to {angle:.2g} rad at their first step (their mean taken out, "
-                    "their norm kept), which changes the layer's output unless its input is centered; "
-                    "Rotational(center=False) keeps the weights as they are"
-                )
+                turned[m.entry.module_name] = angle
+        if turned:
+            most = max(turned, key=turned.__getitem__)
+            self.safeguards.warn(
+                f"lightning_sphere: centering (Rotational(center=True), Kosson et al.'s default) turns the groups of "
+                f"{len(turned)} of {len(self.modules)} modules by more than {CENTERING_NOTE} rad at their first "
+                f"step, up to {turned[most]:.2g} rad ({most}): their mean is taken out and their norm kept, which "
+                "changes a layer's output unless its input is centered; Rotational(center=False) keeps the weights "
+                "as they are"
+            )
 
     def _init_state(self) -> None:
         """The state of a group never corrected: radius 0 (unknown)."""
