@@ -48,7 +48,7 @@ def end_to_end(settings: Settings) -> list[Row]:
         model, x, y = _model(settings, settings.correction_batch_size)
         opt = make(model.parameters())
         if correction:
-            SphereTracker(find_invariant_groups(model, x), [opt], correction=correction)
+            SphereTracker(find_invariant_groups(model, x), [opt], correction=correction, warn=lambda message: None)
 
         def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt, x=x, y=y) -> None:
             F.cross_entropy(model(x), y).backward()
@@ -69,9 +69,10 @@ def end_to_end(settings: Settings) -> list[Row]:
 
 
 def optimizer_step(settings: Settings) -> list[Row]:
-    """The optimizer step alone (fixed gradients): AdamSRT (torch Adam + correction) / AdamP, and / Adam."""
+    """The optimizer step alone (fixed gradients): AdamSRT (torch Adam + correction) / AdamP, and / Adam; the
+    rotational and hyperball modes over AdamW / plain AdamW (their copy of x_k and two passes, nothing else)."""
     steps: dict[str, Callable[[], object]] = {}
-    for name in ("adam", "adamsrt", "adamp"):
+    for name in ("adam", "adamsrt", "adamp", "adamw", "rotational", "hyperball"):
         model, x, y = _model(settings, 8)
         groups = find_invariant_groups(model, x)
         F.cross_entropy(model(x), y).backward()
@@ -80,26 +81,23 @@ def optimizer_step(settings: Settings) -> list[Row]:
 
             opt = AdamP(model.parameters(), lr=1e-3, weight_decay=5e-4)
         else:
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
-            if name == "adamsrt":
-                SphereTracker(groups, [opt], correction="srt")
+            opt = _RUNS[name][0](model.parameters())
+            if _RUNS[name][1]:
+                SphereTracker(groups, [opt], correction=_RUNS[name][1], warn=lambda message: None)
         for _ in range(max(settings.warmup, 2)):
             opt.step()
         steps[name] = opt.step
     times = interleaved(steps, settings.repeats, settings.steps, settings.torch_device)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     print("correction: optimizer step done", file=sys.stderr, flush=True)
+
+    def row(label: str, a: str, b: str, target: str = "") -> Row:
+        ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+        return Row(label, ratios, target, f"{ms[a]:.1f} ms / {ms[b]:.1f} ms")
+
     return [
-        Row(
-            "optimizer step: Adam + AdamSRT correction / AdamP",
-            [a / b for a, b in zip(times["adamsrt"], times["adamp"], strict=True)],
-            "< 1",
-            f"{ms['adamsrt']:.1f} ms / {ms['adamp']:.1f} ms",
-        ),
-        Row(
-            "optimizer step: Adam + AdamSRT correction / plain Adam",
-            [a / b for a, b in zip(times["adamsrt"], times["adam"], strict=True)],
-            "",
-            f"{ms['adamsrt']:.1f} ms / {ms['adam']:.1f} ms",
-        ),
+        row("optimizer step: Adam + AdamSRT correction / AdamP", "adamsrt", "adamp", "< 1"),
+        row("optimizer step: Adam + AdamSRT correction / plain Adam", "adamsrt", "adam"),
+        row("optimizer step: AdamW + rotational / plain AdamW", "rotational", "adamw"),
+        row("optimizer step: AdamW + hyperball / plain AdamW", "hyperball", "adamw"),
     ]
