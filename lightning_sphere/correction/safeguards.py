@@ -23,7 +23,7 @@ and costs no sync; what only the device knows (zero rows, non-finite sums, radia
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -137,10 +137,11 @@ class Guard:
                 out[m.entry.module_name] = "plain steps whenever torch steps it only in part"
         return out
 
-    def plan(self) -> Plan:
+    def plan(self, grads: Mapping[Tensor, Tensor | None] | None = None) -> Plan:
         """Which modules torch stepped and which the rewrite may touch, from Python attributes only: read
-        after the step, since the step's own closure (Lightning's) computes the gradients."""
-        active = tuple(s.param.grad is not None for s, _ in self.slices)
+        after the step, since the step's own closure (Lightning's) computes the gradients. ``grads``: the gradients
+        as the step found them, for an optimizer that may drop them in its step (heavyball's); else ``p.grad``."""
+        active = tuple((s.param.grad if grads is None else grads.get(s.param)) is not None for s, _ in self.slices)
         allowed, stepped = [], []
         for i, slices in enumerate(self.module_slices):
             flags = [active[j] for j in slices]

@@ -88,6 +88,7 @@ class SteeredRewrite(Rewrite):
         self._before: dict[int, dict[str, Any]] = {}
         self._cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self._pending: Tensor | None = None
+        self._grads: dict[Tensor, Tensor | None] | None = None
         self._announce_zero_groups()
 
     def _announce_zero_groups(self) -> None:
@@ -149,6 +150,11 @@ class SteeredRewrite(Rewrite):
             state = self.optimizer.state
             self._fresh = {s.param: state[s.param].get("momentum_buffer") is None for s, _ in self.slices}
 
+    def restore_gradients(self) -> None:
+        """The gradients are the ones the update will consume: hold them, since an optimizer may drop them in its
+        step (heavyball sets ``p.grad`` to ``None``), which would read as a module it did not step."""
+        self._grads = {s.param: s.param.grad for s, _ in self.slices}
+
     # ---------------------------------------------------------------- the step
 
     def rewrite(self, measured: bool) -> SteeredStep | None:
@@ -156,13 +162,14 @@ class SteeredRewrite(Rewrite):
         if x0 is None:  # the step began before this rewrite existed: it stays the plain optimizer's
             return None
         self._restore_state()
-        plan = self.plan()
+        grads, self._grads = self._grads or {s.param: s.param.grad for s, _ in self.slices}, None
+        plan = self.guard.plan(grads)
         groups = [self.rule_group(m.param_groups[0]) for m in self.modules]
         decay = [scalar(self.rule.decay_factor(g)) for g in groups]
         held, coefficients = self._coupled_decay(plan, groups, x0)
 
         def per_slice(s: ParamSlice, group: ParamGroup) -> Tensor:
-            grad = s.param.grad
+            grad = grads[s.param]
             assert grad is not None  # an allowed module's slices all have one (Guard.plan)
             dtype = math_dtype(s.param)
             x, x1, g = (s.rows(t).to(dtype) for t in (x0[s.param], s.param.detach(), grad))
