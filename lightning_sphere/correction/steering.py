@@ -26,24 +26,13 @@ from torch import Tensor
 
 from lightning_sphere.core.groups import ParamSlice
 from lightning_sphere.core.rows import math_dtype
-from lightning_sphere.core.sharding import DTensor, is_dtensor, local
+from lightning_sphere.core.sharding import local
 from lightning_sphere.correction.base import ParamGroup, Rewrite, StepView, _finite
+from lightning_sphere.correction.decay_momentum import CoupledDecay
 from lightning_sphere.correction.safeguards import Plan
 from lightning_sphere.correction.steering_options import Hyperball, Rotational, Steering, rotational_target
 from lightning_sphere.kernels.compiled import host_float, scalar
 from lightning_sphere.kernels.rewrites import UpdateSums
-
-#: The optimizer-state key of the momentum of a weight decay coupled into torch's SGD (§9.1).
-DECAY_MOMENTUM = "sphere_decay_momentum"
-
-
-def _like_param(value: Tensor, param: Tensor) -> Tensor:
-    """``value`` (this rank's part) as the optimizer state of ``param``: a DTensor laid out as it is, if it is one."""
-    if is_dtensor(param):
-        return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                  stride=param.stride())  # fmt: skip
-    return value
-
 
 #: The angle (radians) from which centering a group is announced.
 CENTERING_NOTE = 0.01
@@ -89,6 +78,7 @@ class SteeredRewrite(Rewrite):
         self._cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self._pending: Tensor | None = None
         self._grads: dict[Tensor, Tensor | None] | None = None
+        self._decay = CoupledDecay(self.rule, self.optimizer, self.modules)
         self._announce_zero_groups()
 
     def _announce_zero_groups(self) -> None:
@@ -146,9 +136,7 @@ class SteeredRewrite(Rewrite):
             torch._foreach_copy_(self._buffers, params)
         self._x0 = {s.param: b for (s, _), b in zip(self.slices, self._buffers, strict=True)}
         self._before = {id(g): {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups}
-        if self.rule.decay_momentum is not None:  # whether torch's buffer starts on this step (b = g + λx)
-            state = self.optimizer.state
-            self._fresh = {s.param: state[s.param].get("momentum_buffer") is None for s, _ in self.slices}
+        self._decay.before_step()
 
     def restore_gradients(self) -> None:
         """The gradients are the ones the update will consume: hold them, since an optimizer may drop them in its
@@ -166,7 +154,7 @@ class SteeredRewrite(Rewrite):
         plan = self.guard.plan(grads)
         groups = [self.rule_group(m.param_groups[0]) for m in self.modules]
         decay = [scalar(self.rule.decay_factor(g)) for g in groups]
-        held, coefficients = self._coupled_decay(plan, groups, x0)
+        held, coefficients = self._decay(plan, groups, x0)
 
         def per_slice(s: ParamSlice, group: ParamGroup) -> Tensor:
             grad = grads[s.param]
@@ -197,46 +185,6 @@ class SteeredRewrite(Rewrite):
         self.state.copy_(torch.where(mask[:, None], self._pending.to(self.state.dtype), self.state))
         self._store_state(plan)
         return SteeredStep(target)
-
-    def _coupled_decay(
-        self, plan: Plan, groups: list[ParamGroup], x0: dict[Tensor, Tensor]
-    ) -> tuple[dict[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
-        """A weight decay coupled into torch's SGD, taken out of the update as Kosson et al.'s wrapper keeps it
-        apart (§9.1): its momentum l ← μ l + (1 − τ) λ x_k (l = λ x_k where torch's buffer starts) is kept per
-        parameter in the optimizer's state (``"sphere_decay_momentum"``), and the update less the decay is
-        Δ − (a x_k + b l), a = ηλ with Nesterov (else 0), b = ημ with Nesterov (else η). Returns the held l by
-        parameter and (a, b) per module ((0, 0) where nothing is coupled)."""
-        zero = (scalar(0.0), scalar(0.0))
-        coefficients: list[tuple[Tensor, Tensor]] = [zero] * len(self.modules)
-        held: dict[Tensor, Tensor] = {}
-        read = self.rule.decay_momentum
-        if read is None:
-            return held, coefficients
-        state = self.optimizer.state
-        for i, (m, group) in enumerate(zip(self.modules, groups, strict=True)):
-            lam = host_float(self.rule.weight_decay(group)) or 0.0
-            if not plan.allowed[i] or self.rule.decoupled_decay(group) or lam == 0:
-                continue
-            momentum, dampening, nesterov = read(group)
-            lr = host_float(group["lr"]) or 0.0
-            coefficients[i] = (scalar(lr * lam if nesterov else 0.0), scalar(lr * momentum if nesterov else lr))
-            for p in m.entry.params:
-                if p in held:
-                    continue
-                x = x0[p]
-                stored = state[p].get(DECAY_MOMENTUM)
-                if stored is None or self._fresh.get(p, True) or momentum == 0:
-                    # torch's buffer starts at g + λx; one already running when the tracker starts holds λ times
-                    # an average of past weights, taken as x_k's
-                    start = 1.0 if self._fresh.get(p, True) or momentum == 0 else (1 - dampening) / (1 - momentum)
-                    value = x * (lam * start)
-                    state[p][DECAY_MOMENTUM] = _like_param(value, p)
-                    held[p] = value
-                else:
-                    value = local(stored)
-                    value.mul_(momentum).add_(x, alpha=(1 - dampening) * lam)
-                    held[p] = value
-        return held, coefficients
 
     def view(self, step: Any) -> StepView:
         if step is None:  # a plain step: no target
