@@ -166,6 +166,7 @@ _WRAPPERS = {
     ("lightning.pytorch.core.optimizer", "LightningOptimizer"): "_optimizer",
     ("lightning.fabric.wrappers", "_FabricOptimizer"): "optimizer",
     ("lightning_fabric.wrappers", "_FabricOptimizer"): "optimizer",
+    ("accelerate.optimizer", "AcceleratedOptimizer"): "optimizer",  # Hugging Face's Trainer
 }
 
 

@@ -1,0 +1,184 @@
+"""Hugging Face ``transformers.Trainer``: :class:`SphereCallback`, the monitor as a ``TrainerCallback``.
+
+Detection reads the graph of the first training step's forward pass (a forward hook on the model hands the
+loss's graph to the :class:`~lightning_sphere.detection.finder.GroupFinder` before the backward pass frees it),
+and verifies candidates on that step's gradients in ``on_pre_optimizer_step``, with the weights still x_k; the
+:class:`~lightning_sphere.SphereTracker` is built there, so the step's own hooks measure (and, with
+``spherical_correction``, correct) it. A step is measured when the Trainer will log it (``logging_steps``,
+``logging_first_step``), collected in ``on_optimizer_step`` (one device→host transfer) and handed to every logger
+the Trainer reports to in ``on_log``, under the same ``sphere/<metric>/<layer>`` keys as in Lightning, next to the
+Trainer's loss and learning rate: the callback puts itself first among the Trainer's callbacks, so that the
+reporting integrations (TensorBoard, W&B, …) see the keys it adds. Needs ``transformers`` ≥ 4.51 (the extra
+``hf``), whose Trainer calls ``on_pre_optimizer_step`` and ``on_optimizer_step``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from lightning_sphere.detection.finder import MAX_TRIES, GroupFinder
+from lightning_sphere.integrations.lightning.arguments import _correction, _selection
+from lightning_sphere.optimizers.modes import cannot_invert, unsupported
+from lightning_sphere.optimizers.registry import unwrap_optimizer
+from lightning_sphere.reporting.sinks import PER_LAYER
+from lightning_sphere.reporting.summary import summarize
+from lightning_sphere.tracking.tracker import SphereTracker
+
+__all__ = ["SphereCallback"]
+
+
+class SphereCallback(TrainerCallback):
+    """Measure (and optionally correct) the steps of a ``transformers.Trainer`` on the sphere.
+
+    Args:
+        groups: ``"auto"`` (layers whose output only feeds a normalization, read off the first step's graph),
+            ``"numeric"`` or a mapping, as for :class:`~lightning_sphere.lightning.SphereMonitor`.
+        metrics: the metrics to log (``None``: all); ``per_layer``: those also logged per module.
+        spherical_correction: as for ``SphereMonitor`` (docs/theory.md §4–§6, §9).
+        tolerance: δ of the gradient test (``None``: the detection's defaults).
+        compile: run the kernels compiled (``None``: by size and device).
+
+    Raises:
+        ValueError: for an argument out of range, and, at the first step, for an optimizer or param group the
+            correction cannot honour.
+    """
+
+    def __init__(
+        self,
+        groups: Any = "auto",
+        metrics: Sequence[str] | None = None,
+        per_layer: bool | Sequence[str] = PER_LAYER,
+        spherical_correction: Any = False,
+        tolerance: float | None = None,
+        compile: bool | None = None,
+    ) -> None:
+        self.groups_spec, self.tolerance, self.compile = groups, tolerance, compile
+        self.selection = _selection(ValueError, metrics, per_layer)
+        self.correction = _correction(ValueError, spherical_correction)
+        self.finder: GroupFinder | None = None
+        self.tracker: SphereTracker | None = None
+        #: the last logged values (``sphere/…`` → float)
+        self.metrics: dict[str, float] = {}
+        self._pending: dict[str, float] | None = None
+        self._hook: Any = None
+        self._model: nn.Module | None = None
+        self.summary = ""
+
+    # ------------------------------------------------------------------ set-up
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Put this callback first among the Trainer's, so that the reporting integrations' ``on_log`` sees the
+        keys it adds (the Trainer appends user callbacks after its own)."""
+        handler = _calling_handler(self)
+        if handler is not None:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        if model is None:
+            raise ValueError("SphereCallback needs the Trainer's model")
+        optimizer = kwargs.get("optimizer")
+        if self.correction is not None and optimizer is not None:
+            inner = unwrap_optimizer(optimizer)
+            reason = unsupported(inner, self.correction) or cannot_invert(inner, self.correction)
+            if reason:
+                raise ValueError(f"SphereCallback(spherical_correction=...): {reason}")
+        self._model = model
+        self.finder = GroupFinder(model, self.groups_spec, self.tolerance, _compute_dtype(args), MAX_TRIES)
+        self.finder.start()
+        self._hook = model.register_forward_hook(self._analyze)
+
+    def _analyze(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """The first forward pass of training: its graph, while alive."""
+        self._hook.remove()
+        finder = self.finder
+        assert finder is not None  # set with the hook
+        root = _loss_of(output)
+        finder.stop()
+        if root is not None and root.grad_fn is not None:
+            finder.analyze([root])
+
+    # ------------------------------------------------------------------ the steps
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Gradients ready, weights x_k: verify the candidates (first step), build the tracker, arm a logging step."""
+        optimizer = kwargs.get("optimizer")
+        finder = self.finder
+        if finder is None or optimizer is None:
+            return
+        inner = unwrap_optimizer(optimizer)
+        if self.tracker is None:
+            finder.finish()
+            grads = {p: p.grad for p in finder.model.parameters() if p.grad is not None}
+            finder.verify(grads)
+            assert self._model is not None  # set at on_train_begin
+            self.tracker = SphereTracker(
+                finder.accepted, [inner], self.correction, self.compile, model=self._model, tolerance=self.tolerance
+            )
+            tracked = [e.module_name for e in self.tracker.groups]
+            untracked = finder.untracked(tracked=tracked) | self.tracker.untracked
+            self.summary = summarize(self.tracker.groups, self._model, untracked, self.tracker.corrections)
+            if state.is_world_process_zero:
+                print(self.summary, file=sys.stderr)
+        if _logs_next(args, state):
+            self.tracker.arm(histograms=False)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.tracker is not None and (measurement := self.tracker.collect()) is not None:
+            self._pending = self.selection(measurement).scalars
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        """Add the measured step's metrics to what every reporting integration logs at this step."""
+        if self._pending is not None and logs is not None and "loss" in logs:
+            logs.update(self._pending)
+            self.metrics, self._pending = dict(self._pending), None
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.finder is not None:
+            self.finder.finish()
+
+
+def _logs_next(args: Any, state: Any) -> bool:
+    """Whether the step under way (``state.global_step`` + 1) is one the Trainer logs."""
+    if str(getattr(args.logging_strategy, "value", args.logging_strategy)) != "steps":
+        return False
+    step = state.global_step + 1
+    every = args.logging_steps
+    every = max(1, int(every * state.max_steps)) if isinstance(every, float) and every < 1 else int(every)
+    return step % every == 0 or (step == 1 and bool(args.logging_first_step))
+
+
+def _loss_of(output: Any) -> Tensor | None:
+    """The loss of a model's output (a ``ModelOutput`` or a tuple), else its first tensor that has a graph."""
+    loss = getattr(output, "loss", None) if not isinstance(output, tuple | list) else None
+    if isinstance(loss, Tensor):
+        return loss
+    values = output.values() if hasattr(output, "values") else output if isinstance(output, tuple | list) else [output]
+    return next((v for v in values if isinstance(v, Tensor) and v.grad_fn is not None), None)
+
+
+def _compute_dtype(args: Any) -> torch.dtype | None:
+    return torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+
+
+def _calling_handler(callback: TrainerCallback) -> Any:
+    """The ``CallbackHandler`` dispatching the current event to ``callback`` (found on the call stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "CallbackHandler" and callback in getattr(owner, "callbacks", ()):
+            return owner
+        frame = frame.f_back  # type: ignore[assignment]
+    return None

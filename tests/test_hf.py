@@ -1,0 +1,144 @@
+"""Issue 22: ``SphereCallback`` on Hugging Face's ``Trainer``, on a tiny Qwen3 (QK-norm: one invariant group per head
+of every q_proj and k_proj) built from a config with random weights, nothing downloaded. Metrics against a float64
+capture of the steps, training bitwise the same with the callback and no correction, a correction that holds the
+norms, gradient accumulation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lightning_sphere.integrations.transformers import SphereCallback  # noqa: E402
+
+HEADS, HEAD_DIM, HIDDEN = 4, 8, 32
+TRACKED = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj")]
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64, length: int = 16, vocab: int = 64) -> None:
+        self.x = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+class Capture(transformers.TrainerCallback):
+    """x_k and x_{k+1} of the tracked weights at every step, and what was logged."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.logs: list[dict[str, float]] = []
+        self._before: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._before = {n: p.detach().clone() for n, p in model.named_parameters() if _tracked(n)}
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        after = {n: p.detach().clone() for n, p in model.named_parameters() if _tracked(n)}
+        self.steps.append({n: (self._before[n], after[n]) for n in after})
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        self.logs.append(dict(logs))
+
+
+def _tracked(name: str) -> bool:
+    return any(name == f"{m}.weight" for m in TRACKED)
+
+
+def model(dtype: torch.dtype = torch.float64) -> Any:
+    config = transformers.Qwen3Config(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=2, head_dim=HEAD_DIM, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Qwen3ForCausalLM(config).to(dtype)
+
+
+def train(tmp_path: Any, callbacks: list[Any], dtype: torch.dtype = torch.float64, **options: Any) -> Any:
+    settings = dict(
+        output_dir=str(tmp_path), max_steps=6, logging_steps=2, per_device_train_batch_size=8, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=1e-3, weight_decay=0.1, seed=0,
+    ) | options  # fmt: skip
+    trainer = transformers.Trainer(
+        model=model(dtype), args=transformers.TrainingArguments(**settings), train_dataset=Tokens(), callbacks=callbacks
+    )
+    trainer.train()
+    return trainer
+
+
+def head_angles(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """The angle each head's rows turned by, in float64 (one group per head: HEAD_DIM rows)."""
+    a, b = x0.double().reshape(-1, HEAD_DIM * HIDDEN), x1.double().reshape(-1, HEAD_DIM * HIDDEN)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    return torch.arccos(cos.clamp(-1, 1))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_metrics_reach_every_logger_and_match_the_float64_capture(tmp_path, accumulation):
+    capture, sphere = Capture(), SphereCallback()
+    trainer = train(tmp_path, [capture, sphere], gradient_accumulation_steps=accumulation)
+    assert trainer.callback_handler.callbacks[0] is sphere  # first: the reporting integrations see its keys
+    logged = [log for log in capture.logs if "loss" in log]
+    assert len(logged) == 3  # steps 2, 4, 6
+    for log, step in zip(logged, (2, 4, 6), strict=True):
+        assert "learning_rate" in log  # next to the Trainer's own values
+        for name in TRACKED:
+            x0, x1 = capture.steps[step - 1][f"{name}.weight"]
+            want = head_angles(x0, x1).square().mean().sqrt().item()
+            assert log[f"sphere/angular_update/{name}"] == pytest.approx(want, rel=1e-9), (step, name)
+    assert sorted(sphere.tracker.corrections) == [] and len(sphere.tracker.groups) == 4
+    assert "model.layers.0.self_attn.q_proj" in sphere.summary and "lm_head" in sphere.summary
+
+
+def test_training_is_bitwise_the_same_with_the_callback(tmp_path):
+    plain = train(tmp_path / "plain", []).model.state_dict()
+    watched = train(tmp_path / "watched", [SphereCallback()]).model.state_dict()
+    for key, value in plain.items():
+        assert torch.equal(value, watched[key]), key
+
+
+def test_the_hyperball_holds_every_head_at_its_norm(tmp_path):
+    capture = Capture()
+    train(tmp_path, [capture, SphereCallback(spherical_correction="hyperball")], learning_rate=1e-2,
+          lr_scheduler_type="constant")  # fmt: skip
+    for step in capture.steps:
+        for name in TRACKED:
+            x0, x1 = step[f"{name}.weight"]
+            rows0, rows1 = x0.reshape(-1, HEAD_DIM * HIDDEN), x1.reshape(-1, HEAD_DIM * HIDDEN)
+            torch.testing.assert_close(rows1.norm(dim=1), rows0.norm(dim=1), rtol=1e-12, atol=0)
+            # atan η for a tangent update; AdamW's has a small radial part (§9.2)
+            assert head_angles(x0, x1).square().mean().sqrt() == pytest.approx(math.atan(1e-2), rel=0.05)
+
+
+def test_a_correction_the_optimizer_cannot_take_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="added to the gradient"):
+        train(tmp_path, [SphereCallback(spherical_correction="hyperball")], optim="sgd")
+
+
+def test_bf16_mixed_precision_and_a_resume_keep_measuring(tmp_path):
+    """The Trainer's ``bf16`` (autocast on the CPU) and ``resume_from_checkpoint``: the groups are found again on the
+    resumed run's first step, and its logged steps carry the metrics."""
+    capture = Capture()
+    train(tmp_path, [capture, SphereCallback()], dtype=torch.float32, bf16=True, save_strategy="steps", save_steps=4)
+    assert all(math.isfinite(log["sphere/angular_update/all"]) for log in capture.logs if "loss" in log)
+    resumed, sphere = Capture(), SphereCallback()
+    trainer = transformers.Trainer(
+        model=model(torch.float32),
+        args=transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=6, logging_steps=2, per_device_train_batch_size=8, report_to=[],
+            use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=1e-3, seed=0, bf16=True,
+        ),
+        train_dataset=Tokens(),
+        callbacks=[resumed, sphere],
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    (log,) = [log for log in resumed.logs if "loss" in log]  # step 6
+    assert len(sphere.tracker.groups) == 4 and math.isfinite(log["sphere/angular_update/all"])
