@@ -6,6 +6,8 @@ norms, gradient accumulation."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -142,3 +144,53 @@ def test_bf16_mixed_precision_and_a_resume_keep_measuring(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     (log,) = [log for log in resumed.logs if "loss" in log]  # step 6
     assert len(sphere.tracker.groups) == 4 and math.isfinite(log["sphere/angular_update/all"])
+
+
+def test_tensorboard_gets_the_metrics_and_the_layout(tmp_path):
+    """``report_to=["tensorboard"]``: the event file holds every logged key (under the Trainer's ``train/``) and the
+    custom-scalars layout points at them; read back with TensorBoard's own reader."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sphere = SphereCallback()
+    train(tmp_path, [sphere], report_to=["tensorboard"])
+    (run,) = [p.parent for p in tmp_path.rglob("events.out.tfevents.*")]
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"train/{key}" for key in sphere.metrics} <= tags and "train/loss" in tags
+    value = events.Scalars("train/sphere/angular_update/all")[-1]
+    assert value.step == 6 and value.value == pytest.approx(sphere.metrics["sphere/angular_update/all"], rel=1e-6)
+    layout = str(events.Tensors("custom_scalars__config__")[0].tensor_proto)  # the layout, as TensorBoard stored it
+    assert "train/sphere/angular_update/.*" in layout and "train/sphere/angular_update_equilibrium/.*" in layout
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_measures_each_step_as_captured(tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo): the main process logs the metrics of the steps it took, against a
+    float64 capture; both processes hold the same weights, and both found the same groups."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).with_name("hf_ddp_run.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for key, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][key]), key
+    assert ranks[0]["summary"].splitlines()[0] == ranks[1]["summary"].splitlines()[0]
+    logged = ranks[0]["logs"]
+    assert len(logged) == 3
+    for log, step in zip(logged, (2, 4, 6), strict=True):
+        for name in TRACKED:
+            x0, x1 = ranks[0]["steps"][step - 1][f"{name}.weight"]
+            want = head_angles(x0, x1).square().mean().sqrt().item()
+            assert log[f"sphere/angular_update/{name}"] == pytest.approx(want, rel=1e-9), (step, name)

@@ -26,6 +26,7 @@ from lightning_sphere.detection.finder import MAX_TRIES, GroupFinder
 from lightning_sphere.integrations.lightning.arguments import _correction, _selection
 from lightning_sphere.optimizers.modes import cannot_invert, unsupported
 from lightning_sphere.optimizers.registry import unwrap_optimizer
+from lightning_sphere.reporting.layout import custom_scalars_layout
 from lightning_sphere.reporting.sinks import PER_LAYER
 from lightning_sphere.reporting.summary import summarize
 from lightning_sphere.tracking.tracker import SphereTracker
@@ -69,13 +70,15 @@ class SphereCallback(TrainerCallback):
         self._hook: Any = None
         self._model: nn.Module | None = None
         self.summary = ""
+        self._handler: Any = None
+        self._layouts: set[int] = set()
 
     # ------------------------------------------------------------------ set-up
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Put this callback first among the Trainer's, so that the reporting integrations' ``on_log`` sees the
         keys it adds (the Trainer appends user callbacks after its own)."""
-        handler = _calling_handler(self)
+        handler = self._handler = _calling_handler(self)
         if handler is not None:
             handler.callbacks.remove(self)
             handler.callbacks.insert(0, self)
@@ -140,6 +143,16 @@ class SphereCallback(TrainerCallback):
         if self._pending is not None and logs is not None and "loss" in logs:
             logs.update(self._pending)
             self.metrics, self._pending = dict(self._pending), None
+            self._write_layout()
+
+    def _write_layout(self) -> None:
+        """The custom-scalars layout, once per TensorBoard writer of the Trainer (its integration logs the training
+        values under ``train/``)."""
+        for callback in getattr(self._handler, "callbacks", ()):
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None and id(writer) not in self._layouts and hasattr(writer, "add_custom_scalars"):
+                writer.add_custom_scalars(custom_scalars_layout(self.selection.metrics, prefix="train/"))
+                self._layouts.add(id(writer))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._hook is not None:

@@ -19,20 +19,21 @@ def tensorboard_writer(logger: Any) -> Any | None:
     return experiment if has else None
 
 
-def custom_scalars_layout(metrics: Iterable[str] = LOGGABLE) -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(metrics: Iterable[str] = LOGGABLE, prefix: str = "") -> dict[str, dict[str, list[Any]]]:
     """One multi-line chart per metric, every layer a line, whatever a run measured: the layout depends on the
     selected ``metrics`` alone, so that runs of any optimizer, with or without the correction, write the same
     charts (TensorBoard shows a chart once per distinct definition). The measured angular update shares its
     chart with the §7 equilibrium it should settle at. ``skipped_groups``, logged only when groups were left out
-    of a step, has no chart: its cards appear in the Scalars tab when it happens."""
+    of a step, has no chart: its cards appear in the Scalars tab when it happens. ``prefix``: what the logger puts
+    before the keys (Hugging Face's Trainer writes its training logs under ``train/``)."""
     metrics = set(metrics)
     charts = {}
     for metric in METRICS:
         if metric == _EQUILIBRIUM and "angular_update" in metrics:
             continue
         if metric in metrics:
-            tags = [rf"sphere/{metric}/.*"]
+            tags = [rf"{prefix}sphere/{metric}/.*"]
             if metric == "angular_update":
-                tags.append(rf"sphere/{_EQUILIBRIUM}/.*")
+                tags.append(rf"{prefix}sphere/{_EQUILIBRIUM}/.*")
             charts[metric] = ["Multiline", tags]
     return {"sphere": charts}
