@@ -83,10 +83,19 @@ def head_angles(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos.clamp(-1, 1))
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_metrics_reach_every_logger_and_match_the_float64_capture(tmp_path, accumulation):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"gradient_accumulation_steps": 2},
+        {"gradient_checkpointing": True},
+        pytest.param({"torch_compile": True}, marks=pytest.mark.slow),  # the first step eager, then compiled
+    ],
+    ids=["plain", "accumulation", "checkpointing", "compile"],
+)
+def test_metrics_reach_every_logger_and_match_the_float64_capture(tmp_path, options):
     capture, sphere = Capture(), SphereCallback()
-    trainer = train(tmp_path, [capture, sphere], gradient_accumulation_steps=accumulation)
+    trainer = train(tmp_path, [capture, sphere], **options)
     assert trainer.callback_handler.callbacks[0] is sphere  # first: the reporting integrations see its keys
     logged = [log for log in capture.logs if "loss" in log]
     assert len(logged) == 3  # steps 2, 4, 6

@@ -72,6 +72,7 @@ class SphereCallback(TrainerCallback):
         self.summary = ""
         self._handler: Any = None
         self._layouts: set[int] = set()
+        self._eager: Any = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -98,6 +99,9 @@ class SphereCallback(TrainerCallback):
         self.finder = GroupFinder(model, self.groups_spec, self.tolerance, _compute_dtype(args), MAX_TRIES)
         self.finder.start()
         self._hook = model.register_forward_hook(self._analyze)
+        # ``torch_compile=True``: the first step runs eagerly, so that its layer calls and graph can be read
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        self._eager = set_stance("force_eager") if set_stance is not None else None
 
     def _analyze(self, module: nn.Module, inputs: Any, output: Any) -> None:
         """The first forward pass of training: its graph, while alive."""
@@ -119,6 +123,9 @@ class SphereCallback(TrainerCallback):
             return
         inner = unwrap_optimizer(optimizer)
         if self.tracker is None:
+            if self._eager is not None:
+                self._eager.__exit__(None, None, None)  # the compiler's stance as it was
+                self._eager = None
             finder.finish()
             grads = {p: p.grad for p in finder.model.parameters() if p.grad is not None}
             finder.verify(grads)
@@ -155,6 +162,9 @@ class SphereCallback(TrainerCallback):
                 self._layouts.add(id(writer))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._eager is not None:
+            self._eager.__exit__(None, None, None)
+            self._eager = None
         if self._hook is not None:
             self._hook.remove()
         if self.tracker is not None:
