@@ -3,7 +3,8 @@ module whose membership changed, at the end of the batch it changed on."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.integrations.lightning.framework import Framework
@@ -30,6 +31,17 @@ class Announcements:
         """A verdict told at once, as a warning (and not told again at the end of the batch)."""
         self._framework.warn(f"SphereMonitor: {name} is not tracked: {why}")
         self.told[name] = why
+
+    def tell(self, follower: Any, tracked: Any, summary: Callable[[], str]) -> None:
+        """At the end of a batch that may have changed membership: the ``summary``, once the first verdicts are in
+        (``follower``: the ``GroupFollower``); after it, one line per module whose membership changed
+        (``tracked``: the ``TrackedModules``)."""
+        if follower.finder is None or not self.changed:
+            return
+        if self.summarized:
+            self.announce(tracked.statuses(), tracked.groups)
+        elif follower.ready:  # else wait for the verdicts
+            self.summarize(tracked.statuses(), tracked.groups, summary())
 
     def summarize(self, statuses: dict[str, str], groups: Sequence[InvariantGroups], summary: str) -> None:
         """Print ``summary`` (as a warning when no group is tracked); ``statuses`` are told by it."""

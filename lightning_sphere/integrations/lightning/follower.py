@@ -200,11 +200,10 @@ class GroupFollower:
         if not self._warned_direct_backward:
             self._warned_direct_backward = True
             self._framework.warn(
-                "SphereMonitor: an optimizer stepped after a backward pass that Lightning did not run "
-                "(`loss.backward()` in manual optimization?), so the loss's graph could not be read. Layers were "
-                "found from the graph up to the modules' own outputs instead; a use of a layer's output that "
-                "bypasses every layer and normalization is missed there (the gradient test still catches what it "
-                "breaks). Call `self.manual_backward(loss)` instead of `loss.backward()`."
+                f"SphereMonitor: an optimizer stepped after a backward pass {self._framework.unseen_backward}, so "
+                "the loss's graph could not be read. Layers were found from the graph up to the modules' own "
+                "outputs instead; a use of a layer's output that bypasses every layer and normalization is missed "
+                f"there (the gradient test still catches what it breaks). {self._framework.show_backward}"
             )
 
 

@@ -21,3 +21,6 @@ class Framework:
     unsupported_strategies: tuple[type, ...]
     #: strategies that shard the model in ``configure_model``, after ``setup``: groups are looked for at fit start
     sharding_strategies: tuple[type, ...] = ()
+    #: a backward pass whose loss the callback was not shown: how it came about, and how to show it
+    unseen_backward: str = "that Lightning did not run (`loss.backward()` in manual optimization?)"
+    show_backward: str = "Call `self.manual_backward(loss)` instead of `loss.backward()`."

@@ -25,35 +25,23 @@ them together (a module imports only those listed before it):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.correction.steering_options import Hyperball, Rotational
-from lightning_sphere.integrations.lightning.announcements import Announcements
 from lightning_sphere.integrations.lightning.arguments import (
-    _check_arguments,
     _check_optimizers,
-    _correction,
-    _selection,
 )
-from lightning_sphere.integrations.lightning.checkpoint import CheckpointState, restore_steering_state
-from lightning_sphere.integrations.lightning.follower import GroupFollower
+from lightning_sphere.integrations.lightning.checkpoint import restore_steering_state
 from lightning_sphere.integrations.lightning.framework import Framework
-from lightning_sphere.integrations.lightning.invariance import InvarianceWatch
-from lightning_sphere.integrations.lightning.metric_log import MetricLog
-from lightning_sphere.integrations.lightning.tracked import TrackedModules
+from lightning_sphere.integrations.lightning.pieces import CallbackPieces
 from lightning_sphere.integrations.strategies import check_model, flat_buffer_refusal
 from lightning_sphere.optimizers.registry import unwrap_optimizer
-from lightning_sphere.reporting.sinks import PER_LAYER
-from lightning_sphere.reporting.summary import summarize
-from lightning_sphere.tracking.tracker import SphereTracker
 
 
-class SphereMonitorLogic:
+class SphereMonitorLogic(CallbackPieces):
     """Measure the spherical dynamics of every normalized filter and stream them to the loggers.
 
     Finds the radially invariant groups of the model on the first training step (each output channel
@@ -131,69 +119,6 @@ class SphereMonitorLogic:
     """
 
     _framework: Framework
-
-    def __init__(
-        self,
-        groups: str | dict[str, str | int] = "auto",
-        log_every_n_steps: int | None = None,
-        histogram_every_n_steps: int | None = None,
-        custom_scalars: bool = True,
-        tolerance: float | None = None,
-        spherical_correction: bool | str = False,
-        compile: bool | None = None,
-        metrics: Sequence[str] | None = None,
-        per_layer: bool | Sequence[str] = PER_LAYER,
-    ) -> None:
-        error = self._framework.misconfiguration
-        _check_arguments(
-            error,
-            groups=groups,
-            log_every_n_steps=log_every_n_steps,
-            histogram_every_n_steps=histogram_every_n_steps,
-            custom_scalars=custom_scalars,
-            tolerance=tolerance,
-            compile=compile,
-            metrics=metrics,
-            per_layer=per_layer,
-        )
-        self.selection = _selection(error, metrics, per_layer)
-        self.groups_spec = groups
-        self.correction = _correction(error, spherical_correction)
-        self.compile = compile
-        self.log_every_n_steps = log_every_n_steps
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.tolerance = tolerance
-        self._announcements = Announcements(self._framework)
-        self._follower = GroupFollower(self._framework, self._announcements)
-        self._tracked = TrackedModules(self._framework, self._follower)
-        self._log = MetricLog(self.selection, custom_scalars, self._framework.warn)
-        self._invariance = InvarianceWatch(self._framework)
-        self._checkpoint = CheckpointState()
-
-    @property
-    def groups(self) -> list[InvariantGroups]:
-        """The tracked modules, once found (after the first training step)."""
-        return self._tracked.groups
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """The last logged values, with the loggers' keys."""
-        return dict(self._log.metrics)
-
-    @property
-    def _tracker(self) -> SphereTracker | None:
-        """The tracker of the modules tracked now (introspection, for tests)."""
-        return self._tracked.tracker
-
-    def summary(self) -> str:
-        """The table printed at the start of training: tracked modules, and every other layer with the reason
-        it is not tracked now; tracked modules whose invariance was lost later (measurement only)."""
-        finder = self._follower.finder
-        if finder is None:
-            return "lightning_sphere: no training step seen yet"
-        corrections = {} if self._tracker is None else self._tracker.corrections
-        text = summarize(self.groups, finder.model, self._tracked.untracked(), corrections)
-        return text + self._invariance.summary_sections()
 
     # ------------------------------------------------------------------ hooks
 
@@ -320,14 +245,3 @@ class SphereMonitorLogic:
         self._log.arm(trainer, tracker)
         if stepping is not None:
             tracker.snapshot(stepping)  # this step's pre-hook ran before the tracker existed
-
-    def _tell(self) -> None:
-        """At the end of a batch that may have changed membership: the summary, once the first verdicts are in;
-        after it, one line per module whose membership changed."""
-        announcements = self._announcements
-        if self._follower.finder is None or not announcements.changed:
-            return
-        if announcements.summarized:
-            announcements.announce(self._tracked.statuses(), self.groups)
-        elif self._follower.ready:  # else wait for the verdicts
-            announcements.summarize(self._tracked.statuses(), self.groups, self.summary())
