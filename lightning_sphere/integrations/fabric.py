@@ -48,6 +48,7 @@ FRAMEWORK = Framework(
     (),
     unseen_backward="whose loss was not shown to SphereCallback",
     show_backward='Call `fabric.call("on_before_backward", loss=loss)` right before `fabric.backward(loss)`.',
+    callback="SphereCallback",
 )
 
 

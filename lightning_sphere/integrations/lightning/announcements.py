@@ -29,7 +29,7 @@ class Announcements:
 
     def not_tracked(self, name: str, why: str) -> None:
         """A verdict told at once, as a warning (and not told again at the end of the batch)."""
-        self._framework.warn(f"SphereMonitor: {name} is not tracked: {why}")
+        self._framework.warn(f"{self._framework.callback}: {name} is not tracked: {why}")
         self.told[name] = why
 
     def tell(self, follower: Any, tracked: Any, summary: Callable[[], str]) -> None:
@@ -51,8 +51,8 @@ class Announcements:
             self._framework.info(summary)
         else:
             self._framework.warn(
-                "SphereMonitor found no radially invariant group (a Conv/Linear layer whose output only feeds "
-                "a normalization in training mode); training continues unmonitored.\n" + summary
+                f"{self._framework.callback} found no radially invariant group (a Conv/Linear layer whose output only "
+                "feeds a normalization in training mode); training continues unmonitored.\n" + summary
             )
 
     def announce(self, statuses: Mapping[str, str], groups: Sequence[InvariantGroups]) -> None:
@@ -66,11 +66,11 @@ class Announcements:
                 entry = next(g for g in groups if g.module_name == name)
                 norm = f"{entry.norm_name} ({entry.norm_type})" if entry.norm_name else entry.norm_type
                 self._framework.info(
-                    f"SphereMonitor: now tracking {name}: {entry.num_groups} groups of {entry.group_size} "
+                    f"{self._framework.callback}: now tracking {name}: {entry.num_groups} groups of {entry.group_size} "
                     f"({entry.granularity}), {norm}"
                 )
             elif before == "tracked":
-                self._framework.info(f"SphereMonitor: {name} is not tracked any more: {status}")
+                self._framework.info(f"{self._framework.callback}: {name} is not tracked any more: {status}")
             else:
-                self._framework.info(f"SphereMonitor: {name} is not tracked: {status}")
+                self._framework.info(f"{self._framework.callback}: {name} is not tracked: {status}")
             self.told[name] = status

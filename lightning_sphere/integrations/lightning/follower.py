@@ -60,7 +60,7 @@ class GroupFollower:
         try:
             self.finder = GroupFinder(pl_module, groups, tolerance, _compute_dtype(trainer), MAX_TRIES)
         except ValueError as err:
-            raise self._framework.misconfiguration(f"SphereMonitor(groups=...): {err}") from err
+            raise self._framework.misconfiguration(f"{self._framework.callback}(groups=...): {err}") from err
 
     def restart(self) -> None:
         """At fit start: record the first batch (eagerly), and compare trainable parameters afresh."""
@@ -159,7 +159,7 @@ class GroupFollower:
             finder.pending = rebind(finder.pending, finder.model)
             for entry, why in cut_by_shards(finder.pending):
                 finder.reject([entry], why)
-                self._framework.warn(f"SphereMonitor: {entry.module_name} is not tracked: {why}")
+                self._framework.warn(f"{self._framework.callback}: {entry.module_name} is not tracked: {why}")
         before = len(finder.accepted)
         if restored:
             finder.restore(restored)
@@ -200,9 +200,10 @@ class GroupFollower:
         if not self._warned_direct_backward:
             self._warned_direct_backward = True
             self._framework.warn(
-                f"SphereMonitor: an optimizer stepped after a backward pass {self._framework.unseen_backward}, so "
-                "the loss's graph could not be read. Layers were found from the graph up to the modules' own "
-                "outputs instead; a use of a layer's output that bypasses every layer and normalization is missed "
+                f"{self._framework.callback}: an optimizer stepped after a backward pass "
+                f"{self._framework.unseen_backward}, so the loss's graph could not be read. Layers were found from "
+                "the graph up to the modules' own outputs instead; a use of a layer's output that bypasses every "
+                "layer and normalization is missed "
                 f"there (the gradient test still catches what it breaks). {self._framework.show_backward}"
             )
 

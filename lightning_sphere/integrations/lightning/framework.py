@@ -24,3 +24,5 @@ class Framework:
     #: a backward pass whose loss the callback was not shown: how it came about, and how to show it
     unseen_backward: str = "that Lightning did not run (`loss.backward()` in manual optimization?)"
     show_backward: str = "Call `self.manual_backward(loss)` instead of `loss.backward()`."
+    #: the callback's name, as the messages give it
+    callback: str = "SphereMonitor"

@@ -72,7 +72,9 @@ class TrackedModules:
                 gradient_clipping=gradient_clipping,
             )
         except ValueError as err:
-            raise self._framework.misconfiguration(f"SphereMonitor(spherical_correction=...): {err}") from err
+            raise self._framework.misconfiguration(
+                f"{self._framework.callback}(spherical_correction=...): {err}"
+            ) from err
         self._input = [e.module_name for e in eligible]
         self.tracker.load_radii(radii)
         return True
@@ -135,6 +137,6 @@ def _agree_across_ranks(trainer: Any, accepted: list[InvariantGroups]) -> list[I
     if missing:
         raise RuntimeError(
             f"rank {trainer.global_rank} did not find the groups {missing} that rank 0 tracks; pass "
-            "SphereMonitor(groups={...}) to name them explicitly"
+            "groups={...} to the callback to name them explicitly"
         )
     return [mine[n] for n in names]
