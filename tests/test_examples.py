@@ -29,7 +29,11 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def test_plain_torch_loop(tmp_path, capsys):
     scalars = load("plain_torch").main(steps=21, logdir=tmp_path / "plain")
     out = capsys.readouterr().out
-    assert "conv1" in out and "bn1 (BatchNorm2d)" in out and "classifier: output is not normalized" in out
+    assert (
+        "conv1" in out
+        and "bn1 (BatchNorm2d)" in out
+        and "classifier: output reaches LogSoftmax before any normalization" in out
+    )
     assert scalars["sphere/effective_lr/all"] > 0 and scalars["sphere/angular_update_equilibrium/all"] > 0
     assert list((tmp_path / "plain").glob("events.out.tfevents.*"))
     assert f"--logdir {tmp_path / 'plain'}" in out
@@ -106,10 +110,16 @@ def test_digits_sgdm_reaches_its_equilibrium(tmp_path):
 def test_fabric_loop(tmp_path, capsys):
     last = load("fabric").main(steps=21, logdir=tmp_path / "fabric")
     out = capsys.readouterr().out
-    assert "block1.conv" in out and "_forward_module" not in out and "classifier: output is not normalized" in out
-    assert "21 steps of AdamSRT; the last measured one, step 20:" in out
+    assert out.count("radially invariant groups") == 1  # the callback's summary, once
+    assert (
+        "block1.conv" in out
+        and "_forward_module" not in out
+        and "classifier: output reaches LogSoftmax before any normalization" in out
+    )
+    assert "21 steps of AdamSRT; the last measured one, step 19:" in out
     assert last["sphere/deformation_cos/all"] == pytest.approx(1, abs=1e-6)  # S: no deformation left
-    assert [step for step, _ in scalars(tmp_path / "fabric", "train/loss")] == [0, 10, 20]
+    assert [step for step, _ in scalars(tmp_path / "fabric", "train/loss")] == [9, 19]
+    assert [step for step, _ in scalars(tmp_path / "fabric", "sphere/angular_update/all")] == [9, 19]
     assert f"--logdir {tmp_path / 'fabric'}" in out
 
 
