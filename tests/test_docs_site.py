@@ -187,3 +187,8 @@ def test_the_reference_pages_hold_the_generated_tables():
         text = (DOCS / page).read_text(encoding="utf-8")
         assert f"<!-- generated: {name} -->" in text, page
         assert hook.expand(text).count("\n| ") > 5, page
+
+
+def test_the_docstrings_roles_render_as_code():
+    rendered = ":data:<code>~lightning_sphere.METRICS</code> and :mod:<code>lightning_sphere.correction</code>"
+    assert _hook().roles_as_code(rendered) == "<code>METRICS</code> and <code>lightning_sphere.correction</code>"

@@ -1,4 +1,5 @@
-"""MkDocs hook: the reference tables that the package's registries define, generated at build time.
+"""MkDocs hook: the reference tables that the package's registries define, generated at build time; and the
+docstrings' Sphinx roles shown as code on the API page.
 
 A page that holds the line ``<!-- generated: metrics -->`` gets the metric registry's table
 (``lightning_sphere.METRICS``) in its place; ``<!-- generated: optimizers -->`` gets the optimizer registry's
@@ -155,3 +156,18 @@ def expand(markdown: str) -> str:
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
     """MkDocs event: every page's Markdown before it is rendered."""
     return expand(markdown)
+
+
+#: A Sphinx role as mkdocstrings renders a docstring's ``:class:`~pkg.mod.Name``` (the docstrings are also read by
+#: ``help()`` and the doctests, which keep them).
+_ROLE = re.compile(r":(?:class|func|meth|attr|data|mod|obj|exc):<code>(~?)([\w.]+)</code>")
+
+
+def roles_as_code(html: str) -> str:
+    """``html`` with each rendered role shown as its code: ``~pkg.mod.Name`` as ``Name``, as Sphinx would."""
+    return _ROLE.sub(lambda m: f"<code>{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}</code>", html)
+
+
+def on_page_content(html: str, **kwargs: Any) -> str:
+    """MkDocs event: every page's HTML once rendered."""
+    return roles_as_code(html)
