@@ -15,7 +15,7 @@ against the §7 equilibrium its hyper-parameters predict::
     lightning-sphere plot lightning_logs/ablation-<time> -o figures   # every run overlaid, one PNG per metric
 
 ``--equilibrium sgdm`` (or ``adamw``) instead trains one run long enough, at a constant lr, for the angular
-update to settle at its §7 equilibrium, and draws the two (the README's figures).
+update to settle at its §7 equilibrium, and draws the two (the figures of docs/guides/charts.md).
 """
 
 from __future__ import annotations

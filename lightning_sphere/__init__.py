@@ -2,7 +2,7 @@
 
 ``SphereMonitor`` is the Lightning callback (for ``pytorch_lightning``; ``lightning_sphere.lightning``
 has the one for ``lightning.pytorch``). Everything else is plain PyTorch, and importing the package
-does not import Lightning. The public API is :data:`__all__`; the README's *API* section lists it.
+does not import Lightning. The public API is :data:`__all__`; docs/reference/api.md documents it.
 """
 
 from typing import Any

@@ -102,7 +102,7 @@ def test_the_adamg_rewrite_is_plain_sgd_under_clipping(clipping, tmp_path):
 
 
 def test_plain_pytorch_clips_plain_sgds_gradients_with_to_real_gradients():
-    """The loop of the README's clipping section: ``to_real_gradients()`` before ``clip_grad_norm_``."""
+    """The loop of docs/guides/charts.md's clipping section: ``to_real_gradients()`` before ``clip_grad_norm_``."""
     x, y = dataset(16)[:16]
     weights = {}
     for correction in (None, "srt"):

@@ -1,4 +1,4 @@
-"""Every "§N" the code, the README and the examples cite is a section of docs/theory.md.
+"""Every "§N" the code, the README, the site's pages and the examples cite is a section of docs/theory.md.
 
 The rule: a bare ``§N``, ``§N.M`` or range ``§N–§M`` cites docs/theory.md; one preceded by the word
 "paper" (``paper §2.1``, ``paper's §3``) cites a section of Roburin et al. (arXiv 2006.13382) and is not
@@ -17,7 +17,15 @@ from lightning_sphere.measurement.metrics import METRICS
 ROOT = Path(__file__).resolve().parent.parent
 THEORY = ROOT / "docs" / "theory.md"
 #: Where citations live; this file is left out, its examples below cite missing sections on purpose.
-SOURCES = ("lightning_sphere/**/*.py", "README.md", "examples/*.py", "benchmarks/*.py", "benchmarks/*.md", "tests/*.py")
+SOURCES = (
+    "lightning_sphere/**/*.py",
+    "README.md",
+    "docs/**/*.md",
+    "examples/*.py",
+    "benchmarks/*.py",
+    "benchmarks/*.md",
+    "tests/*.py",
+)
 
 _NUMBER = r"\d+(?:\.\d+)*"
 _CITATION = re.compile(rf"(?P<paper>\bpaper(?:'s)?\s+)?§(?P<first>{_NUMBER})(?:\s*[–-]\s*§?(?P<last>{_NUMBER}))?")
@@ -78,7 +86,13 @@ def test_every_citation_is_a_section_of_the_theory(theory_sections):
             if number not in theory_sections:
                 missing.append(f"{path.relative_to(ROOT)}: §{number}")
     assert not missing, f"cited sections missing from docs/theory.md: {missing}"
-    assert {"README.md", "lightning_sphere/measurement/metrics.py", "lightning_sphere/correction/base.py"} <= cited_in
+    assert {
+        "README.md",
+        "docs/guides/charts.md",
+        "docs/guides/correction.md",
+        "lightning_sphere/measurement/metrics.py",
+        "lightning_sphere/correction/base.py",
+    } <= cited_in
     assert count > 50  # the scan found the citations at all
 
 

@@ -524,8 +524,8 @@ def test_no_gradient_metric_for_a_step_without_gradient(name, tmp_path):
 
 
 def plain_loop(opt: Opt, seed: int, track: bool) -> tuple[nn.Module, torch.optim.Optimizer, list[Any]]:
-    """The README's loop over ``STEPS`` batches; with ``track``, the tracker measures every step and each
-    step's capture (rows of x_k and of the gradient right before ``optimizer.step()``, x_{k+1} after) comes
+    """The loop of docs/guides/pytorch.md over ``STEPS`` batches; with ``track``, the tracker measures every step
+    and each step's capture (rows of x_k and of the gradient right before ``optimizer.step()``, x_{k+1} after) comes
     back with its measurement."""
     torch.manual_seed(seed)
     model = nn.Sequential(

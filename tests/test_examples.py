@@ -194,9 +194,9 @@ def test_transformer_example(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_transformer_default_run(tmp_path):
-    """The README's numbers: both optimizers learn the text within the default 1,000 steps, Muon turns the heads
-    about twice as fast as AdamW, and AdamW's angular update is still above its §7 equilibrium (its settling
-    time, 1/(2ηλ) = 1,667 steps, is longer than the run). About 100 s."""
+    """The numbers of docs/getting-started.md: both optimizers learn the text within the default 1,000 steps,
+    Muon turns the heads about twice as fast as AdamW, and AdamW's angular update is still above its §7
+    equilibrium (its settling time, 1/(2ηλ) = 1,667 steps, is longer than the run). About 100 s."""
     results = load("transformer").main(logdir=tmp_path)
     adamw, muon = results["adamw"], results["muon"]
     assert adamw["val/loss"] < 1.8 and muon["val/loss"] < 1.8
@@ -204,7 +204,7 @@ def test_transformer_default_run(tmp_path):
     equilibrium = math.sqrt(2 * 3e-3 * 0.1 * (1 - 0.9) / (1 + 0.9))
     assert adamw["sphere/angular_update_equilibrium/all"] == pytest.approx(equilibrium, rel=1e-6)
     assert 1.0 < adamw["final_angular_update"] / equilibrium < 1.4
-    # Muon's norm settles within the run (250 steps) and its angle stays 1.21× its §8.2 value (README)
+    # Muon's norm settles within the run (250 steps) and its angle stays 1.21× its §8.2 value (docs/getting-started.md)
     assert 1.0 < muon["final_angular_update"] / muon["sphere/angular_update_equilibrium/all"] < 1.5
 
 
@@ -291,10 +291,10 @@ def test_transformer_lm_quick(tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore:.*some optimizers do not have momentum:RuntimeWarning")
 def test_transformer_lm_default_run(tmp_path):
-    """The README's numbers (two seeds of 400 steps, about 4 minutes): every run learns the text; the rotational
-    and hyperball runs turn the heads at their target from the start (their norms fixed), while the plain runs,
-    whose norms are still settling, turn them 1.2–1.6 times faster than their equilibrium; the two modes end
-    within 0.01 nats of each other on each seed, and within 0.1 of their plain run."""
+    """The numbers of docs/guides/correction.md (two seeds of 400 steps, about 4 minutes): every run learns the
+    text; the rotational and hyperball runs turn the heads at their target from the start (their norms fixed),
+    while the plain runs, whose norms are still settling, turn them 1.2–1.6 times faster than their equilibrium;
+    the two modes end within 0.01 nats of each other on each seed, and within 0.1 of their plain run."""
     results = load("transformer_lm").main(["--logdir", str(tmp_path)])
     for run, seeds in results.items():
         for result in seeds:

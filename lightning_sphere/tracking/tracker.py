@@ -9,7 +9,7 @@ and :meth:`SphereTracker.collect` turns them into per-layer summaries with one d
 An unarmed step costs one Python flag test per hook; a step that never happens (an AMP step skipped for
 inf/nan gradients) fires no hook and records nothing.
 
-Plain PyTorch use (the README's loop, with a logging step every 50):
+Plain PyTorch use (the loop of docs/guides/pytorch.md, with a logging step every 50):
 
 >>> import torch
 >>> from torch import nn
