@@ -141,7 +141,7 @@ class SphereCallback(CallbackPieces):
         self._follower.start_batch()
         self._hook = register_optimizer_step_pre_hook(self._before_step)
 
-    def on_before_backward(self, loss: torch.Tensor) -> None:
+    def on_before_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """The loss, right before ``fabric.backward(loss)``: its graph is read on a recorded batch."""
         if self._loop is not None:
             self._follower.analyze(loss)
@@ -150,7 +150,7 @@ class SphereCallback(CallbackPieces):
         """Called by Fabric's optimizer wrapper after each step (with its strategy and optimizer)."""
         self._stepped = True
 
-    def on_train_batch_end(self) -> None:
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """After the optimizer step: log a measured step, tell what changed, get ready for the next batch."""
         loop, follower = self._loop, self._follower
         if loop is None:
@@ -172,7 +172,7 @@ class SphereCallback(CallbackPieces):
         follower.start_batch()
         self._arm()
 
-    def on_train_end(self) -> None:
+    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
         """After the loop: histograms still due, hooks removed, the tracker closed (the AdamG rewrite's modules
         get their real weights back). The groups stay inspectable."""
         if self._loop is None:
