@@ -29,11 +29,7 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def test_plain_torch_loop(tmp_path, capsys):
     scalars = load("plain_torch").main(steps=21, logdir=tmp_path / "plain")
     out = capsys.readouterr().out
-    assert (
-        "conv1" in out
-        and "bn1 (BatchNorm2d)" in out
-        and "classifier: output is not normalized" in out
-    )
+    assert "conv1" in out and "bn1 (BatchNorm2d)" in out and "classifier: output is not normalized" in out
     assert scalars["sphere/effective_lr/all"] > 0 and scalars["sphere/angular_update_equilibrium/all"] > 0
     assert list((tmp_path / "plain").glob("events.out.tfevents.*"))
     assert f"--logdir {tmp_path / 'plain'}" in out
