@@ -21,5 +21,5 @@ if __name__ == "__main__":
     rank = trainer.args.process_index
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     logs = [log for log in capture.logs if "loss" in log]
-    torch.save({"steps": capture.steps, "logs": logs, "weights": weights, "summary": sphere.summary},
+    torch.save({"steps": capture.steps, "logs": logs, "weights": weights, "summary": sphere.summary()},
                folder / f"rank{rank}.pt")  # fmt: skip

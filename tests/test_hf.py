@@ -106,7 +106,7 @@ def test_metrics_reach_every_logger_and_match_the_float64_capture(tmp_path, opti
             want = head_angles(x0, x1).square().mean().sqrt().item()
             assert log[f"sphere/angular_update/{name}"] == pytest.approx(want, rel=1e-9), (step, name)
     assert sorted(sphere.tracker.corrections) == [] and len(sphere.tracker.groups) == 4
-    assert "model.layers.0.self_attn.q_proj" in sphere.summary and "lm_head" in sphere.summary
+    assert "model.layers.0.self_attn.q_proj" in sphere.summary() and "lm_head" in sphere.summary()
 
 
 def test_training_is_bitwise_the_same_with_the_callback(tmp_path):
@@ -203,3 +203,17 @@ def test_ddp_on_two_processes_measures_each_step_as_captured(tmp_path):
             x0, x1 = ranks[0]["steps"][step - 1][f"{name}.weight"]
             want = head_angles(x0, x1).square().mean().sqrt().item()
             assert log[f"sphere/angular_update/{name}"] == pytest.approx(want, rel=1e-9), (step, name)
+
+
+def test_arguments_are_checked_at_construction_and_silence_is_said():
+    with pytest.raises(ValueError, match=r"SphereCallback\(`tolerance`\) must be a float in \(0, 1\)"):
+        SphereCallback(tolerance=-1)
+    with pytest.raises(ValueError, match=r"SphereCallback\(`groups`\)"):
+        SphereCallback(groups="autom")
+    with pytest.raises(ValueError, match=r"SphereCallback\(`spherical_correction`\)"):
+        SphereCallback(spherical_correction="hyper")
+
+
+def test_a_trainer_that_never_logs_by_steps_is_told(tmp_path):
+    with pytest.warns(UserWarning, match='logging_strategy="steps"'):
+        train(tmp_path, [SphereCallback()], logging_strategy="epoch")

@@ -15,6 +15,7 @@ reporting integrations (TensorBoard, W&B, …) see the keys it adds. Needs ``tra
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from lightning_sphere.detection.finder import MAX_TRIES, GroupFinder
-from lightning_sphere.integrations.lightning.arguments import _correction, _selection
+from lightning_sphere.integrations.lightning.arguments import _check_arguments, _correction, _selection
 from lightning_sphere.optimizers.modes import cannot_invert, unsupported
 from lightning_sphere.optimizers.registry import unwrap_optimizer
 from lightning_sphere.reporting.layout import custom_scalars_layout
@@ -33,6 +34,9 @@ from lightning_sphere.tracking.tracker import SphereTracker
 
 __all__ = ["SphereCallback"]
 
+#: The class as the messages name it.
+_NAME = "SphereCallback"
+
 
 class SphereCallback(TrainerCallback):
     """Measure (and optionally correct) the steps of a ``transformers.Trainer`` on the sphere.
@@ -40,7 +44,9 @@ class SphereCallback(TrainerCallback):
     Args:
         groups: ``"auto"`` (layers whose output only feeds a normalization, read off the first step's graph),
             ``"numeric"`` or a mapping, as for :class:`~lightning_sphere.lightning.SphereMonitor`.
-        metrics: the metrics to log (``None``: all); ``per_layer``: those also logged per module.
+        metrics: the metrics to log (``None``: all); ``per_layer``: those also logged per module (by default the
+            effective learning rate, the angular update and the norm; the equilibrium goes with the angular update
+            and needs a weight decay: ``TrainingArguments``' default is 0).
         spherical_correction: as for ``SphereMonitor`` (docs/theory.md §4–§6, §9).
         tolerance: δ of the gradient test (``None``: the detection's defaults).
         compile: run the kernels compiled (``None``: by size and device).
@@ -59,9 +65,12 @@ class SphereCallback(TrainerCallback):
         tolerance: float | None = None,
         compile: bool | None = None,
     ) -> None:
+        _check_arguments(
+            ValueError, _NAME, groups=groups, tolerance=tolerance, compile=compile, metrics=metrics, per_layer=per_layer
+        )
         self.groups_spec, self.tolerance, self.compile = groups, tolerance, compile
-        self.selection = _selection(ValueError, metrics, per_layer)
-        self.correction = _correction(ValueError, spherical_correction)
+        self.selection = _selection(ValueError, metrics, per_layer, _NAME)
+        self.correction = _correction(ValueError, spherical_correction, _NAME)
         self.finder: GroupFinder | None = None
         self.tracker: SphereTracker | None = None
         #: the last logged values (``sphere/…`` → float)
@@ -69,7 +78,7 @@ class SphereCallback(TrainerCallback):
         self._pending: dict[str, float] | None = None
         self._hook: Any = None
         self._model: nn.Module | None = None
-        self.summary = ""
+        self._summary = ""
         self._handler: Any = None
         self._layouts: set[int] = set()
         self._eager: Any = None
@@ -135,11 +144,33 @@ class SphereCallback(TrainerCallback):
             )
             tracked = [e.module_name for e in self.tracker.groups]
             untracked = finder.untracked(tracked=tracked) | self.tracker.untracked
-            self.summary = summarize(self.tracker.groups, self._model, untracked, self.tracker.corrections)
+            self._summary = summarize(self.tracker.groups, self._model, untracked, self.tracker.corrections)
             if state.is_world_process_zero:
-                print(self.summary, file=sys.stderr)
+                print(self._summary, file=sys.stderr)
+                self._warn_if_silent(args)
         if _logs_next(args, state):
             self.tracker.arm(histograms=False)
+
+    def summary(self) -> str:
+        """The table printed at the first step: what is tracked, and why every other layer is not."""
+        return self._summary
+
+    def _warn_if_silent(self, args: Any) -> None:
+        """Say it when nothing will be logged: no group found, or a Trainer that never logs by steps."""
+        if self.tracker is not None and not self.tracker.groups:
+            warnings.warn(
+                f"{_NAME} found no radially invariant group (a layer whose output only feeds a normalization: QK-norm "
+                "heads, a layer before LayerNorm/RMSNorm or BatchNorm); training goes on unmonitored. The summary "
+                "says why each layer is not tracked",
+                stacklevel=3,
+            )
+        if str(getattr(args.logging_strategy, "value", args.logging_strategy)) != "steps":
+            warnings.warn(
+                f"{_NAME} measures the steps the Trainer logs by steps; with logging_strategy="
+                f"{getattr(args.logging_strategy, 'value', args.logging_strategy)!r} nothing is measured. Use "
+                'logging_strategy="steps" and logging_steps=N',
+                stacklevel=3,
+            )
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.tracker is not None and (measurement := self.tracker.collect()) is not None:

@@ -15,10 +15,10 @@ from lightning_sphere.optimizers.registry import MODES
 from lightning_sphere.reporting.sinks import Selection
 
 
-def _check_arguments(error: type[Exception], **arguments: Any) -> None:
-    """Raise ``error`` naming the argument, the expected type and the value, for a value of the wrong type or
-    range, and for a histogram cadence that is not a multiple of the logging cadence. Bools are not taken for
-    numbers."""
+def _check_arguments(error: type[Exception], callback: str = "SphereMonitor", **arguments: Any) -> None:
+    """Raise ``error`` naming the argument (of ``callback``, the class the user wrote), the expected type and the
+    value, for a value of the wrong type or range, and for a histogram cadence that is not a multiple of the logging
+    cadence. Bools are not taken for numbers."""
     expected = {
         "groups": (
             '"auto", "numeric" or a dict of module or parameter names to "channel", "layer" or a positive int',
@@ -38,28 +38,33 @@ def _check_arguments(error: type[Exception], **arguments: Any) -> None:
     for name, value in arguments.items():
         what, valid = expected[name]
         if not valid(value):
-            raise error(f"SphereMonitor(`{name}`) must be {what}, got {value!r} ({type(value).__name__})")
+            raise error(f"{callback}(`{name}`) must be {what}, got {value!r} ({type(value).__name__})")
     every, hist = arguments.get("log_every_n_steps"), arguments.get("histogram_every_n_steps")
     if every and hist and hist % every:
         raise error(_cadence_mismatch(hist, every))
 
 
-def _selection(error: type[Exception], metrics: Sequence[str] | None, per_layer: bool | Sequence[str]) -> Selection:
+def _selection(
+    error: type[Exception],
+    metrics: Sequence[str] | None,
+    per_layer: bool | Sequence[str],
+    callback: str = "SphereMonitor",
+) -> Selection:
     """The keys to log (:class:`~lightning_sphere.reporting.sinks.Selection`); ``error`` for an unknown metric."""
     try:
         return Selection.of(metrics, per_layer)
     except ValueError as err:
-        raise error(f"SphereMonitor: {err}") from None
+        raise error(f"{callback}: {err}") from None
 
 
-def _correction(error: type[Exception], spherical_correction: Any) -> Mode | None:
+def _correction(error: type[Exception], spherical_correction: Any, callback: str = "SphereMonitor") -> Mode | None:
     """The correction mode ``spherical_correction`` names (``None``: measurement only); ``error`` for another
     value."""
     try:
         return correction_mode(spherical_correction)
     except ValueError:
         raise error(
-            f"SphereMonitor(`spherical_correction`) must be True, False, one of {MODES}, a Rotational(...) or a "
+            f"{callback}(`spherical_correction`) must be True, False, one of {MODES}, a Rotational(...) or a "
             f"Hyperball(...), got "
             f"{spherical_correction!r} ({type(spherical_correction).__name__})"
         ) from None

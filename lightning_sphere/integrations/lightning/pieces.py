@@ -36,9 +36,10 @@ class CallbackPieces:
         metrics: Sequence[str] | None = None,
         per_layer: bool | Sequence[str] = PER_LAYER,
     ) -> None:
-        error = self._framework.misconfiguration
+        error, name = self._framework.misconfiguration, self._framework.callback
         _check_arguments(
             error,
+            name,
             groups=groups,
             log_every_n_steps=log_every_n_steps,
             histogram_every_n_steps=histogram_every_n_steps,
@@ -48,9 +49,9 @@ class CallbackPieces:
             metrics=metrics,
             per_layer=per_layer,
         )
-        self.selection = _selection(error, metrics, per_layer)
+        self.selection = _selection(error, metrics, per_layer, name)
         self.groups_spec = groups
-        self.correction = _correction(error, spherical_correction)
+        self.correction = _correction(error, spherical_correction, name)
         self.compile = compile
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
