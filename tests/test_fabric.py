@@ -218,3 +218,25 @@ def test_refusals_name_the_argument_and_the_fix():
     with pytest.raises(MisconfigurationException, match=r"spherical_correction=...\): .*Adagrad"):
         optimizer.step()  # the optimizer is met at its first step
     fabric.call("on_train_end")
+
+
+def test_a_loop_that_never_calls_on_train_batch_end_is_told():
+    """Forgetting the call logged nothing, silently (a new user's trial): now one warning says what to add."""
+    from lightning.fabric import Fabric
+
+    from lightning_sphere.fabric import SphereCallback
+
+    torch.manual_seed(0)
+    sphere = SphereCallback(log_every_n_steps=2)
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[sphere])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with pytest.warns(UserWarning, match='without `fabric.call\\("on_train_batch_end"\\)` between'):
+        for _ in range(3):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            fabric.call("on_before_backward", loss=loss)
+            fabric.backward(loss)
+            optimizer.step()
+    fabric.call("on_train_end")

@@ -107,6 +107,8 @@ class SphereCallback(CallbackPieces):
     _params: frozenset[int] = frozenset()  # the model's parameters, by id: which optimizers step it
     _hook: Any = None  # the global step pre-hook
     _stepped = False  # an optimizer stepped in this batch
+    _in_batch: tuple[Any, ...] = ()  # the optimizers that stepped in this batch
+    _told_batch_end = False
     #: optimizer steps taken so far (batches in which an optimizer stepped)
     step = 0
 
@@ -147,7 +149,16 @@ class SphereCallback(CallbackPieces):
             self._follower.analyze(loss)
 
     def on_after_optimizer_step(self, strategy: Any = None, optimizer: Any = None) -> None:
-        """Called by Fabric's optimizer wrapper after each step (with its strategy and optimizer)."""
+        """Called by Fabric's optimizer wrapper after each step (with its strategy and optimizer). An optimizer that
+        steps twice with no ``on_train_batch_end`` between is a loop that never calls it: said once, since nothing
+        would be logged."""
+        if optimizer is not None and any(o is optimizer for o in self._in_batch) and not self._told_batch_end:
+            self._told_batch_end = True
+            FRAMEWORK.warn(
+                'SphereCallback: an optimizer stepped twice without `fabric.call("on_train_batch_end")` between, so '
+                "nothing is logged. Call it after `optimizer.step()` in every iteration (docs/guides/fabric.md)"
+            )
+        self._in_batch = (*self._in_batch, optimizer)
         self._stepped = True
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
@@ -165,7 +176,7 @@ class SphereCallback(CallbackPieces):
                 dtype = follower.found.compute_dtype
                 self._invariance.check_gradients(self.step, measurement, self.groups, self.tolerance, dtype)
         self.step += self._stepped
-        self._stepped = False
+        self._stepped, self._in_batch = False, ()
         if loop.optimizers and follower.follow_trainable(loop.optimizers):
             self._update_tracker()
         self._tell()
