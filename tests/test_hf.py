@@ -97,14 +97,8 @@ def test_metrics_reach_every_logger_and_match_the_float64_capture(tmp_path, opti
     capture, sphere = Capture(), SphereCallback()
     trainer = train(tmp_path, [capture, sphere], **options)
     assert trainer.callback_handler.callbacks[0] is sphere  # first: the reporting integrations see its keys
-    logged = [log for log in capture.logs if "loss" in log]
-    assert len(logged) == 3  # steps 2, 4, 6
-    for log, step in zip(logged, (2, 4, 6), strict=True):
-        assert "learning_rate" in log  # next to the Trainer's own values
-        for name in TRACKED:
-            x0, x1 = capture.steps[step - 1][f"{name}.weight"]
-            want = head_angles(x0, x1).square().mean().sqrt().item()
-            assert log[f"sphere/angular_update/{name}"] == pytest.approx(want, rel=1e-9), (step, name)
+    assert all("learning_rate" in log for log in capture.logs if "loss" in log)  # next to the Trainer's own values
+    check_against_capture(capture, (2, 4, 6), rel=1e-9)
     assert sorted(sphere.tracker.corrections) == [] and len(sphere.tracker.groups) == 4
     assert "model.layers.0.self_attn.q_proj" in sphere.summary() and "lm_head" in sphere.summary()
 
@@ -134,25 +128,44 @@ def test_a_correction_the_optimizer_cannot_take_is_refused(tmp_path):
         train(tmp_path, [SphereCallback(spherical_correction="hyperball")], optim="sgd")
 
 
-def test_bf16_mixed_precision_and_a_resume_keep_measuring(tmp_path):
-    """The Trainer's ``bf16`` (autocast on the CPU) and ``resume_from_checkpoint``: the groups are found again on the
-    resumed run's first step, and its logged steps carry the metrics."""
+def check_against_capture(capture: Capture, steps: tuple[int, ...], rel: float) -> None:
+    """Each logged step's per-layer angular update against the capture of that step (``steps``: 1-based)."""
+    logged = [log for log in capture.logs if "loss" in log]
+    assert len(logged) == len(steps)
+    for log, step in zip(logged, steps, strict=True):
+        for name in TRACKED:
+            x0, x1 = capture.steps[step - 1][f"{name}.weight"]
+            want = head_angles(x0, x1).square().mean().sqrt().item()
+            assert log[f"sphere/angular_update/{name}"] == pytest.approx(want, rel=rel), (step, name)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_is_measured_as_captured(tmp_path, precision):
+    """The Trainer's ``bf16``/``fp16`` (autocast, float32 weights): the step the optimizer takes on the float32
+    weights, against the capture (float32 round-off of the per-head reductions)."""
     capture = Capture()
-    train(tmp_path, [capture, SphereCallback()], dtype=torch.float32, bf16=True, save_strategy="steps", save_steps=4)
-    assert all(math.isfinite(log["sphere/angular_update/all"]) for log in capture.logs if "loss" in log)
+    train(tmp_path, [capture, SphereCallback()], dtype=torch.float32, **{precision: True})
+    check_against_capture(capture, (2, 4, 6), rel=1e-5)
+
+
+def test_a_resumed_run_finds_the_groups_again_and_measures_as_captured(tmp_path):
+    """``resume_from_checkpoint``: the resumed run's first step finds the same groups; its logged step (6) against
+    the capture of its own steps."""
+    train(tmp_path, [SphereCallback()], save_strategy="steps", save_steps=4)
     resumed, sphere = Capture(), SphereCallback()
     trainer = transformers.Trainer(
-        model=model(torch.float32),
+        model=model(),
         args=transformers.TrainingArguments(
             output_dir=str(tmp_path), max_steps=6, logging_steps=2, per_device_train_batch_size=8, report_to=[],
-            use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=1e-3, seed=0, bf16=True,
+            use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=1e-3, weight_decay=0.1, seed=0,
         ),
         train_dataset=Tokens(),
         callbacks=[resumed, sphere],
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-    (log,) = [log for log in resumed.logs if "loss" in log]  # step 6
-    assert len(sphere.tracker.groups) == 4 and math.isfinite(log["sphere/angular_update/all"])
+    assert len(sphere.tracker.groups) == 4
+    resumed.steps = [None, None, None, None, *resumed.steps]  # the capture starts at step 5
+    check_against_capture(resumed, (6,), rel=1e-9)
 
 
 def test_tensorboard_gets_the_metrics_and_the_layout(tmp_path):
