@@ -184,7 +184,12 @@ def _on_rank(fabric, callback):
     logged, _, weights = callback_run(callback, steps=4, fabric=fabric, full_batch=True)
     everyone = fabric.all_gather(torch.tensor([logged[-1]["sphere/angular_update/all"]], dtype=torch.float64))
     lists = {name: value.tolist() for name, value in weights.items()}  # no tensors through the spawn's queue
-    return logged[-1], lists, everyone.flatten().tolist(), [g.module_name for g in callback.groups]
+    result = logged[-1], lists, everyone.flatten().tolist(), [g.module_name for g in callback.groups]
+    # Tear gloo down before the process exits: left to the interpreter's exit, its threads were sometimes killed
+    # joinable ("terminate called without an active exception", SIGABRT on one rank)
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
+    return result
 
 
 @pytest.mark.parametrize("correction", ["srt"])  # measured too: its metrics are compared
