@@ -9,7 +9,7 @@ yours instead (torchvision's loaders, ``download=False``: it never downloads). P
 ``<logdir>/ablation.md``, the final test accuracy (mean ± std over seeds) and the final angular update
 against the §7 equilibrium its hyper-parameters predict::
 
-    pip install "lightning-sphere[examples,plot]"
+    pip install -e ".[examples,plot]"   # from a clone of the repository
     python examples/ablation.py                        # digits, 3 seeds, about 15 minutes on a busy 2-core CPU
     python examples/ablation.py --data-dir ~/data --dataset cifar10 --epochs 135
     lightning-sphere plot lightning_logs/ablation-<time> -o figures   # every run overlaid, one PNG per metric

@@ -14,7 +14,7 @@ update measured over the last quarter of each run beside the one §7 predicts, �
 Adam; the corrected run shows what S, R and T remove (``deformation_cos`` at 1). Every invocation logs to a
 new folder, and the command that shows it is printed at the end::
 
-    pip install lightning-sphere[examples]
+    pip install -e ".[examples]"   # from a clone of the repository
     python examples/digits.py            # --logdir DIR, --max-epochs N, --runs sgdm adamw …
     tensorboard --logdir lightning_logs/digits-<date>-<time>
 """

@@ -17,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
         help="PNG figures of the sphere/ metrics in TensorBoard event files",
         description="Write one PNG per logged sphere/ metric (every run a colour, every layer a panel), heat maps of "
         "the logged histograms, and an index.md listing them. Needs the plot extra: "
-        'pip install "lightning-sphere[plot]".',
+        'pip install -e ".[plot]" from a clone of the repository.',
     )
     plot.add_argument("logdir", type=Path, help="a TensorBoard log directory: one run, or many in subdirectories")
     plot.add_argument(

@@ -23,7 +23,7 @@ for AdamW and (1 − μ)/(2ηλ) for SGD (see :func:`settling_steps`). The equil
 θ*² = 2ηλ/(1+μ) for SGD-M needs μ, and AdamW's needs β1, so without them no line is drawn (the panel says
 so).
 
-matplotlib is imported only here, behind the ``plot`` extra: ``pip install "lightning-sphere[plot]"``.
+matplotlib is imported only here, behind the ``plot`` extra: ``pip install -e ".[plot]"`` from a clone.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _matplotlib() -> Any:
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            'lightning-sphere plot needs matplotlib: pip install "lightning-sphere[plot]" (or matplotlib>=3.7)'
+            'lightning-sphere plot needs matplotlib: pip install -e ".[plot]" from a clone of the repository (or pip install "matplotlib>=3.7")'
         ) from err
     del matplotlib
     return Figure
