@@ -30,6 +30,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -127,7 +128,8 @@ def train(run: str, max_epochs: int, logdir: Path) -> tuple[dict[str, float], st
         accelerator="cpu",
         devices=1,
         logger=TensorBoardLogger(save_dir=logdir, name="", version=run, default_hp_metric=False),
-        callbacks=[monitor],
+        # η, λ and μ in the logs: `lightning-sphere plot` draws the settling time of the equilibrium from them
+        callbacks=[monitor, LearningRateMonitor(log_momentum=True, log_weight_decay=True)],
         log_every_n_steps=LOG_EVERY,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -180,16 +182,25 @@ def main(
     steps = results[runs[0]]["steps"]
     last = f"last {FINAL_SHARE:.0%}"
     print(f"After {steps} steps; angular update: RMS over the {last} of the run, all tracked groups (rad/step)")
-    print(f"{'run':<9}{'val acc':>8}{'angular update':>16}{'predicted (§7)':>16}{'effective lr':>14}")
+    print(f"{'run':<9}{'val acc':>8}{'angular update':>16}{'predicted (§7)':>16}{'effective lr (*)':>18}")
     for run, result in results.items():
         predicted = result.get("sphere/angular_update_equilibrium/all")  # none for Adam with L2 decay
         cells = (
             f"{result['val/acc']:>8.1%}",
             f"{result['final_angular_update']:>16.4f}",
             f"{predicted:>16.4f}" if predicted is not None else f"{'none':>16}",
-            f"{result['sphere/effective_lr/all']:>14.3g}",
+            f"{result['sphere/effective_lr/all']:>18.3g}",
         )
         print(f"{run:<9}" + "".join(cells))
+    print(
+        "\n(*) the step on the unit sphere per unit of gradient there (rad per unit of ‖∇L(u)‖, median over groups,"
+        "\n    last logged step): η/r² for SGD, η/(r² b) for Adam, b = √v̂ + ε its denominator — not the scheduled lr."
+        "\n    Adam's divides by b, the typical size of the gradient's entries, small here, and by r² < 1: hence"
+        "\n    values far above the lr (docs/theory.md §3.2)."
+        "\nWhat this demo shows: each optimizer's steps on the sphere, and how close SGD-M and AdamW come to their"
+        "\n§7 equilibrium. What it does not: which optimizer trains best — digits is small, the runs short, one seed;"
+        "\nthe ablation (docs/guides/correction.md) runs several."
+    )
     print(f"\n{tensorboard_command(logdir)}")
     return results
 
