@@ -49,6 +49,9 @@ def test_examples_log_to_a_new_folder_per_invocation(tmp_path, monkeypatch):
 def test_digits_demo(tmp_path, capsys):
     import logging
 
+    import lightning.pytorch  # noqa: F401  (both packages set their loggers' levels when first imported: before
+    import pytorch_lightning  # noqa: F401   the levels are read, as a caller that imports the demo has them)
+
     levels = {name: logging.getLogger(name).level for name in ("pytorch_lightning", "lightning.pytorch")}
     results = load("digits").main(max_epochs=1, logdir=tmp_path)
     # quiet while it trains, and the caller's logging as it was afterwards
