@@ -175,7 +175,7 @@ def test_errors_name_what_was_found(tmp_path, capsys):
 
 def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    with pytest.raises(ImportError, match=r"lightning-sphere\[plot\]"):
+    with pytest.raises(ImportError, match=r"pip install -e \".\[plot\]\""):
         plotting.plot(tmp_path, tmp_path / "out")
 
 

@@ -108,7 +108,8 @@ def _matplotlib() -> Any:
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            'lightning-sphere plot needs matplotlib: pip install -e ".[plot]" from a clone of the repository (or pip install "matplotlib>=3.7")'
+            'lightning-sphere plot needs matplotlib: pip install -e ".[plot]" from a clone of the repository '
+            '(or pip install "matplotlib>=3.7")'
         ) from err
     del matplotlib
     return Figure
