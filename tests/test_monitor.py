@@ -113,6 +113,12 @@ def test_a_model_without_invariant_groups_trains_with_one_warning(tmp_path):
         trainer = fit(Plain(), tmp_path, [monitor], max_steps=3)
     assert sum("no radially invariant" in str(w.message) for w in record) == 1
     assert trainer.global_step == 3 and monitor.metrics == {}
+    assert not any("nothing to rewrite" in str(w.message) for w in record)
+    # with a correction asked for, the same one warning says it has nothing to rewrite (issue 23, item 5)
+    with pytest.warns(UserWarning, match="no radially invariant group") as record:
+        fit(Plain(), tmp_path, [SphereMonitor(log_every_n_steps=1, spherical_correction=True)], max_steps=3)
+    (warning,) = [w for w in record if "no radially invariant" in str(w.message)]
+    assert "spherical_correction has nothing to rewrite" in str(warning.message)
 
 
 @pytest.mark.parametrize(

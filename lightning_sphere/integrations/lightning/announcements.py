@@ -32,7 +32,7 @@ class Announcements:
         self._framework.warn(f"{self._framework.callback}: {name} is not tracked: {why}")
         self.told[name] = why
 
-    def tell(self, follower: Any, tracked: Any, summary: Callable[[], str]) -> None:
+    def tell(self, follower: Any, tracked: Any, summary: Callable[[], str], correcting: bool = False) -> None:
         """At the end of a batch that may have changed membership: the ``summary``, once the first verdicts are in
         (``follower``: the ``GroupFollower``); after it, one line per module whose membership changed
         (``tracked``: the ``TrackedModules``)."""
@@ -41,10 +41,13 @@ class Announcements:
         if self.summarized:
             self.announce(tracked.statuses(), tracked.groups)
         elif follower.ready:  # else wait for the verdicts
-            self.summarize(tracked.statuses(), tracked.groups, summary())
+            self.summarize(tracked.statuses(), tracked.groups, summary(), correcting)
 
-    def summarize(self, statuses: dict[str, str], groups: Sequence[InvariantGroups], summary: str) -> None:
-        """Print ``summary`` (as a warning when no group is tracked); ``statuses`` are told by it."""
+    def summarize(
+        self, statuses: dict[str, str], groups: Sequence[InvariantGroups], summary: str, correcting: bool = False
+    ) -> None:
+        """Print ``summary`` (as a warning when no group is tracked, which says too that a spherical correction,
+        if ``correcting``, has nothing to rewrite); ``statuses`` are told by it."""
         self.summarized, self.changed = True, False
         self.told = statuses
         if groups:
@@ -52,7 +55,14 @@ class Announcements:
         else:
             self._framework.warn(
                 f"{self._framework.callback} found no radially invariant group (a Conv/Linear layer whose output only "
-                "feeds a normalization in training mode); training continues unmonitored.\n" + summary
+                "feeds a normalization in training mode); training continues unmonitored"
+                + (
+                    ", and spherical_correction has nothing to rewrite: every step is the optimizer's own"
+                    if correcting
+                    else ""
+                )
+                + ".\n"
+                + summary
             )
 
     def announce(self, statuses: Mapping[str, str], groups: Sequence[InvariantGroups]) -> None:

@@ -90,4 +90,4 @@ class CallbackPieces:
 
     def _tell(self) -> None:
         """At the end of a batch that may have changed membership: the summary, or what changed."""
-        self._announcements.tell(self._follower, self._tracked, self.summary)
+        self._announcements.tell(self._follower, self._tracked, self.summary, self.correction is not None)
