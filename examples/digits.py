@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -174,10 +175,12 @@ def main(
     for run in runs:
         start = time.perf_counter()
         print(f"training {run:<8}", end="", flush=True)
-        with quiet_lightning():
+        with quiet_lightning(), warnings.catch_warnings(record=True) as said:  # told below the run's line
             results[run], run_summary = train(run, max_epochs, logdir)
         summary = summary or run_summary  # the first run's: the same groups in every run
         print(f"{time.perf_counter() - start:5.1f} s  {describe(run)}")
+        for warning in said:
+            print(textwrap.fill(str(warning.message), 116, initial_indent="  ! ", subsequent_indent="    "))
     print(f"\n{summary}\n")
     steps = results[runs[0]]["steps"]
     last = f"last {FINAL_SHARE:.0%}"

@@ -4,13 +4,14 @@ import re
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_sphere import METRICS, SphereMonitor
 from tests.lightning_helpers import Capture, MemoryLogger, Net, assert_scalars_match, expected, fit
+from tests.tensorboard_read import Served
 
 #: Net's tracked modules; SGD-M with weight decay defines every metric but Adam's two, update_scale (§8: Muon,
 #: Lion, Adafactor) and skipped_groups.
@@ -92,24 +93,35 @@ def test_skipped_groups_appear_only_when_groups_were_skipped(tmp_path):
 
 
 def test_one_layout_for_every_optimizer_and_correction(tmp_path):
-    # The demo's scenario: runs of SGD-M, Adam with L2 decay (no equilibrium) and AdamSRT in one logdir.
+    # The demo's scenario: runs of SGD-M, Adam with L2 decay (no equilibrium) and AdamSRT in one logdir, each with
+    # a LearningRateMonitor (whose tags name the optimizer), read as TensorBoard's Custom Scalars tab reads them.
     runs = {
         "sgdm": (Net(), False),
         "adam": (Net(optimizer=lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3)), False),
         "adamsrt": (Net(optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)), True),
     }
-    layouts = []
     for name, (module, correction) in runs.items():
         tb = TensorBoardLogger(tmp_path, name="cmp", version=name)
-        fit(module, tmp_path, [SphereMonitor(spherical_correction=correction)], max_steps=2, logger=tb)
-        (config,) = events(tmp_path / "cmp" / name).Tensors("custom_scalars__config__")
-        layouts.append(layout_pb2.Layout.FromString(config.tensor_proto.string_val[0]))
-    assert layouts[0] == layouts[1] == layouts[2]  # TensorBoard then shows each chart once
-    (category,) = layouts[0].category
-    titles = [chart.title for chart in category.chart]
-    assert titles == [m for m in METRICS if m != "angular_update_equilibrium"]  # skipped_groups: when it happens
-    angular = category.chart[titles.index("angular_update")].multiline.tag
-    assert list(angular) == [r"sphere/angular_update/.*", r"sphere/angular_update_equilibrium/.*"]
+        callbacks = [SphereMonitor(spherical_correction=correction), LearningRateMonitor()]
+        fit(module, tmp_path, callbacks, max_steps=4, logger=tb, log_every_n_steps=2)
+    served = Served(tmp_path / "cmp")
+    first, per_layer = served.layout()  # merged over the runs: a chart drawn twice would be listed twice
+    # every metric some run logged, the headline ones first; none for update_scale, which no run has (§8: Muon, Lion,
+    # Adafactor), so no chart stays empty
+    rest = ("effective_lr", "angular_update", "norm", "angular_update_equilibrium", "update_scale")
+    sphere = [m for m in METRICS if m not in rest]
+    assert list(first["charts"]) == ["loss", "learning rate", "effective_lr", "angular_update", "norm", *sphere]
+    assert list(per_layer["charts"]) == [f"{m} per layer" for m in ("effective_lr", "angular_update", "norm")]
+    assert per_layer["closed"] and not first["closed"]
+    optimizer = {"sgdm": "SGD", "adam": "Adam", "adamsrt": "Adam"}
+    for run in served.runs:
+        assert served.lines(run, first["charts"]["loss"]) == {"loss"}
+        assert served.lines(run, first["charts"]["learning rate"]) == {f"lr-{optimizer[run]}"}
+        assert served.lines(run, first["charts"]["effective_lr"]) == {"sphere/effective_lr/all"}  # a line per run
+        # Adam with L2 decay and Adam without decay have none (§7)
+        equilibrium = {"sphere/angular_update_equilibrium/all"} if run == "sgdm" else set()
+        assert served.lines(run, first["charts"]["angular_update"]) == {"sphere/angular_update/all"} | equilibrium
+        assert served.lines(run, per_layer["charts"]["norm per layer"]) == {"sphere/norm/net.0", "sphere/norm/net.3"}
 
 
 def test_the_last_step_of_fit_is_logged_with_its_histograms(tmp_path):

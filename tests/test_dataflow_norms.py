@@ -245,7 +245,7 @@ IMAGES = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
 def test_functional_norms_inside_user_modules(norm, groups, with_bias):
     params = ["conv.weight", "conv.bias"] if with_bias else ["conv.weight"]
     model = ConvNorm(norm)
-    check(model, IMAGES, {"conv": (groups, params)}, {"head": "not normalized"})
+    check(model, IMAGES, {"conv": (groups, params)}, {"head": "reaches the model's output"})
     assert_finer_groups_move(model, IMAGES, params, groups)
     (entry,) = candidates(model, IMAGES).pending
     assert (entry.norm_name, entry.norm_type) == ("norm", type(norm).__name__)
@@ -347,7 +347,7 @@ def test_weight_standardized_convs_are_invariant_per_output_channel(conv):
         model,
         IMAGES,
         {"conv1": (8, ["conv1.weight"]), "conv2": (8, ["conv2.weight"])},
-        {"head": "not normalized"},
+        {"head": "reaches the model's output"},
     )
     entry = next(g for g in candidates(model, IMAGES).pending if g.module_name == "conv1")
     assert (entry.norm_name, entry.norm_type, entry.granularity) == ("conv1", conv.__name__, "channel")
@@ -530,7 +530,7 @@ def test_densenet_convs_are_normalized_channel_by_channel_wherever_their_output_
     """Before: the first conv "is used besides the normalization", the last "reaches Cat"."""
     model = DenseBlock()
     convs = {f"convs.{i}": (4, [f"convs.{i}.weight"]) for i in range(3)}  # every BN centres: biases cancel
-    check(model, IMAGES, convs, {"head": "not normalized"})
+    check(model, IMAGES, convs, {"head": "reaches the model's output"})
 
 
 class SplitNorms(nn.Module):
@@ -672,7 +672,7 @@ class Normalized(nn.Module):
 
 
 def test_f_normalize_makes_the_layer_one_group_and_a_clamp_above_zero_breaks_a_path():
-    check(Normalized(), TOKENS, {"proj": (1, ["proj.weight", "proj.bias"])}, {"head": "not normalized"})
+    check(Normalized(), TOKENS, {"proj": (1, ["proj.weight", "proj.bias"])}, {"head": "reaches the model's output"})
     check(Normalized(floor=0.1), TOKENS, {}, {"proj": "ClampMin"})
 
 

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lightning_sphere.integrations.transformers import SphereCallback  # noqa: E402
+from tests.tensorboard_read import Served  # noqa: E402
 
 HEADS, HEAD_DIM, HIDDEN = 4, 8, 32
 TRACKED = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj")]
@@ -183,8 +184,18 @@ def test_tensorboard_gets_the_metrics_and_the_layout(tmp_path):
     assert {f"train/{key}" for key in sphere.metrics} <= tags and "train/loss" in tags
     value = events.Scalars("train/sphere/angular_update/all")[-1]
     assert value.step == 6 and value.value == pytest.approx(sphere.metrics["sphere/angular_update/all"], rel=1e-6)
-    layout = str(events.Tensors("custom_scalars__config__")[0].tensor_proto)  # the layout, as TensorBoard stored it
-    assert "train/sphere/angular_update/.*" in layout and "train/sphere/angular_update_equilibrium/.*" in layout
+    served = Served(run.parent)  # what TensorBoard's Custom Scalars tab shows: the loss and learning rate first
+    first, per_layer = served.layout()
+    assert list(first["charts"])[:4] == ["train/loss", "learning rate", "effective_lr", "angular_update"]
+    lines = {title: served.lines(run.name, first["charts"][title]) for title in list(first["charts"])[:4]}
+    assert lines == {
+        "train/loss": {"train/loss"},
+        "learning rate": {"train/learning_rate"},
+        "effective_lr": {"train/sphere/effective_lr/all"},
+        "angular_update": {"train/sphere/angular_update/all", "train/sphere/angular_update_equilibrium/all"},
+    }
+    layers = {f"train/{key}" for key in sphere.metrics if key.startswith("sphere/norm/") and key != "sphere/norm/all"}
+    assert len(layers) == 4 and served.lines(run.name, per_layer["charts"]["norm per layer"]) == layers
 
 
 @pytest.mark.slow

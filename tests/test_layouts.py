@@ -89,7 +89,7 @@ def test_a_weight_normalized_buffer_is_left_alone_not_an_error():
     layer.register_buffer("weight", weight)
     model = nn.Sequential(nn.Flatten(), torch.nn.utils.parametrizations.weight_norm(layer), nn.Tanh(), nn.Linear(6, 2))
     groups = find_invariant_groups(model, IMG)
-    assert list(groups) == [] and groups.rejected == {"3": "output is not normalized"}
+    assert list(groups) == [] and groups.rejected == {"3": "output reaches the model's output before any normalization"}
 
 
 def test_monitor_groups_argument(tmp_path):
@@ -144,4 +144,4 @@ def test_both_owners_of_a_tied_weight_are_tracked_or_listed(mode):
             twin.emb.weight.mul_(2)
             assert (twin(idx) - reference).abs().max() > 1e-3 * reference.abs().max()
     else:  # emb is no layer: the graph watches Conv and Linear layers
-        assert groups.rejected == {"head": "output is not normalized"}
+        assert groups.rejected == {"head": "output reaches the model's output before any normalization"}

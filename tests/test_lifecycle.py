@@ -341,6 +341,33 @@ def test_invariance_lost_later_is_announced_once_and_marked(tmp_path, model, los
         assert cos[0] < 1e-3 and cos[1] > 0.71
 
 
+class Shrunk(Net):
+    """From step 2 on, net.0's weights are 1e-3 of what they were (as a long weight decay would leave them): the
+    variance net.1 (BatchNorm2d) divides by comes down to its eps."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == 2:
+            with torch.no_grad():
+                self.net[0].weight.mul_(1e-3)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-30])
+def test_a_gradient_made_radial_by_the_norms_eps_is_told_with_its_cause(tmp_path, eps):
+    # A demo run (SGD-M, weight decay 0.01) showed it: block3.conv's BatchNorm input variance fell to 2.5e-4, its
+    # eps 1e-5 weighed on it, and max |cos(g, x)| rose to 0.02 (1e-7 with eps 1e-12 on the same weights).
+    monitor = SphereMonitor(log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(Shrunk(eps=eps), tmp_path, [monitor], max_steps=4)
+    lost = [str(w.message) for w in record if "net.0 is not radially invariant any more" in str(w.message)]
+    if eps == 1e-30:  # the same shrunk weights with a negligible eps: still invariant (the ground truth)
+        assert lost == [] and abs(monitor.metrics["sphere/grad_cos/all"]) < 1e-6
+        return
+    assert len(lost) == 1 and "gradients are radial on the step logged at 2" in lost[0]
+    assert "the likely cause is its eps (1e-05): it divides by √(variance + eps)" in lost[0]
+    assert "net.0: most of its groups' gradients are radial" in monitor.summary()
+
+
 class EvalForAWhile(Net):
     """net.5 (net.3's BatchNorm) normalizes with running statistics on steps 2 and 3 only."""
 

@@ -12,9 +12,10 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_sphere import SphereMonitor
+from lightning_sphere import SphereMonitor, find_invariant_groups
 from lightning_sphere.measurement.metrics import METRICS
 from tests.lightning_helpers import Capture, MemoryLogger, Net, assert_scalars_match, expected, fit
+from tests.tensorboard_read import Served
 
 SGD_METRICS = [m for m in METRICS if m not in ("deformation_cos", "momentum_radial", "update_scale")]
 
@@ -63,14 +64,19 @@ def test_tensorboard_events_read_back(tmp_path):
     for metric in ("effective_lr", "angular_update", "norm"):
         assert [e.step for e in events.Histograms(f"sphere_hist/{metric}/net.3")] == [1, 3]
         assert events.Histograms(f"sphere_hist/{metric}/net.3")[0].histogram_value.num == 8
-    layout = events.Tensors("custom_scalars__config__")
-    assert len(layout) == 1
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    config = layout_pb2.Layout.FromString(layout[0].tensor_proto.string_val[0])
-    charts = {c.title: list(c.multiline.tag) for cat in config.category for c in cat.chart}
-    assert charts["angular_update"] == [r"sphere/angular_update/.*", r"sphere/angular_update_equilibrium/.*"]
-    assert charts["effective_lr"] == [r"sphere/effective_lr/.*"]
+    # What TensorBoard's Custom Scalars tab shows: the run's loss first, then the sphere over all groups.
+    first, per_layer = Served(tmp_path / "tb").layout()
+    assert list(first["charts"])[:4] == ["loss", "effective_lr", "angular_update", "norm"]
+    served = Served(tmp_path / "tb")
+    assert served.lines("version_0", first["charts"]["loss"]) == {"loss"}
+    assert served.lines("version_0", first["charts"]["angular_update"]) == {
+        "sphere/angular_update/all",
+        "sphere/angular_update_equilibrium/all",
+    }
+    assert per_layer["closed"]
+    assert served.lines("version_0", per_layer["charts"]["effective_lr per layer"]) == {
+        f"sphere/effective_lr/net.{i}" for i in (0, 3)
+    }
 
 
 def test_custom_scalars_layout_can_be_turned_off(tmp_path):
@@ -91,15 +97,41 @@ def test_without_a_logger_metrics_are_kept_and_one_warning_is_given(tmp_path):
     assert monitor.metrics["sphere/effective_lr/all"] > 0
 
 
-def test_summary_is_printed_once_at_the_first_step(tmp_path, caplog):
+@pytest.mark.parametrize("progress_bar", [False, True])
+def test_summary_is_printed_once_at_the_first_step(tmp_path, caplog, progress_bar):
     with caplog.at_level(logging.INFO):
-        fit(Net(), tmp_path, [SphereMonitor()], max_steps=3)
-    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning_sphere:")]
+        fit(Net(), tmp_path, [SphereMonitor()], max_steps=3, enable_progress_bar=progress_bar)
+    summaries = [r.getMessage() for r in caplog.records if "lightning_sphere:" in r.getMessage()]
     assert len(summaries) == 1
     text = summaries[0]
+    # below a progress bar, which holds the current line, the table starts on a line of its own
+    assert text.startswith("\nlightning_sphere:" if progress_bar else "lightning_sphere:")
     assert "2 modules, 14 radially invariant groups" in text
     assert "net.0" in text and "net.1 (BatchNorm2d)" in text and "net.5 (BatchNorm2d)" in text
     assert "net.7: output reaches LogSoftmax before any normalization" in text  # the classifier, with the reason
+
+
+def test_reasons_name_the_module_that_consumed_the_output_in_both_apis(tmp_path):
+    # Issue 23: "net.1: output reaches Addmm" did not say where; the plain API said "output is not normalized".
+    class MLP(Net):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).double()
+
+    module = MLP()
+    plain = find_invariant_groups(module.net, torch.randn(4, 1, 8, 8, dtype=torch.float64))
+    assert plain.rejected == {
+        "1": "output reaches 3 (Linear: Addmm) before any normalization",  # through the ReLU, which keeps scale
+        "3": "output reaches the model's output before any normalization",
+    }
+    monitor = SphereMonitor(log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="no radially invariant group"):
+        fit(module, tmp_path, [monitor], max_steps=1)
+    reasons = dict(line.strip().split(": ", 1) for line in monitor.summary().splitlines() if line.startswith("  "))
+    assert reasons == {
+        "net.1": "output reaches net.3 (Linear: Addmm) before any normalization",
+        "net.3": "output reaches LogSoftmax before any normalization",  # the loss, computed outside the modules
+    }
 
 
 def test_a_model_without_invariant_groups_trains_with_one_warning(tmp_path):

@@ -78,7 +78,7 @@ def test_the_plain_api_sees_through_wrappers(wrap):
     ]
     assert described(got) == described(want) == expected
     assert [g.cosine for g in got] == pytest.approx([g.cosine for g in want], rel=1e-6)
-    assert got.rejected == want.rejected == {"head.0.4": "output is not normalized"}
+    assert got.rejected == want.rejected == {"head.0.4": "output reaches the model's output before any normalization"}
 
 
 class Compiled(Net):

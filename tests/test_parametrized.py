@@ -167,7 +167,7 @@ def test_a_computed_weight_before_a_norm_is_tracked_per_channel_on_the_stepped_t
     assert groups[0].slices[0].param is stepped(net, kind)
     assert groups[0].slices[0].channel_dims == dims
     assert change(net, x, kind, per_channel(layer)) < UNCHANGED  # ground truth: each channel is invariant
-    assert "4: output is not normalized" in summarize(groups, net, groups.rejected)
+    assert "4: output reaches the model's output before any normalization" in summarize(groups, net, groups.rejected)
 
 
 @pytest.mark.parametrize("layer", ["conv", "linear"])
@@ -207,7 +207,7 @@ def test_a_mask_with_no_norm_after_is_listed_with_the_true_reason():
     kind = "mask"
     net, x = build(kind, "conv", after="tanh")
     groups = find_invariant_groups(net, x)
-    assert list(groups) == [] and groups.rejected["0"] == "output reaches Tanh before any normalization"
+    assert list(groups) == [] and groups.rejected["0"] == "output reaches 1 (Tanh) before any normalization"
     assert change(net, x, kind, lambda t: 2 * t) > CHANGED
 
 

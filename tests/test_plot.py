@@ -202,6 +202,18 @@ def test_only_the_keys_present_are_drawn():
         plotting.metric_figure(runs, "norm")
 
 
+def test_the_legend_names_only_the_runs_drawn():
+    # An SGD-M run has no deformation_cos (Adam's): the figure of that metric does not list it.
+    steps = np.arange(0, 30, 10)
+    adam = {"sphere/deformation_cos/all": plotting.Series(steps, np.full(3, 0.9))}
+    sgdm = {"sphere/norm/all": plotting.Series(steps, np.ones(3))}
+    runs = {name: plotting.Run(name, Path("."), s, {}) for name, s in (("adam", adam), ("sgdm", sgdm))}
+    (legend,) = plotting.metric_figure(runs, "deformation_cos").legends
+    assert [text.get_text() for text in legend.get_texts()] == ["adam"]
+    (legend,) = plotting.metric_figure(runs, "norm").legends
+    assert [text.get_text() for text in legend.get_texts()] == ["sgdm"]
+
+
 def test_runs_without_sphere_metrics_are_named_and_left_out(logs, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

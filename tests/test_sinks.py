@@ -8,9 +8,11 @@ import pytest
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_sphere.reporting.layout import custom_scalars_layout, tensorboard_writer
+from lightning_sphere.measurement.metrics import METRICS
+from lightning_sphere.reporting.layout import custom_scalars_layout, tensorboard_writer, training_charts
 from lightning_sphere.reporting.sinks import LoggerSink, Selection
 from lightning_sphere.tracking.tracker import Measurement
+from tests.tensorboard_read import Served
 
 SCALARS = {
     "sphere/norm/conv": 1.5,
@@ -23,53 +25,126 @@ SCALARS = {
 }
 
 
-def chart(*tags):
-    return ["Multiline", list(tags)]
-
-
-#: The layout for the metrics of SCALARS, by hand: no chart of its own for the equilibrium.
-LAYOUT = {
-    "sphere": {
-        "norm": chart(r"sphere/norm/.*"),
-        "angular_update": chart(r"sphere/angular_update/.*", r"sphere/angular_update_equilibrium/.*"),
-        "effective_lr": chart(r"sphere/effective_lr/.*"),
-    }
-}
+#: Keys as the tracker logs them for two layers: every metric over all groups and per layer.
+EVERY_KEY = [f"sphere/{m}/{name}" for m in (*METRICS, "skipped_groups") for name in ("conv", "block.1", "all")]
 LAYOUT_METRICS = ["effective_lr", "skipped_groups", "angular_update_equilibrium", "norm", "angular_update"]
+
+
+def drawn(regexes, tags):
+    """The tags a chart with these regexes draws, matched as TensorBoard matches them (``re.match``)."""
+    return {tag for tag in tags if any(re.match(r, tag) for r in regexes)}
+
+
+def categories(layout):
+    return {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
 
 
 # ---------------------------------------------------------------------- the layout
 
 
-def test_layout_has_one_chart_per_selected_metric_in_registry_order():
+def test_first_category_has_one_chart_per_metric_over_all_groups_headline_first():
     layout = custom_scalars_layout(LAYOUT_METRICS)
-    assert layout == LAYOUT
-    assert list(layout["sphere"]) == list(LAYOUT["sphere"])  # the registry's order, whatever the selection's
-
-
-def test_default_layout_charts_every_metric_once():
-    from lightning_sphere import METRICS
-
-    charts = custom_scalars_layout()["sphere"]
-    assert list(charts) == [m for m in METRICS if m != "angular_update_equilibrium"]
-    every_key = [f"sphere/{m}/{name}" for m in METRICS for name in ("conv", "all")]
-    for key in every_key:
-        holders = [title for title, (_, tags) in charts.items() if any(re.fullmatch(t, key) for t in tags)]
-        assert len(holders) == 1, (key, holders)
-    assert not any(re.fullmatch(t, k) for _, tags in charts.values() for t in tags for k in ("loss", "train/loss"))
-
-
-def test_angular_update_chart_always_has_the_equilibrium_line():
-    # Runs with and without an equilibrium (Adam with L2 decay, SGD-M with decay) must write the same chart.
-    assert custom_scalars_layout(["angular_update"]) == {
-        "sphere": {"angular_update": LAYOUT["sphere"]["angular_update"]}
+    assert [(c.title, c.closed) for c in layout.category] == [("training", False), ("sphere per layer", True)]
+    first = categories(layout)["training"]
+    assert list(first) == ["effective_lr", "angular_update", "norm"]
+    assert {title: drawn(tags, EVERY_KEY) for title, tags in first.items()} == {
+        "effective_lr": {"sphere/effective_lr/all"},
+        "angular_update": {"sphere/angular_update/all", "sphere/angular_update_equilibrium/all"},
+        "norm": {"sphere/norm/all"},
     }
-    alone = custom_scalars_layout(["angular_update_equilibrium"])
-    assert alone == {"sphere": {"angular_update_equilibrium": chart(r"sphere/angular_update_equilibrium/.*")}}
 
 
-def test_no_metric_no_chart():
-    assert custom_scalars_layout([]) == {"sphere": {}}
+def test_per_layer_category_draws_every_layer_and_never_all():
+    per_layer = categories(custom_scalars_layout(LAYOUT_METRICS))["sphere per layer"]
+    assert {title: drawn(tags, EVERY_KEY) for title, tags in per_layer.items()} == {
+        "effective_lr per layer": {"sphere/effective_lr/conv", "sphere/effective_lr/block.1"},
+        # the equilibrium: under all, and per layer when the layers' differ
+        "angular_update per layer": {"sphere/angular_update/conv", "sphere/angular_update/block.1"}
+        | {f"sphere/angular_update_equilibrium/{n}" for n in ("conv", "block.1", "all")},
+        "norm per layer": {"sphere/norm/conv", "sphere/norm/block.1"},
+    }
+
+
+def test_default_layout_charts_every_metric_once_per_category():
+    layout = categories(custom_scalars_layout(per_layer=METRICS))
+    assert list(layout["training"])[:3] == ["effective_lr", "angular_update", "norm"]
+    for title, charts in layout.items():
+        for key in EVERY_KEY:
+            if key.startswith("sphere/skipped_groups/") or (title == "training") != key.endswith("/all"):
+                continue  # skipped_groups has no chart; layers are charted in the second category only
+            holders = [chart for chart, tags in charts.items() if drawn(tags, [key])]
+            assert len(holders) == 1, (title, key, holders)  # the equilibrium: in the angular update's chart
+    assert not drawn([t for charts in layout.values() for tags in charts.values() for t in tags], ["loss", "lr-SGD"])
+
+
+def test_per_layer_charts_follow_the_selection():
+    layout = categories(custom_scalars_layout(["norm", "grad_cos"], per_layer=["grad_cos"]))
+    assert list(layout["training"]) == ["norm", "grad_cos"]
+    assert list(layout["sphere per layer"]) == ["grad_cos per layer"]
+    no_layers = custom_scalars_layout(["norm"], per_layer=[])
+    assert [c.title for c in no_layers.category] == ["training"]
+    assert categories(custom_scalars_layout([]))["training"] == {}
+
+
+def test_runs_of_any_optimizer_write_the_same_sphere_charts():
+    # With and without an equilibrium (Adam with L2 decay, SGD-M with decay): the layout depends on the selection.
+    assert custom_scalars_layout(["angular_update"]) == custom_scalars_layout(["angular_update"])
+    alone = categories(custom_scalars_layout(["angular_update_equilibrium"], per_layer=[]))["training"]
+    assert {t: drawn(tags, EVERY_KEY) for t, tags in alone.items()} == {
+        "angular_update_equilibrium": {"sphere/angular_update_equilibrium/all"}
+    }
+
+
+#: Tags a Lightning run wrote: its losses, metrics, and a LearningRateMonitor's learning rates, momenta, decays.
+RUN_TAGS = ["train/loss", "val/loss", "val/acc", "epoch", "lr-SGD", "lr-SGD-momentum", "lr-SGD/pg1"]
+RUN_TAGS += ["lr-SGD/pg1-weight_decay", "my_lr", "lr_scale_loss", "step_lr/warmup", "optimizer/beta1"]
+
+
+def test_the_runs_losses_and_learning_rates_come_first():
+    charts = training_charts(RUN_TAGS)
+    assert [title for title, _ in charts] == ["train/loss", "val/loss", "lr_scale_loss", "learning rate"]
+    assert {title: drawn(tags, RUN_TAGS + EVERY_KEY) for title, tags in charts} == {
+        "train/loss": {"train/loss"},
+        "val/loss": {"val/loss"},
+        "lr_scale_loss": {"lr_scale_loss"},
+        "learning rate": {"lr-SGD", "lr-SGD/pg1", "my_lr", "step_lr/warmup"},
+    }
+    assert training_charts(["val/acc", "epoch"]) == []  # no chart for what the run did not write
+
+
+def test_known_learning_rates_are_charted_whatever_their_name():
+    # A scheduler named in configure_optimizers: LearningRateMonitor logs it under that name.
+    (chart,) = training_charts(["epoch"], learning_rates=["warmup", "lr-Adam"])
+    assert chart[0] == "learning rate" and drawn(chart[1], ["warmup", "lr-Adam", "warmup2", "epoch"]) == {
+        "warmup",
+        "lr-Adam",
+    }
+
+
+def test_learning_rate_chart_is_one_chart_for_runs_of_different_optimizers():
+    # TensorBoard merges the runs' layouts chart by chart: one definition, one chart, a line per run.
+    def layout(optimizer):
+        return custom_scalars_layout(["norm"], training_tags=["train/loss", f"lr-{optimizer}", f"lr-{optimizer}/pg1"])
+
+    assert layout("SGD") == layout("AdamW") == layout("Adam")
+
+
+def test_the_loggers_prefix_is_in_every_tag(tmp_path):
+    tags = ["run1-sphere/norm/all", "run1-sphere/norm/conv", "run1-train/loss", "sphere/norm/all"]
+    layout = categories(custom_scalars_layout(["norm"], ["norm"], "run1-", ["run1-train/loss"]))
+    assert {t: drawn(c, tags) for t, c in layout["training"].items()} == {
+        "run1-train/loss": {"run1-train/loss"},
+        "norm": {"run1-sphere/norm/all"},
+    }
+    assert drawn(layout["sphere per layer"]["norm per layer"], tags) == {"run1-sphere/norm/conv"}
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0, prefix="run1")
+    sink = LoggerSink(selection=Selection.of(["norm"]))
+    sink.write([logger], Measurement({"sphere/norm/all": 1.0, "sphere/norm/conv": 2.0}, {}), 1, (["train/loss"], []))
+    logger.finalize("success")
+    served = Served(tmp_path / "tb")
+    (run,) = served.runs
+    charts = served.layout()[0]["charts"]
+    assert served.lines(run, charts["norm"]) == {"run1-sphere/norm/all"}
 
 
 # ---------------------------------------------------------------------- which keys are logged
@@ -210,7 +285,7 @@ def test_tensorboard_writer_is_found_only_behind_a_tensorboard_like_logger():
 def test_plain_logger_gets_only_the_scalars_at_the_step():
     logger = PlainLogger()
     m = measurement()
-    LoggerSink(metrics=LAYOUT_METRICS).write([logger], m, step=7)
+    LoggerSink(selection=Selection.of(LAYOUT_METRICS)).write([logger], m, step=7)
     assert [name for name, _, _ in logger.calls] == ["log_metrics"]
     _, args, kwargs = logger.calls[0]
     assert bound_log_metrics(args, kwargs) == {"metrics": SCALARS, "step": 7}
@@ -219,7 +294,7 @@ def test_plain_logger_gets_only_the_scalars_at_the_step():
 def test_tensorboard_like_logger_gets_histograms_and_the_layout_once_per_writer():
     writers = [FakeWriter(), FakeWriter()]
     loggers = [TensorBoardLike(writers[0]), PlainLogger(), TensorBoardLike(writers[1])]
-    sink = LoggerSink(metrics=LAYOUT_METRICS)
+    sink = LoggerSink(selection=Selection.of(LAYOUT_METRICS))
     sink.write(loggers, measurement(), step=3)
     sink.write(loggers, measurement(scale=2.0), step=5)
     for logger, writer in zip(loggers[::2], writers, strict=True):
@@ -227,13 +302,46 @@ def test_tensorboard_like_logger_gets_histograms_and_the_layout_once_per_writer(
         assert [(tag, step) for tag, _, step in writer.histograms] == [("sphere_hist/norm/conv", s) for s in (3, 5)]
         torch.testing.assert_close(writer.histograms[0][1], torch.tensor([1.0, 2.0, 4.0]))
         torch.testing.assert_close(writer.histograms[1][1], torch.tensor([2.0, 4.0, 8.0]))
-        assert writer.layouts == [LAYOUT]
+        (layout,) = writer.layouts  # a writer other than torch's: through add_custom_scalars, as a dict
+        assert list(layout) == ["training", "sphere per layer"]
+        assert layout["training"]["angular_update"] == [
+            "Multiline",
+            ["sphere/angular_update/all$", "sphere/angular_update_equilibrium/all$"],
+        ]
     assert [name for name, _, _ in loggers[1].calls] == ["log_metrics", "log_metrics"]
+
+
+def test_layout_is_written_again_only_when_the_runs_tags_change():
+    writer = FakeWriter()
+    sink = LoggerSink(selection=Selection.of(LAYOUT_METRICS))
+    for step, run in enumerate([((), ()), (["epoch"], []), (["train/loss"], ["lr-SGD"]), (["train/loss"], ["lr-SGD"])]):
+        sink.write([TensorBoardLike(writer)], measurement(), step=step, run=run)
+    sink.write_layout([TensorBoardLike(writer)], 9, (["train/loss", "val/loss"], ["lr-SGD"]))
+    assert [list(layout["training"])[:3] for layout in writer.layouts] == [
+        ["effective_lr", "angular_update", "norm"],  # "epoch" is neither a loss nor a learning rate: no change
+        ["train/loss", "learning rate", "effective_lr"],
+        ["train/loss", "val/loss", "learning rate"],
+    ]
+
+
+def test_only_metrics_the_run_logged_get_charts():
+    # Adam's deformation_cos is selected but an SGD run never logs it: no empty chart; charted once it comes.
+    writer = FakeWriter()
+    sink = LoggerSink(selection=Selection.of(["norm", "deformation_cos"], per_layer=True))
+    sink.write([TensorBoardLike(writer)], Measurement({"sphere/norm/all": 1.0}, {}), step=0)
+    sink.write([TensorBoardLike(writer)], Measurement({"sphere/norm/all": 1.0}, {}), step=1)
+    sink.write([TensorBoardLike(writer)], Measurement({"sphere/deformation_cos/conv": 0.5}, {}), step=2)
+    assert [{c: list(charts) for c, charts in layout.items()} for layout in writer.layouts] == [
+        {"training": ["norm"], "sphere per layer": ["norm per layer"]},
+        {"training": ["norm", "deformation_cos"], "sphere per layer": ["norm per layer", "deformation_cos per layer"]},
+    ]
 
 
 def test_two_loggers_sharing_a_writer_get_one_layout():
     writer = FakeWriter()
-    LoggerSink(metrics=LAYOUT_METRICS).write([TensorBoardLike(writer), TensorBoardLike(writer)], measurement(), step=0)
+    LoggerSink(selection=Selection.of(LAYOUT_METRICS)).write(
+        [TensorBoardLike(writer), TensorBoardLike(writer)], measurement(), step=0
+    )
     assert len(writer.layouts) == 1
     assert len(writer.histograms) == 2
 
@@ -252,10 +360,9 @@ def test_custom_scalars_off_writes_no_layout_but_still_histograms():
 
 def test_tensorboard_events_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.custom_scalar import layout_pb2
 
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    sink = LoggerSink(metrics=LAYOUT_METRICS)
+    sink = LoggerSink(selection=Selection.of(LAYOUT_METRICS))
     sink.write([logger], measurement(), step=3)
     sink.write([logger], measurement(scale=2.0), step=5)
     logger.finalize("success")
@@ -270,12 +377,26 @@ def test_tensorboard_events_read_back(tmp_path):
     first, second = (h.histogram_value for h in hist)
     assert (first.num, first.min, first.max, first.sum, first.sum_squares) == (3, 1, 4, 7, 21)
     assert (second.num, second.min, second.max, second.sum, second.sum_squares) == (3, 2, 8, 14, 84)
-    layouts = events.Tensors("custom_scalars__config__")
-    assert len(layouts) == 1
-    config = layout_pb2.Layout.FromString(layouts[0].tensor_proto.string_val[0])
-    assert [c.title for c in config.category] == ["sphere"]
-    charts = {c.title: list(c.multiline.tag) for c in config.category[0].chart}
-    assert charts == {title: tags for title, (_, tags) in LAYOUT["sphere"].items()}
+    served = Served(tmp_path / "tb")
+    first, per_layer = served.layout()
+    assert (first["title"], first["closed"], per_layer["title"], per_layer["closed"]) == (
+        "training",
+        False,
+        "sphere per layer",
+        True,
+    )
+    lines = {title: served.lines("version_0", tags) for title, tags in first["charts"].items()}
+    assert lines == {
+        "effective_lr": set(),  # logged for conv only: no line over all groups
+        "angular_update": {"sphere/angular_update/all"},
+        "norm": {"sphere/norm/all"},
+    }
+    lines = {title: served.lines("version_0", tags) for title, tags in per_layer["charts"].items()}
+    assert lines == {
+        "effective_lr per layer": {"sphere/effective_lr/conv"},
+        "angular_update per layer": {"sphere/angular_update/conv", "sphere/angular_update_equilibrium/conv"},
+        "norm per layer": {"sphere/norm/conv"},
+    }
 
 
 @pytest.mark.parametrize("custom_scalars", [True, False])

@@ -95,3 +95,11 @@ def position(order: dict[str, int], name: str) -> tuple[int, str]:
     while probe not in order and "." in probe:
         probe = probe.rsplit(".", 1)[0]
     return (order.get(probe, len(order)), name)
+
+
+def class_name(module: nn.Module) -> str:
+    """The name of the class the user wrote for ``module``: FSDP2's ``fully_shard`` swaps it for a subclass
+    named ``FSDP<name>``, which is not what the user knows it by."""
+    cls = type(module)
+    original = next((base for base in cls.__bases__ if f"FSDP{base.__name__}" == cls.__name__), None)
+    return (original or cls).__name__

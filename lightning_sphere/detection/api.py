@@ -65,7 +65,7 @@ def find_invariant_groups(
     module  granularity  groups   d  normalization    max|cos(g,x)|
     0       channel           8  27  1 (BatchNorm2d)        ...
     not tracked:
-      4: output is not normalized
+      4: output reaches the model's output before any normalization
 
     Raises:
         ValueError: for a ``groups`` mapping that names what the model does not have.

@@ -23,6 +23,7 @@ from lightning_sphere.detection.gradient_test import failure_reason, verify_with
 from lightning_sphere.detection.layers import LAYERS, GraphRoot, find_candidates
 from lightning_sphere.detection.parametrized import stored_weight
 from lightning_sphere.detection.recorder import DataflowRecorder, _Call
+from lightning_sphere.detection.walk import at_output
 
 T = TypeVar("T")
 
@@ -197,7 +198,8 @@ class GroupFinder:
         for name in sorted(blind - candidates):
             why = found.rejected.get(name, "")
             # Inside the segment the graph tells; where the output leaves it, the graph ends: say so.
-            self._unused[name] = why if why and "not normalized" not in why else _CHECKPOINTED
+            ends = (at_output("the loss"), at_output("the model's output"))
+            self._unused[name] = why if why and why not in ends else _CHECKPOINTED
         calls[:] = [c for c in calls if c.name not in blind]
         return True
 

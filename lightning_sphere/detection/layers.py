@@ -28,7 +28,7 @@ from torch.autograd.graph import Node
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from lightning_sphere.core.groups import InvariantGroups, ParamSlice
-from lightning_sphere.core.names import named_parameters
+from lightning_sphere.core.names import class_name, named_parameters
 from lightning_sphere.core.sharding import unsharded_aliases
 from lightning_sphere.detection.parametrized import Stored, read_scaling, stored_weight
 from lightning_sphere.detection.recorder import CHANNEL_NORMS, LAYERS, _Call, _Graph, _NormNamer
@@ -63,6 +63,8 @@ def find_candidates(
         exclude: layers found another way (weight normalization), to leave alone.
     """
     graph = _Graph([r.grad_fn for r in roots if r.grad_fn is not None])
+    scalar = all(tuple(getattr(r, "shape", (2,))) == () for r in roots)  # a loss; else the model's outputs
+    graph.output = "the loss" if scalar else "the model's output"
     for sharded, unsharded in unsharded_aliases(model).items():  # FSDP2: the graph holds the unsharded copies
         if unsharded in graph.leaf:
             graph.leaf.setdefault(sharded, graph.leaf[unsharded])
@@ -208,7 +210,7 @@ def _structural_groups(
             broken |= walk.broken
             reasons.append(walk.reason)
         if not norms:
-            return next((r for r in reasons if r), "output is not normalized")
+            return next((r for r in reasons if r), "output reaches no normalization")
         if bias_stored is not None and bias_stored.computed_by is not None and not all(n.cancels_shift for n in norms):
             return f"bias computed by {bias_stored.computed_by}, which is not followed"
         with_bias = bias is not None and not all(n.cancels_shift for n in norms)
@@ -240,7 +242,7 @@ def _structural_groups(
         slices=tuple(pieces),
         num_groups=num_groups,
         norm_name=norm_call.name if norm_call else name,
-        norm_type=type(norm_call.module).__name__ if norm_call else type(layer).__name__,
+        norm_type=class_name(norm_call.module) if norm_call else class_name(layer),
         granularity="channel" if per_group == 1 else "layer" if num_groups == 1 else f"{per_group} channels",
         channels_aligned=per_group == 1
         and standardized is None

@@ -71,12 +71,19 @@ class DataflowRecorder:
         self._computed: dict[nn.Module, tuple[Node, int]] = {}  # layer → its parametrized weight's node
 
     def __enter__(self) -> DataflowRecorder:
+        every = True  # recording every layer of the model: its first step
         for name, module in named_modules(self.model):
+            every &= not isinstance(module, LAYERS) or self.layers is None or module in self.layers
             if isinstance(module, LAYERS) and (self.layers is None or module in self.layers):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
                 chain = parametrizations(module).get("weight")
                 if chain is not None:
                     self._handles.append(chain.register_forward_hook(self._computed_hook(module)))
+        if self._handles and every:
+            # Now, not at the first layer's call, when a module already running would skip its hook (and the
+            # reasons would name it or not by chance). Waiting for some layers not called yet, hooks stay off
+            # every other module until one of them runs: nothing per step.
+            self._hook_norms()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,6 +127,8 @@ class _Graph:
 
     def __init__(self, roots: Sequence[Node]) -> None:
         self.roots = set(roots)
+        #: what the roots are, in the user's terms (for the reasons given)
+        self.output = "the model's output"
         self.nodes, self.consumers, self.leaf = graph_below(roots)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
+from lightning_sphere.core.names import class_name
 from lightning_sphere.detection.operations import rule_for
 from lightning_sphere.detection.recorder import _Call, _Graph
 from lightning_sphere.detection.scaling import (
@@ -66,6 +67,8 @@ class ScalingWalk:
         scale reaches the loss end up in :attr:`broken`, the first reason in :attr:`reason`."""
         self.start = start
         self.values[(start, 0)] = ScaledValue(Fraction(1), ids)
+        if start in self.graph.roots:  # the layer's output is the model's (or loss's) output itself
+            self._lose([self.values[(start, 0)]], at_output(self.graph.output))
         queue: list[tuple[int, int, Node]] = []
         queued: set[Node] = set()
         self._push(start, queue, queued)
@@ -79,16 +82,18 @@ class ScalingWalk:
                 self._lose([v for v in self._inputs(node) if v is not None], str(broken))
                 continue
             except Exception:  # an operation this walk misreads must cost the layer, never the training run
-                op = node.name().removesuffix("Backward0")
-                self._lose([v for v in self._inputs(node) if v is not None], f"output reaches {op}, not followed")
+                where = self.where(node)
+                self._lose([v for v in self._inputs(node) if v is not None], f"output reaches {where}, not followed")
                 continue
             for nr, value in enumerate(outputs):
                 if value is None or value.degree == 0 or bool((compact(value.ids) < 0).all()):
                     continue  # no longer scales with the layer
                 self.values[(node, nr)] = value
                 users = self.graph.consumers.get(node, [])
-                if node in self.graph.roots or (self.inside is not None and not set(users) <= self.inside):
-                    self._lose([value], "output is not normalized")
+                if node in self.graph.roots:
+                    self._lose([value], at_output(self.graph.output))
+                elif self.inside is not None and not set(users) <= self.inside:
+                    self._lose([value], "weight is used besides its standardization")
                 else:
                     self._push(node, queue, queued)
         self._lose(list(self.values.values()), "output is not normalized within the operations followed")
@@ -124,14 +129,24 @@ class ScalingWalk:
     def break_at(self, node: Node, why: str = "") -> ScaleBroken:
         """The error that the layer's scale reaches the loss through ``node``: an addition or concatenation
         with something else computed from the layer's output is a use besides the normalization."""
-        op = node.name().removesuffix("Backward0").removesuffix("Backward1")
         derived = any(
             child is not None and (child, nr) not in self.values and self._depends(child)
             for child, nr in node.next_functions
         )
-        if derived and op in ("Add", "Sub", "Cat"):
+        if derived and _op(node) in ("Add", "Sub", "Cat"):
             return ScaleBroken("output is used besides the normalization")
-        return ScaleBroken(f"output reaches {op}{why} before any normalization")
+        return ScaleBroken(f"output reaches {self.where(node, why)} before any normalization")
+
+    def where(self, node: Node, why: str = "") -> str:
+        """Where the scale went, in the user's terms: the submodule whose forward ran ``node``, with the operation
+        in parentheses (``net.2 (Linear: Addmm)``), else the operation (``LogSoftmax``, computed outside any
+        submodule: in a loss, say). ``why``: how it breaks the scale, appended to the operation (``", mixing
+        channels"``, ``" as a query or key"``)."""
+        op, call = _op(node), self.namer(node)
+        if call is not None and call.name:  # not the model itself (whose "forward" is its training_step under DDP)
+            kind = class_name(call.module)
+            return f"{call.name} ({kind if kind == op and not why else f'{kind}: {op}{why}'})"
+        return f"{op} ({why.removeprefix(', ')})" if why.startswith(", ") else op + why
 
     def _depends(self, node: Node) -> bool:
         """Whether ``node`` was computed from the start of the walk (one of its normalized values)."""
@@ -155,7 +170,7 @@ class ScalingWalk:
         compacted = compact(ids)
         row_ids = rows(compacted, keep)
         if mixes_scaling(row_ids):
-            raise self.break_at(node, " (with entries that do not scale)")
+            raise self.break_at(node, ", with entries that do not scale")
         self.ties.tie(row_ids)
         reduced = row_ids.amax(1).reshape([compacted.shape[d] if d in keep else 1 for d in range(ids.dim())])
         return reduced.expand([ids.shape[d] if d in keep else 1 for d in range(ids.dim())])
@@ -168,3 +183,14 @@ class ScalingWalk:
         if bool(both.any()):
             self.ties.tie(torch.stack([a[both], b[both]], 1))
         return torch.where(a >= 0, a, b).expand(shape)
+
+
+def at_output(output: str) -> str:
+    """Why a layer is not invariant when its scale reaches ``output`` (``"the loss"``, ``"the model's output"``:
+    the end of the graph read) unnormalized."""
+    return f"output reaches {output} before any normalization"
+
+
+def _op(node: Node) -> str:
+    """The operation of an autograd node, as torch names its forward (``Addmm`` for ``AddmmBackward0``)."""
+    return node.name().removesuffix("Backward0").removesuffix("Backward1")

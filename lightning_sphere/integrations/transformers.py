@@ -27,7 +27,7 @@ from lightning_sphere.detection.finder import MAX_TRIES, GroupFinder
 from lightning_sphere.integrations.lightning.arguments import _check_arguments, _correction, _selection
 from lightning_sphere.optimizers.modes import cannot_invert, unsupported
 from lightning_sphere.optimizers.registry import unwrap_optimizer
-from lightning_sphere.reporting.layout import custom_scalars_layout
+from lightning_sphere.reporting.layout import custom_scalars_layout, write_layout
 from lightning_sphere.reporting.sinks import PER_LAYER
 from lightning_sphere.reporting.summary import summarize
 from lightning_sphere.tracking.tracker import SphereTracker
@@ -80,7 +80,9 @@ class SphereCallback(TrainerCallback):
         self._model: nn.Module | None = None
         self._summary = ""
         self._handler: Any = None
-        self._layouts: set[int] = set()
+        self._layouts: dict[int, Any] = {}  # writer → the layout it has
+        self._logged: dict[str, None] = {}  # the tags the Trainer's TensorBoard integration has written
+        self._measured: set[str] = set()  # the metrics logged so far
         self._eager: Any = None
 
     # ------------------------------------------------------------------ set-up
@@ -178,19 +180,25 @@ class SphereCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         """Add the measured step's metrics to what every reporting integration logs at this step."""
+        if logs is not None and "train_runtime" not in logs:  # not the one-point summary of a finished run
+            self._logged.update(dict.fromkeys(_tensorboard_tag(k) for k, v in logs.items() if _is_scalar(v)))
         if self._pending is not None and logs is not None and "loss" in logs:
             logs.update(self._pending)
             self.metrics, self._pending = dict(self._pending), None
-            self._write_layout()
+        if logs is not None:
+            self._write_layout(state.global_step)
 
-    def _write_layout(self) -> None:
-        """The custom-scalars layout, once per TensorBoard writer of the Trainer (its integration logs the training
-        values under ``train/``)."""
+    def _write_layout(self, step: int) -> None:
+        """The custom-scalars layout, to each TensorBoard writer of the Trainer whose layout it changes (its
+        integration logs the training values under ``train/``, the evaluation's under ``eval/``)."""
+        self._measured |= {key.split("/")[1] for key in self.metrics}
+        metrics = [m for m in self.selection.metrics if m in self._measured]  # no chart stays empty
+        layout = custom_scalars_layout(metrics, self.selection.per_layer, "train/", self._logged)
         for callback in getattr(self._handler, "callbacks", ()):
             writer = getattr(callback, "tb_writer", None)
-            if writer is not None and id(writer) not in self._layouts and hasattr(writer, "add_custom_scalars"):
-                writer.add_custom_scalars(custom_scalars_layout(self.selection.metrics, prefix="train/"))
-                self._layouts.add(id(writer))
+            if writer is not None and self._layouts.get(id(writer)) != layout and hasattr(writer, "add_custom_scalars"):
+                write_layout(writer, layout, step)
+                self._layouts[id(writer)] = layout
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._eager is not None:
@@ -221,6 +229,18 @@ def _loss_of(output: Any) -> Tensor | None:
         return loss
     values = output.values() if hasattr(output, "values") else output if isinstance(output, tuple | list) else [output]
     return next((v for v in values if isinstance(v, Tensor) and v.grad_fn is not None), None)
+
+
+def _tensorboard_tag(key: str) -> str:
+    """The tag Hugging Face's TensorBoard integration writes a logged key under (its ``rewrite_logs``)."""
+    for phase in ("eval", "test"):
+        if key.startswith(f"{phase}_"):
+            return f"{phase}/{key[len(phase) + 1 :]}"
+    return f"train/{key}"
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _compute_dtype(args: Any) -> torch.dtype | None:

@@ -10,12 +10,22 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lightning_sphere.measurement.metrics import HISTOGRAMS, SKIPPED_GROUPS
-from lightning_sphere.reporting.layout import _EQUILIBRIUM, LOGGABLE, custom_scalars_layout, tensorboard_writer
+from lightning_sphere.reporting.layout import (
+    _EQUILIBRIUM,
+    HEADLINE,
+    LOGGABLE,
+    custom_scalars_layout,
+    tensorboard_writer,
+    write_layout,
+)
 from lightning_sphere.tracking.tracker import Measurement
+
+#: A run's own scalar keys logged so far, and those of them known to be learning rates.
+RunTags = tuple[Sequence[str], Sequence[str]]
 
 #: The metrics logged with a line per layer by default, the headline ones; every selected metric is also
 #: logged over all groups (``sphere/<metric>/all``).
-PER_LAYER = ("effective_lr", "angular_update", "norm")
+PER_LAYER = HEADLINE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,28 +95,48 @@ def _known(names: Sequence[str], argument: str) -> set[str]:
 
 
 class LoggerSink:
-    """Streams measurements to a trainer's loggers, writing the TensorBoard layout once per writer.
+    """Streams measurements to a trainer's loggers, and keeps each TensorBoard writer's custom-scalars layout up to
+    date with the tags the run has written (:mod:`lightning_sphere.reporting.layout`).
 
     Args:
         custom_scalars: write the custom-scalars layout.
-        metrics: the selected metrics: the layout has a chart for each.
+        selection: the selected metrics: the layout has a chart for each the run has logged, over all groups, and
+            one per layer for those logged per layer. A chart's definition depends on its metric alone, so that
+            TensorBoard, which merges the runs' layouts chart by chart, shows it once for all runs that have it,
+            and no chart stays empty (Adam's two for an SGD run, ``update_scale`` for most optimizers).
     """
 
-    def __init__(self, custom_scalars: bool = True, metrics: Iterable[str] = LOGGABLE) -> None:
+    def __init__(self, custom_scalars: bool = True, selection: Selection | None = None) -> None:
         self.custom_scalars = custom_scalars
-        self.layout = custom_scalars_layout(metrics)
-        self._layouts: set[int] = set()
+        self.selection = selection or Selection()
+        self._layouts: dict[int, Any] = {}  # writer → the layout it has
+        self._measured: set[str] = set()  # the metrics logged so far: only those get charts
 
-    def write(self, loggers: Iterable[Any], measurement: Measurement, step: int) -> None:
+    def write(self, loggers: Iterable[Any], measurement: Measurement, step: int, run: RunTags = ((), ())) -> None:
+        """``measurement`` to every logger at ``step``; ``run``: the run's own scalar keys logged so far, and
+        those known to be learning rates (its losses and learning rates get the layout's first charts)."""
         for logger in loggers:
             if measurement.scalars:
                 logger.log_metrics(measurement.scalars, step=step)
         self.write_histograms(loggers, measurement.histograms, step)
+        self._measured |= {key.split("/")[1] for key in measurement.scalars}
+        self.write_layout(loggers, step, run)
+
+    def write_layout(self, loggers: Iterable[Any], step: int, run: RunTags = ((), ())) -> None:
+        """The layout, to each TensorBoard writer among ``loggers`` whose layout it changes."""
+        if not self.custom_scalars:
+            return
         for logger in loggers:
             writer = tensorboard_writer(logger)
-            if writer is not None and self.custom_scalars and id(writer) not in self._layouts:
-                writer.add_custom_scalars(self.layout)
-                self._layouts.add(id(writer))
+            if writer is None:
+                continue
+            prefix = _key_prefix(logger)
+            tags, rates = ([prefix + key for key in keys] for keys in run)
+            metrics = [m for m in self.selection.metrics if m in self._measured]
+            layout = custom_scalars_layout(metrics, self.selection.per_layer, prefix, tags, rates)
+            if self._layouts.get(id(writer)) != layout:
+                write_layout(writer, layout, step)
+                self._layouts[id(writer)] = layout
 
     def write_histograms(self, loggers: Iterable[Any], histograms: dict[str, Any], step: int) -> None:
         """``histograms`` (tag → per-group values) to the TensorBoard writers among ``loggers``."""
@@ -115,3 +145,10 @@ class LoggerSink:
             if writer is not None:
                 for tag, values in histograms.items():
                     writer.add_histogram(tag, values, global_step=step)
+
+
+def _key_prefix(logger: Any) -> str:
+    """What a Lightning logger puts before the keys it is given (its ``prefix``, joined with ``-``)."""
+    prefix = getattr(logger, "_prefix", "")
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    return f"{prefix}{join}" if isinstance(prefix, str) and prefix else ""

@@ -35,7 +35,7 @@ def convolution(walk: WalkContext, node: Node, inputs: list[ScaledValue | None])
     (not transposed, not grouped): each output entry ties all the input's channels, or scales with its filter."""
     bias = saved(node, "_saved_bias_sym_sizes_opt")
     if bias is not None and math.prod(bias) > 0:
-        raise walk.break_at(node, " (a bias on the way)")
+        raise walk.break_at(node, ", a bias on the way")
     x, w = inputs[0], inputs[1]
     out = output_shape(node)
     ids = None

@@ -57,7 +57,7 @@ def add(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list
         a, b = present
         a_ids, b_ids = torch.broadcast_tensors(compact(a.ids.expand(out)), compact(b.ids.expand(out)))
         if bool(((a_ids < 0) != (b_ids < 0)).any()):
-            raise walk.break_at(node, " (with entries that do not scale)")
+            raise walk.break_at(node, ", with entries that do not scale")
         return [
             ScaledValue(
                 a.degree,

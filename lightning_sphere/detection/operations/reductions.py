@@ -29,7 +29,7 @@ def pooling(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> 
     value = sole_input(walk, node, inputs)
     flat = compact(value.ids).flatten(2)
     if not bool((flat == flat[:, :, :1]).all()):
-        raise walk.break_at(node, " (mixing channels)")
+        raise walk.break_at(node, ", mixing channels")
     ids = flat[:, :, :1].reshape(*flat.shape[:2], *[1] * (value.ids.dim() - 2))
     return [value.moved(ids.expand(output_shape(node)))]
 

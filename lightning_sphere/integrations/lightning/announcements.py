@@ -32,26 +32,40 @@ class Announcements:
         self._framework.warn(f"{self._framework.callback}: {name} is not tracked: {why}")
         self.told[name] = why
 
-    def tell(self, follower: Any, tracked: Any, summary: Callable[[], str], correcting: bool = False) -> None:
+    def tell(
+        self,
+        follower: Any,
+        tracked: Any,
+        summary: Callable[[], str],
+        correcting: bool = False,
+        fresh_line: bool = False,
+    ) -> None:
         """At the end of a batch that may have changed membership: the ``summary``, once the first verdicts are in
         (``follower``: the ``GroupFollower``); after it, one line per module whose membership changed
-        (``tracked``: the ``TrackedModules``)."""
+        (``tracked``: the ``TrackedModules``). ``fresh_line``: a progress bar holds the current line (the summary
+        starts below it)."""
         if follower.finder is None or not self.changed:
             return
         if self.summarized:
             self.announce(tracked.statuses(), tracked.groups)
         elif follower.ready:  # else wait for the verdicts
-            self.summarize(tracked.statuses(), tracked.groups, summary(), correcting)
+            self.summarize(tracked.statuses(), tracked.groups, summary(), correcting, fresh_line)
 
     def summarize(
-        self, statuses: dict[str, str], groups: Sequence[InvariantGroups], summary: str, correcting: bool = False
+        self,
+        statuses: dict[str, str],
+        groups: Sequence[InvariantGroups],
+        summary: str,
+        correcting: bool = False,
+        fresh_line: bool = False,
     ) -> None:
         """Print ``summary`` (as a warning when no group is tracked, which says too that a spherical correction,
-        if ``correcting``, has nothing to rewrite); ``statuses`` are told by it."""
+        if ``correcting``, has nothing to rewrite; ``fresh_line``: below a progress bar); ``statuses`` are told by
+        it."""
         self.summarized, self.changed = True, False
         self.told = statuses
         if groups:
-            self._framework.info(summary)
+            self._framework.info(("\n" if fresh_line else "") + summary)
         else:
             self._framework.warn(
                 f"{self._framework.callback} found no radially invariant group (a Conv/Linear layer whose output only "

@@ -40,6 +40,7 @@ class InvarianceWatch:
         self.eval_steps: dict[str, list[list[int | None]]] = {}
         #: the tracked modules' normalizations that keep running statistics: (module, norm name, norm)
         self.norms: list[tuple[str, str, nn.Module]] = []
+        self._model: nn.Module | None = None
         #: the Trainer's clipping by value, as the user wrote it (``None`` for none, or clipping by norm)
         self.value_clipping: str | None = None
 
@@ -59,6 +60,7 @@ class InvarianceWatch:
 
     def watch_norms(self, groups: Iterable[InvariantGroups], model: nn.Module) -> None:
         """Follow the normalizations of ``groups`` (the tracked ones) that keep running statistics."""
+        self._model = model
         self.norms = [
             (g.module_name, g.norm_name, norm)
             for g in groups
@@ -121,7 +123,21 @@ class InvarianceWatch:
                     'gradient. Clipping by norm (gradient_clip_algorithm="norm") keeps steps tangent.'
                 )
             else:
-                self._lose(name, f"most of its groups' gradients are radial on the step logged at {step} ({above})")
+                why = f"most of its groups' gradients are radial on the step logged at {step} ({above})"
+                self._lose(name, why + self._eps_hint(entry))
+
+    def _eps_hint(self, entry: InvariantGroups) -> str:
+        """The usual cause of a gradient that turns radial late in training, when the module's norm has an eps."""
+        model = self._model
+        norm = get_submodule(model, entry.norm_name) if model is not None and entry.norm_name else None
+        eps = getattr(norm, "eps", None)
+        if not isinstance(eps, float) or eps <= 0:
+            return ""
+        return (
+            f"; if nothing but {entry.norm_name} follows it, the likely cause is its eps ({eps:g}): it divides by "
+            "√(variance + eps), and as the weights' norm shrinks (weight decay) the variance comes down towards eps "
+            "and the weights' scale counts again: a smaller eps keeps the layer invariant"
+        )
 
     def summary_sections(self) -> str:
         """The summary's sections on modules whose invariance was lost (empty when none was)."""

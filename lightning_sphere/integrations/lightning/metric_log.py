@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning_sphere.integrations.lightning.arguments import _cadence_mismatch
-from lightning_sphere.reporting.sinks import LoggerSink, Selection
+from lightning_sphere.reporting.sinks import LoggerSink, RunTags, Selection
 from lightning_sphere.tracking.tracker import Measurement, SphereTracker
 
 
@@ -23,7 +23,7 @@ class MetricLog:
     def __init__(self, selection: Selection, custom_scalars: bool, warn: Callable[[str], None]) -> None:
         self._selection = selection
         self._warn = warn
-        self._sink = LoggerSink(custom_scalars, selection.metrics)
+        self._sink = LoggerSink(custom_scalars, selection)
         #: the last logged values, with the loggers' keys
         self.metrics: dict[str, float] = {}
         #: (log every, histograms every) in optimizer steps; 0: never
@@ -73,12 +73,17 @@ class MetricLog:
         else:
             tracker.disarm()
 
-    def write(self, loggers: Any, measurement: Measurement, step: int) -> None:
-        """Log the selected values of ``measurement`` at ``step`` (and keep them in :attr:`metrics`)."""
+    def write(self, loggers: Any, measurement: Measurement, step: int, run: RunTags = ((), ())) -> None:
+        """Log the selected values of ``measurement`` at ``step`` (and keep them in :attr:`metrics`); ``run``: the
+        run's own keys logged so far, for the layout (:meth:`LoggerSink.write`)."""
         logged = self._selection(measurement)
         self.metrics = logged.scalars
-        self._sink.write(loggers, logged, step)
+        self._sink.write(loggers, logged, step, run)
         self._histogram_due = step if self.cadence[1] and not measurement.histograms else None
+
+    def write_layout(self, loggers: Any, step: int, run: RunTags) -> None:
+        """The layout with the run's keys as they are at the end of fit (:meth:`LoggerSink.write_layout`)."""
+        self._sink.write_layout(loggers, step, run)
 
     def write_due_histograms(self, loggers: Any, tracker: SphereTracker | None) -> None:
         """Histograms of the last logged step, when fit ended before the cadence took them (early stopping,
@@ -87,3 +92,19 @@ class MetricLog:
             histograms = self._selection(Measurement({}, tracker.last_histograms())).histograms
             self._sink.write_histograms(loggers, histograms, self._histogram_due)
         self._histogram_due = None
+
+
+def run_tags(trainer: Any) -> RunTags:
+    """The keys the run has sent to its loggers so far (``self.log(..., logger=True)``; read from where Lightning
+    keeps them, which costs nothing: the public ``Trainer.logged_metrics`` reads the current batch's values, a
+    host sync for those shown in the progress bar), and the learning rates a ``LearningRateMonitor`` logs."""
+    logged = getattr(getattr(trainer, "_logger_connector", None), "_logged_metrics", None)
+    keys = list(logged) if isinstance(logged, dict) else []
+    rates = [
+        name
+        for callback in getattr(trainer, "callbacks", ())
+        if any(c.__name__ == "LearningRateMonitor" for c in type(callback).__mro__)
+        and isinstance(getattr(callback, "lrs", None), dict)
+        for name in callback.lrs
+    ]
+    return keys, rates

@@ -36,6 +36,7 @@ from lightning_sphere.integrations.lightning.arguments import (
 )
 from lightning_sphere.integrations.lightning.checkpoint import restore_steering_state
 from lightning_sphere.integrations.lightning.framework import Framework
+from lightning_sphere.integrations.lightning.metric_log import run_tags
 from lightning_sphere.integrations.lightning.pieces import CallbackPieces
 from lightning_sphere.integrations.strategies import check_model, flat_buffer_refusal
 from lightning_sphere.optimizers.registry import unwrap_optimizer
@@ -61,8 +62,10 @@ class SphereMonitorLogic(CallbackPieces):
             ``Trainer(log_every_n_steps=...)``.
         histogram_every_n_steps: also log per-group histograms (TensorBoard only) every this many steps, a
             multiple of the logging cadence; ``None`` means every 10th logging step, ``0`` never.
-        custom_scalars: write a TensorBoard custom-scalars layout with one multi-line chart per metric, the same
-            for every run with the same ``metrics`` (so that runs compare chart by chart).
+        custom_scalars: write a TensorBoard custom-scalars layout: first the run's loss(es) and learning
+            rate(s) as logged and one chart per metric over all groups (a line per run), then, collapsed, one chart
+            per metric logged per layer (a line per layer); the same sphere charts for every run with the same
+            ``metrics`` (so that runs compare chart by chart).
         metrics: the metrics to log (names of :data:`~lightning_sphere.METRICS`, or ``"skipped_groups"``);
             ``None``: all. Each is logged over all groups, ``sphere/<metric>/all``.
         per_layer: the metrics also logged per tracked module, ``sphere/<metric>/<module name>``: by default
@@ -162,8 +165,11 @@ class SphereMonitorLogic(CallbackPieces):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Histograms of the last logged step, when fit ended before the cadence took them (early stopping,
-        ``max_time``): one more device→host transfer, at the end of fit only."""
+        ``max_time``): one more device→host transfer, at the end of fit only; the layout with every key the run
+        logged."""
         self._log.write_due_histograms(trainer.loggers, self._tracker)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._log.write_layout(trainer.loggers, step, run_tags(trainer))  # with the tags written since
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         follower = self._follower
@@ -197,13 +203,14 @@ class SphereMonitorLogic(CallbackPieces):
             self._invariance.check_norms(step)
         measurement = None if self._tracker is None else self._tracker.collect()
         if measurement is not None:
-            self._log.write(trainer.loggers, measurement, step)
+            self._log.write(trainer.loggers, measurement, step, run_tags(trainer))
             if self.correction is None:
                 compute_dtype = follower.found.compute_dtype  # a tracker measured: the finder built it
                 self._invariance.check_gradients(step, measurement, self.groups, self.tolerance, compute_dtype)
         if follower.flipped_in_batch(trainer.optimizers):  # a flag flipped in training_step: say so now
             self._update_tracker(trainer)
-        self._tell()
+        bar = getattr(trainer, "progress_bar_callback", None)
+        self._tell(fresh_line=bar is not None and bool(getattr(bar, "is_enabled", False)))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._follower.teardown()

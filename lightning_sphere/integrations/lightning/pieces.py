@@ -88,6 +88,7 @@ class CallbackPieces:
         text = summarize(self.groups, finder.model, self._tracked.untracked(), corrections)
         return text + self._invariance.summary_sections()
 
-    def _tell(self) -> None:
-        """At the end of a batch that may have changed membership: the summary, or what changed."""
-        self._announcements.tell(self._follower, self._tracked, self.summary, self.correction is not None)
+    def _tell(self, fresh_line: bool = False) -> None:
+        """At the end of a batch that may have changed membership: the summary, or what changed (``fresh_line``:
+        start the summary on a line of its own, below a progress bar)."""
+        self._announcements.tell(self._follower, self._tracked, self.summary, self.correction is not None, fresh_line)
