@@ -147,6 +147,16 @@ def train(run: str, max_epochs: int, logdir: Path) -> tuple[dict[str, float], st
     return result, monitor.summary()
 
 
+#: The runs as the text names them.
+LABELS = {"sgdm": "SGD-M", "adamw": "AdamW", "adam": "Adam", "adamsrt": "AdamSRT"}
+
+
+def _names(runs: list[str]) -> str:
+    """``SGD-M comes``, ``SGD-M and AdamW come``."""
+    labels = [LABELS[run] for run in runs]
+    return (" and ".join(labels) + " come") if len(labels) > 1 else f"{labels[0]} comes"
+
+
 def describe(run: str) -> str:
     """The run's optimizer and hyper-parameters in one short line, e.g. ``SGD lr=0.1 momentum=0.9 …``."""
     optimizer, hyper_parameters, corrected = RUNS[run]
@@ -171,6 +181,12 @@ def main(
     """
     torch.set_num_threads(1)  # a small net: one thread is fastest, and immune to a busy second core
     logdir = Path(logdir) if logdir is not None else default_logdir("digits")
+    used = [run for run in runs if any((logdir / run).glob("events.out.tfevents.*"))]
+    if used:  # TensorBoard would draw both invocations as one line, and the table would read both
+        raise ValueError(
+            f"{logdir / used[0]} already holds a run's event files: give a --logdir that is new (or none: the demo "
+            "makes a new folder each time)"
+        )
     results, summary = {}, ""
     for run in runs:
         start = time.perf_counter()
@@ -181,7 +197,11 @@ def main(
         print(f"{time.perf_counter() - start:5.1f} s  {describe(run)}")
         for warning in said:
             print(textwrap.fill(str(warning.message), 116, initial_indent="  ! ", subsequent_indent="    "))
-    print(f"\n{summary}\n")
+    print(
+        f"\nWhat the monitor tracks, as it told the {runs[0]} run (the same modules in every run; a run's ! lines"
+        "\nsay what it saw there). max|cos(g,x)|: how far each module's gradient was from orthogonal to its weights"
+        f"\non the first step, 0 for an exact invariance (docs/guides/detection.md).\n\n{summary}\n"
+    )
     steps = results[runs[0]]["steps"]
     last = f"last {FINAL_SHARE:.0%}"
     print(f"After {steps} steps; angular update: RMS over the {last} of the run, all tracked groups (rad/step)")
@@ -195,14 +215,29 @@ def main(
             f"{result['sphere/effective_lr/all']:>18.3g}",
         )
         print(f"{run:<9}" + "".join(cells))
+    settling = [run for run, result in results.items() if "sphere/angular_update_equilibrium/all" in result]
+    adam = any(RUNS[run][0] is not torch.optim.SGD for run in runs)
     print(
         "\n(*) the step on the unit sphere per unit of gradient there (rad per unit of ‖∇L(u)‖, median over groups,"
-        "\n    last logged step): η/r² for SGD, η/(r² b) for Adam, b = √v̂ + ε its denominator — not the scheduled lr."
-        "\n    Adam's divides by b, the typical size of the gradient's entries, small here, and by r² < 1: hence"
-        "\n    values far above the lr (docs/theory.md §3.2)."
-        "\nWhat this demo shows: each optimizer's steps on the sphere, and how close SGD-M and AdamW come to their"
-        "\n§7 equilibrium. What it does not: which optimizer trains best — digits is small, the runs short, one seed;"
-        "\nthe ablation (docs/guides/correction.md) runs several."
+        "\n    last logged step): η/r² for SGD, η/(r² b) for Adam, b = √v̂ + ε its denominator — not the scheduled lr"
+        + (
+            ".\n    Adam's divides by b, the typical size of the gradient's entries, small here, and by r² < 1: hence"
+            "\n    values far above the lr (docs/theory.md §3.2)."
+            if adam
+            else "\n    (docs/theory.md §3.2)."
+        )
+    )
+    if len(settling) < len(results):
+        print("predicted (§7): none where docs/theory.md §7 has no equilibrium (Adam with L2 weight decay).")
+    print(
+        "What this demo shows: each optimizer's steps on the sphere"
+        + (
+            f", and how close {_names(settling)} to {'their' if len(settling) > 1 else 'its'} §7 equilibrium."
+            if settling
+            else "."
+        )
+        + "\nWhat it does not: which optimizer trains best — digits is small, the runs short, one seed; the ablation"
+        "\n(docs/guides/correction.md) runs several."
     )
     print(f"\n{tensorboard_command(logdir)}")
     return results
@@ -214,4 +249,7 @@ if __name__ == "__main__":
     parser.add_argument("--logdir", help="log directory (default: a new lightning_logs/digits-<date>-<time>)")
     parser.add_argument("--runs", nargs="+", choices=tuple(RUNS), default=tuple(RUNS), help="runs to train")
     arguments = parser.parse_args()
-    main(arguments.max_epochs, arguments.logdir, tuple(arguments.runs))
+    try:
+        main(arguments.max_epochs, arguments.logdir, tuple(arguments.runs))
+    except ValueError as error:
+        parser.error(str(error))

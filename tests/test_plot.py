@@ -202,6 +202,23 @@ def test_only_the_keys_present_are_drawn():
         plotting.metric_figure(runs, "norm")
 
 
+def test_a_loggers_prefix_is_read_through(tmp_path):
+    # A new user's trial: `plot` refused a run logged with TensorBoardLogger(prefix="x"), "no sphere/ metrics".
+    from lightning_sphere.reporting.sinks import LoggerSink
+    from lightning_sphere.tracking.tracker import Measurement
+
+    logger = TensorBoardLogger(tmp_path, name="", version="run", prefix="x")
+    for step in (1, 2):
+        hist = {"sphere_hist/norm/conv": torch.tensor([1.0, 2.0, 4.0]) * step}
+        LoggerSink().write([logger], Measurement({"sphere/norm/all": 0.5 * step}, hist), step=step)
+        logger.log_metrics({"lr-SGD": 0.1}, step=step)
+    logger.finalize("success")
+    (run,) = plotting.read_runs(tmp_path, progress=False).values()
+    assert set(run.scalars) == {"sphere/norm/all", "lr-SGD"} and set(run.histograms) == {"sphere_hist/norm/conv"}
+    assert run.scalars["sphere/norm/all"].values.tolist() == [0.5, 1.0]
+    assert plotting.metric_figure({"run": run}, "norm").axes[0].get_title() == "norm · all"
+
+
 def test_the_legend_names_only_the_runs_drawn():
     # An SGD-M run has no deformation_cos (Adam's): the figure of that metric does not list it.
     steps = np.arange(0, 30, 10)

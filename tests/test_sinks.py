@@ -102,7 +102,10 @@ RUN_TAGS += ["lr-SGD/pg1-weight_decay", "my_lr", "lr_scale_loss", "step_lr/warmu
 
 def test_the_runs_losses_and_learning_rates_come_first():
     charts = training_charts(RUN_TAGS)
-    assert [title for title, _ in charts] == ["train/loss", "val/loss", "lr_scale_loss", "learning rate"]
+    # training losses first, then validation's, each in name order (a run's on_step/on_epoch pair side by side)
+    assert [title for title, _ in charts] == ["lr_scale_loss", "train/loss", "val/loss", "learning rate"]
+    order = training_charts(["val_loss", "train_loss_step", "eval/loss", "train_loss_epoch", "test_loss"])
+    assert [t for t, _ in order] == ["train_loss_epoch", "train_loss_step", "eval/loss", "test_loss", "val_loss"]
     assert {title: drawn(tags, RUN_TAGS + EVERY_KEY) for title, tags in charts} == {
         "train/loss": {"train/loss"},
         "val/loss": {"val/loss"},
@@ -137,6 +140,14 @@ def test_the_loggers_prefix_is_in_every_tag(tmp_path):
         "norm": {"run1-sphere/norm/all"},
     }
     assert drawn(layout["sphere per layer"]["norm per layer"], tags) == {"run1-sphere/norm/conv"}
+
+    # a new user's trial: with a prefix, each optimizer's learning rate got a chart of its own
+    def with_prefix(optimizer):
+        return custom_scalars_layout(["norm"], [], "x-", [f"x-lr-{optimizer}", f"x-lr-{optimizer}-momentum"])
+
+    assert with_prefix("SGD") == with_prefix("AdamW")
+    lr = categories(with_prefix("SGD"))["training"]["learning rate"]
+    assert drawn(lr, ["x-lr-SGD", "x-lr-SGD-momentum", "lr-SGD", "x-lr-AdamW/pg1"]) == {"x-lr-SGD", "x-lr-AdamW/pg1"}
     logger = TensorBoardLogger(tmp_path, name="tb", version=0, prefix="run1")
     sink = LoggerSink(selection=Selection.of(["norm"]))
     sink.write([logger], Measurement({"sphere/norm/all": 1.0, "sphere/norm/conv": 2.0}, {}), 1, (["train/loss"], []))
@@ -145,6 +156,17 @@ def test_the_loggers_prefix_is_in_every_tag(tmp_path):
     (run,) = served.runs
     charts = served.layout()[0]["charts"]
     assert served.lines(run, charts["norm"]) == {"run1-sphere/norm/all"}
+
+
+def test_histograms_carry_the_loggers_prefix_as_the_scalars_do(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0, prefix="run1")
+    LoggerSink().write([logger], measurement(), step=1)
+    logger.finalize("success")
+    tags = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload().Tags()
+    assert tags["histograms"] == ["run1-sphere_hist/norm/conv"]
+    assert set(tags["scalars"]) == {f"run1-{key}" for key in SCALARS}
 
 
 # ---------------------------------------------------------------------- which keys are logged

@@ -143,9 +143,11 @@ class ScalingWalk:
         submodule: in a loss, say). ``why``: how it breaks the scale, appended to the operation (``", mixing
         channels"``, ``" as a query or key"``)."""
         op, call = _op(node), self.namer(node)
-        if call is not None and call.name:  # not the model itself (whose "forward" is its training_step under DDP)
+        # A LightningModule's "forward" under DDP is its training_step: what runs there is named alone, as in one
+        # process, where it runs outside any module call.
+        if call is not None and (call.name or not hasattr(call.module, "training_step")):
             kind = class_name(call.module)
-            return f"{call.name} ({kind if kind == op and not why else f'{kind}: {op}{why}'})"
+            return f"{call.name or 'the model'} ({kind if kind == op and not why else f'{kind}: {op}{why}'})"
         return f"{op} ({why.removeprefix(', ')})" if why.startswith(", ") else op + why
 
     def _depends(self, node: Node) -> bool:

@@ -13,12 +13,12 @@ from typing import Any
 from torch import nn
 
 from lightning_sphere.core.names import named_parameters
-from lightning_sphere.core.sharding import _WHY, SUPPORTED_STRATEGIES, _placement_problem, sharded_rows
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sharded
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+from lightning_sphere.core.sharding import (
+    _WHY,
+    SUPPORTED_STRATEGIES,
+    _placement_problem,
+    sharded_rows,
+)
 
 
 def flat_buffer_refusal(strategy: Any) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lightning_sphere.core.compat import api
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.kernels.compiled import host_float
 from lightning_sphere.optimizers.equilibrium import filtered_update_equilibrium
@@ -92,4 +93,5 @@ def register_muon(optimizer_class: type[torch.optim.Optimizer] | str, **reading:
     register_optimizer(optimizer_class, muon_rule(name.rsplit(".", 1)[-1], **reading))
 
 
-register_muon(torch.optim.Muon)
+if (_muon := api("torch.optim.Muon")) is not None:  # torch >= 2.9
+    register_muon(_muon)

@@ -31,6 +31,7 @@ HEADLINE = ("effective_lr", "angular_update", "norm")
 #: weight decay under the same name with a suffix): one chart for every run, whatever its optimizer.
 LR_MONITOR_TAGS = r"lr-.*(?<!-momentum)(?<!-weight_decay)"
 _LR_WORD = re.compile(r"(?:^|[/_.\-])(?:lr|learning_rate)(?:$|[/_.\-])", re.IGNORECASE)
+_EVALUATION = re.compile(r"(?:^|[/_.\-])(?:val|valid|validation|eval|test)(?:$|[/_.\-])", re.IGNORECASE)
 _NOT_LR = re.compile(r"(?:momentum|weight_decay|beta\d?)$", re.IGNORECASE)
 
 
@@ -41,26 +42,31 @@ def tensorboard_writer(logger: Any) -> Any | None:
     return experiment if has else None
 
 
-def training_charts(tags: Iterable[str], learning_rates: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
+def training_charts(
+    tags: Iterable[str], learning_rates: Iterable[str] = (), prefix: str = ""
+) -> list[tuple[str, list[str]]]:
     """The run's own charts, ``(title, tag regexes)``, from the scalar ``tags`` it wrote: one per loss (a tag
     containing "loss", drawn alone), then one for its learning rates (``learning_rates``, tags known to be
     learning rates, and any of ``tags`` named ``lr`` or ``learning_rate`` as a word; Lightning's
-    ``LearningRateMonitor`` tags through one pattern), in the order given.
+    ``LearningRateMonitor`` tags through one pattern, after the logger's ``prefix``), the training losses before
+    the validation ones, each set in name order.
 
     Tags are matched whole (TensorBoard matches a chart's regexes at the start of a tag)."""
     losses, rates, monitor = [], [], False
     known = set(learning_rates)
     for tag in dict.fromkeys([*tags, *learning_rates]):
-        if tag in known and not re.fullmatch(LR_MONITOR_TAGS, tag):
+        by_monitor = tag.startswith(prefix) and re.fullmatch(LR_MONITOR_TAGS, tag[len(prefix) :]) is not None
+        if tag in known and not by_monitor:
             rates.append(tag)
         elif "loss" in tag.lower():
             losses.append(tag)
-        elif re.fullmatch(LR_MONITOR_TAGS, tag):
+        elif by_monitor:
             monitor = True
         elif _LR_WORD.search(tag) and not _NOT_LR.search(tag):
             rates.append(tag)
+    losses.sort(key=lambda tag: (_EVALUATION.search(tag) is not None, tag))
     charts = [(tag, [_exactly(tag)]) for tag in losses]
-    patterns = ([LR_MONITOR_TAGS + "$"] if monitor else []) + [_exactly(tag) for tag in rates]
+    patterns = ([re.escape(prefix) + LR_MONITOR_TAGS + "$"] if monitor else []) + [_exactly(tag) for tag in rates]
     if patterns:
         charts.append(("learning rate", patterns))
     return charts
@@ -97,7 +103,7 @@ def custom_scalars_layout(
             if metric == "angular_update":  # the equilibrium: once, or per layer where the layers' differ
                 tags.append(f"{sphere}/{_EQUILIBRIUM}/")
             by_layer.append(_chart(f"{metric} per layer", tags))
-    first = [_chart(title, tags) for title, tags in training_charts(training_tags, learning_rates)] + overall
+    first = [_chart(title, tags) for title, tags in training_charts(training_tags, learning_rates, prefix)] + overall
     categories = [layout_pb2.Category(title=TRAINING, chart=first)]
     if by_layer:
         categories.append(layout_pb2.Category(title=PER_LAYER_CATEGORY, chart=by_layer, closed=True))

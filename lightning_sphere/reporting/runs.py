@@ -119,7 +119,20 @@ def read_run(root: str | Path, path: str | Path) -> Run:
             series.edges.append(edges)
             series.counts.append(counts)
         histograms[tag] = series
+    prefix = _logger_prefix([*scalars, *histograms])
+    if prefix:  # a Lightning logger's `prefix`: the tags as the monitor named them
+        scalars = {tag.removeprefix(prefix): series for tag, series in scalars.items()}
+        histograms = {tag.removeprefix(prefix): series for tag, series in histograms.items()}
     return Run(_run_name(Path(root), path), path, scalars, histograms)
+
+
+def _logger_prefix(tags: list[str]) -> str:
+    """What a Lightning logger with a ``prefix`` put before every key (``"x-"`` for ``prefix="x"``), when the
+    run's sphere metrics carry one; else ``""``."""
+    if any(tag.startswith("sphere/") for tag in tags):
+        return ""
+    found = {m.group(1) for tag in tags if (m := re.match(r"(.+?-)sphere/", tag))}
+    return found.pop() if len(found) == 1 else ""
 
 
 def read_runs(logdir: str | Path, progress: bool = True) -> dict[str, Run]:

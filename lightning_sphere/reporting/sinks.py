@@ -119,7 +119,7 @@ class LoggerSink:
             if measurement.scalars:
                 logger.log_metrics(measurement.scalars, step=step)
         self.write_histograms(loggers, measurement.histograms, step)
-        self._measured |= {key.split("/")[1] for key in measurement.scalars}
+        self._measured |= {key.split("/")[1] for key in measurement.scalars if key.startswith("sphere/")}
         self.write_layout(loggers, step, run)
 
     def write_layout(self, loggers: Iterable[Any], step: int, run: RunTags = ((), ())) -> None:
@@ -143,8 +143,9 @@ class LoggerSink:
         for logger in loggers:
             writer = tensorboard_writer(logger)
             if writer is not None:
+                prefix = _key_prefix(logger)  # as the logger puts it before the scalars
                 for tag, values in histograms.items():
-                    writer.add_histogram(tag, values, global_step=step)
+                    writer.add_histogram(prefix + tag, values, global_step=step)
 
 
 def _key_prefix(logger: Any) -> str:

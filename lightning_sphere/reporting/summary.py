@@ -39,9 +39,12 @@ def summarize(
     Args:
         groups: the tracked modules.
         model: the model they belong to, for the count of trainable parameters.
-        untracked: module name → why it is not tracked.
+        untracked: module name → why it is not tracked; by default, when ``groups`` is what
+            :func:`~lightning_sphere.find_invariant_groups` returned, its ``rejected``.
         corrections: module name → the algorithm its spherical correction makes it follow; adds a column.
     """
+    if untracked is None:
+        untracked = getattr(groups, "rejected", None)
     order = model_order(model)
     groups = sorted(groups, key=lambda g: position(order, g.module_name))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
