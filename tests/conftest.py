@@ -80,3 +80,18 @@ def batch():
 # The tests' models are tiny: one thread is fastest, and immune to a busy second core (OpenMP threads
 # spin-wait on each other, which makes a loaded machine tens of times slower).
 torch.set_num_threads(1)
+
+
+def torch_at_least(version: str, why: str) -> pytest.MarkDecorator:
+    """Skip on a torch older than ``version`` (the suite also runs on the floor, ``.ci/versions floor``)."""
+    from lightning_sphere.core.compat import release
+
+    return pytest.mark.skipif(release() < release(version), reason=f"needs torch >= {version}: {why}")
+
+
+#: Adam(decoupled_weight_decay=True), AdamW a subclass of Adam: torch 2.7.
+DECOUPLED_ADAM = torch_at_least("2.7", "Adam(decoupled_weight_decay=True)")
+#: torch.optim.Muon: torch 2.9.
+MUON = torch_at_least("2.9", "torch.optim.Muon")
+#: SphereMonitor under FSDP2: torch 2.9 (core/compat.py, "fsdp2").
+FSDP2 = torch_at_least("2.9", "SphereMonitor under FSDP2")

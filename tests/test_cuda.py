@@ -12,7 +12,7 @@ from lightning_sphere import SphereMonitor
 from tests.test_correction import CASES, assert_follows_reference
 from tests.test_host_sync import OPTIMIZERS as SYNC_OPTIMIZERS
 from tests.test_host_sync import fit_windowed
-from tests.test_tracker import OPTIMIZERS, assert_matches, measured_after_warmup
+from tests.test_tracker import assert_matches, measured_after_warmup, optimizer_names
 
 # A compiler failure makes the kernels fall back to eager with a warning; here that is an error, so that
 # the CUDA cases really test the compiled kernels.
@@ -27,7 +27,7 @@ F32_RTOL, F32_ATOL = 1e-5, 1e-7
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", optimizer_names())
 def test_tracker_metrics_match_the_float64_reference(name, device, batch, monkeypatch):
     """float32 model and batch on the device; the reference from float64 CPU copies of what each step did."""
     # TF32 convolutions (cuDNN's default) round their inputs to 10 bits, which can push a group's gradient

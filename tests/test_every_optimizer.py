@@ -125,7 +125,7 @@ def torch_optimizers() -> list[type[torch.optim.Optimizer]]:
 
 def _torch(cls: type[torch.optim.Optimizer]) -> Opt:
     options = TORCH_OPTIONS.get(cls.__name__, {})
-    muon = cls is torch.optim.Muon  # 32 × 16: s = √max(1, 32/16), rows of norm √(16/32) when orthogonal
+    muon = cls.__name__ == "Muon"  # (torch >= 2.9) 32 × 16: s = √max(1, 32/16), rows of norm √(16/32) when orthogonal
     return Opt(
         f"torch.{cls.__name__}",
         lambda params: cls(params, **options),

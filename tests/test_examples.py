@@ -9,6 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.conftest import MUON
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
@@ -147,6 +149,7 @@ def test_transformer_data_are_fixed_byte_windows():
     assert int(starts.max()) + 17 <= round(0.9 * len(text))
 
 
+@MUON  # the Muon runs
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_transformer_example(tmp_path, capsys):
     """Both optimizers end to end on a tiny transformer: the monitor tracks one group per head of every block's
@@ -196,6 +199,7 @@ def test_transformer_example(tmp_path, capsys):
     assert "GPU available" not in out and "Seed set" not in out
 
 
+@MUON  # the Muon runs
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_transformer_default_run(tmp_path):
@@ -231,6 +235,7 @@ def test_transformer_lm_holds_out_whole_files():
     assert int(train.dataset.starts.max()) + config.context + 1 <= split
 
 
+@MUON  # the Muon runs
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore:.*some optimizers do not have momentum:RuntimeWarning")  # Muon's, and AdamW's betas
 def test_transformer_lm_quick(tmp_path, capsys):
@@ -292,6 +297,7 @@ def test_transformer_lm_quick(tmp_path, capsys):
     assert "GPU available" not in out and "Seed set" not in out
 
 
+@MUON  # the Muon runs
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore:.*some optimizers do not have momentum:RuntimeWarning")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import warnings
 
-import heavyball
 import pytest
 import schedulefree
 import torch
@@ -26,12 +25,19 @@ from tests import reference
 from tests.conftest import bn_net
 from tests.lightning_helpers import Capture, MemoryLogger, Net, assert_scalars_match, dataset, expected, fit
 
+try:
+    import heavyball  # needs numpy >= 2.3, so Python >= 3.11 (the floor job runs 3.10)
+except ImportError:
+    heavyball = None
+HEAVYBALL = pytest.mark.skipif(heavyball is None, reason="heavyball is not installed (Python >= 3.11)")
+
 GRADIENT_METRICS = ("effective_lr", "grad_cos", "sphere_grad_norm", "direction_cos")
 
 
 @pytest.fixture(autouse=True)
 def _heavyball_eager(monkeypatch):
-    monkeypatch.setattr(heavyball.utils, "compile_mode", None)  # heavyball compiles its kernels otherwise
+    if heavyball is not None:
+        monkeypatch.setattr(heavyball.utils, "compile_mode", None)  # heavyball compiles its kernels otherwise
 
 
 class TrainMode(Net):
@@ -49,7 +55,9 @@ OPTIMIZERS_THAT_TOUCH_THE_GRADIENT = {
 }
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS_THAT_TOUCH_THE_GRADIENT))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=HEAVYBALL) if "heavyball" in n else n for n in OPTIMIZERS_THAT_TOUCH_THE_GRADIENT]
+)
 def test_optimizers_that_change_or_drop_the_gradient_are_measured_on_the_one_they_consumed(name, tmp_path):
     capture, logger = Capture(), MemoryLogger()
     monitor = SphereMonitor(log_every_n_steps=1, per_layer=True)
@@ -181,6 +189,7 @@ def test_the_first_step_is_measured_on_the_clipped_gradient(tmp_path):
     assert_scalars_match(logger.sphere()[0], expected(capture.steps[0]))
 
 
+@HEAVYBALL
 def test_a_refusal_names_a_third_party_optimizer_by_its_module_path(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"heavyball\.AdamW has no spherical form here"):
         fit(Net(optimizer=lambda p: heavyball.AdamW(p, lr=1e-2)), tmp_path, [SphereMonitor(spherical_correction=True)])

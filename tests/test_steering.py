@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sphere import Hyperball, Rotational, SphereMonitor, SphereTracker, find_invariant_groups
+from tests.conftest import MUON
 from tests.lightning_helpers import MemoryLogger, fit
 
 IN, HIDDEN, WIDE, OUT = 12, 16, 24, 5
@@ -222,7 +223,12 @@ def twin_run(case: str, mode: Any, reference: Any, steps: int = 12, bias: bool =
     return got, want, tracker
 
 
-ROTATIONAL_CASES = [c for c in CASES if c not in ("Adam", "SGD", "SGD-M, no decay")]
+def cases(names):
+    """Case names as parameters, each marked with the torch it needs."""
+    return [pytest.param(c, marks=MUON) if c == "Muon" else c for c in names]
+
+
+ROTATIONAL_CASES = cases(c for c in CASES if c not in ("Adam", "SGD", "SGD-M, no decay"))
 
 
 @pytest.mark.parametrize("case", ROTATIONAL_CASES)
@@ -242,7 +248,7 @@ def test_rotational_options_equal_the_reference(center, beta):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c not in COUPLED])
+@pytest.mark.parametrize("case", cases(c for c in CASES if c not in COUPLED))
 def test_hyperball_equals_the_float64_reference(case):
     got, want, _ = twin_run(case, "hyperball", ReferenceHyperball())
     for step, (a, b) in enumerate(zip(got, want, strict=True)):

@@ -10,7 +10,7 @@ from torch import nn
 from lightning_sphere import SphereTracker, find_invariant_groups
 from lightning_sphere.measurement.metrics import HISTOGRAMS
 from tests import reference
-from tests.conftest import bn_net
+from tests.conftest import DECOUPLED_ADAM, bn_net
 
 LAYERS = {"0": 0, "3": 3}  # tracked module name → index in bn_net
 
@@ -40,11 +40,12 @@ def captured_step(model, optimizer, batch, tracker, check_step=True):
         x1 = group_rows(model, name, lambda t: t)
         grad = group_rows(model, name, lambda t: t.grad)
         kwargs = {}
-        if isinstance(optimizer, torch.optim.Adam):
+        adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))  # AdamW is an Adam from torch 2.7
+        if adam:
             kwargs = adam_direction(model, name, optimizer, group)
-        if isinstance(optimizer, torch.optim.Adam) and check_step:
+        if adam and check_step:
             # The reconstructed a, b reproduce the step torch took (AdamW: after its decoupled decay).
-            decoupled = group.get("decoupled_weight_decay", False)
+            decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
             decayed = before[name] * (1 - group["lr"] * group["weight_decay"]) if decoupled else before[name]
             torch.testing.assert_close(x1, decayed - group["lr"] * kwargs["a"] / kwargs["b"], rtol=1e-12, atol=1e-14)
         measured = type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -95,6 +96,11 @@ OPTIMIZERS = {
 }
 
 
+def optimizer_names(names=None):
+    """The keys of OPTIMIZERS as parameters, each marked with the torch it needs."""
+    return [pytest.param(n, marks=DECOUPLED_ADAM) if n == "adam-decoupled" else n for n in names or OPTIMIZERS]
+
+
 def measured_after_warmup(name, batch, device="cpu", dtype=torch.float64, compile=None, check_step=True):
     """``bn_net`` on ``device`` in ``dtype``, stepped three times by ``OPTIMIZERS[name]``, then one step
     measured: what :func:`captured_step` returns (the captured rows and references on the CPU, in float64)."""
@@ -109,7 +115,7 @@ def measured_after_warmup(name, batch, device="cpu", dtype=torch.float64, compil
     return captured_step(model, optimizer, batch, tracker, check_step)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", optimizer_names())
 def test_every_metric_matches_the_reference(name, batch):
     measurement, captured, rows = measured_after_warmup(name, batch)
     assert_matches(measurement, captured)

@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_sphere.core import compat
 
@@ -21,34 +20,38 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lightning_sphere"
 
 
-def release(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.match(r"\d+(\.\d+)*", version).group().split("."))  # type: ignore[union-attr]
-
-
 def floors() -> dict[str, str]:
-    """The lower bounds pyproject.toml puts on Python, torch and Lightning."""
+    """The lower bounds pyproject.toml puts on Python, torch, Lightning and tensorboard."""
     text = (ROOT / "pyproject.toml").read_text()
     found = {"python": re.search(r'requires-python = ">=([\d.]+)"', text).group(1)}  # type: ignore[union-attr]
-    for name in ("torch", "pytorch-lightning"):
-        found[name] = re.search(rf'"{name}>=([\d.]+),', text).group(1)  # type: ignore[union-attr]
+    for name in ("torch", "pytorch-lightning", "tensorboard"):
+        found[name] = re.search(rf'"{name}>=([\d.]+)', text).group(1)  # type: ignore[union-attr]
     return found
 
 
-@pytest.mark.parametrize("path", list(compat.GATED))
-def test_each_gated_api_is_there_exactly_from_its_release(path):
-    gated = compat.GATED[path]
-    running = release(torch.__version__)
-    assert release(gated.since) > release(floors()["torch"])  # else it needs no gate
-    if running >= release(gated.since):
-        assert compat.resolve(path) is not None and compat.api(path) is compat.resolve(path)
-    else:  # an older torch (the floor job): absent where listed, and the fallback is where it says
-        assert compat.resolve(path) is None
-        assert (compat.api(path) is not None) == (gated.before is not None)
+def test_the_floor_in_the_code_is_pyprojects():
+    assert floors()["torch"] == compat.TORCH_FLOOR
+    floor = (ROOT / ".ci" / "floor.txt").read_text()  # what .ci/versions tries as the floor
+    for name in ("torch", "pytorch-lightning", "tensorboard"):
+        assert re.search(rf"^{name}=={re.escape(floors()[name])}(\.0)?$", floor, re.M), name
 
 
-def test_an_api_not_listed_is_refused():
+@pytest.mark.parametrize("key", list(compat.GATED))
+def test_each_gated_feature_is_there_exactly_from_its_release(key):
+    gated = compat.GATED[key]
+    assert compat.release(gated.since) > compat.release(compat.TORCH_FLOOR)  # else it needs no gate
+    newer = compat.release() >= compat.release(gated.since)
+    assert compat.supported(key) == newer
+    if gated.path is not None:  # the API is there exactly from its release (on the floor job: absent)
+        assert (compat.resolve(gated.path) is not None) == newer
+        assert compat.api(key) is (compat.resolve(gated.path) if newer else None)
+    if not newer:
+        assert compat.refusal(key).startswith(f"{gated.name} needs torch >= {gated.since}")
+
+
+def test_an_unlisted_feature_is_refused():
     with pytest.raises(KeyError):
-        compat.api("torch.optim.SGD")
+        compat.supported("torch.optim.SGD")
 
 
 def dotted_uses(tree: ast.AST) -> list[tuple[int, str]]:
@@ -77,15 +80,14 @@ def dotted_uses(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_no_gated_api_is_reached_outside_compat():
-    # Every use goes through compat.api, so that an older torch gets the fallback and the list stays complete.
-    gated = set(compat.GATED) | {g.before for g in compat.GATED.values() if g.before}
-    modules = {path.rsplit(".", 1)[0] for path in gated}  # importing the module that holds one is a use too
+    # Every use goes through compat, so that an older torch gets the fallback and the list stays complete.
+    gated = {g.path for g in compat.GATED.values() if g.path}
     found = []
     for file in sorted(PACKAGE.rglob("*.py")):
         if file.name == "compat.py":
             continue
         for line, name in dotted_uses(ast.parse(file.read_text())):
-            if name in gated or (name in modules and name.startswith("torch.distributed.")):
+            if name in gated:
                 found.append(f"{file.relative_to(ROOT)}:{line}: {name}")
     assert found == []
 
@@ -96,58 +98,35 @@ def test_the_readme_states_the_floors_of_pyproject():
     for name, label in (("python", "Python"), ("torch", "torch"), ("pytorch-lightning", "Lightning")):
         assert f"{label} ≥ {stated[name]}" in readme, name
     development = (ROOT / "docs" / "development.md").read_text()
-    for gated in compat.GATED.values():  # the list the docs give, with the releases
-        assert f"`{gated.path}` ({gated.since})" in development, gated.path
+    for gated in compat.GATED.values():  # the docs list every gated feature with its release
+        assert f"{gated.name} (torch ≥ {gated.since})" in development, gated.name
 
 
 SIMULATED_OLD_TORCH = """
 import torch
-for owner, name in ((torch.compiler, "set_stance"), (torch.optim, "Muon"), (torch.optim, "Adafactor")):
-    delattr(owner, name)
+del torch.optim.Muon
 import lightning_sphere
 from lightning_sphere import SphereTracker, find_invariant_groups
 from lightning_sphere.optimizers import registry
 
-assert not {cls.__name__ for cls in registry.OPTIMIZERS} & {"Muon", "Adafactor"}, registry.OPTIMIZERS
+assert "Muon" not in {cls.__name__ for cls in registry.OPTIMIZERS}, registry.OPTIMIZERS
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                             torch.nn.Linear(144, 3)).double()
 x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
-groups = find_invariant_groups(model, x)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-tracker = SphereTracker(groups, [optimizer])
+tracker = SphereTracker(find_invariant_groups(model, x), [optimizer])
 tracker.arm()
 torch.nn.functional.cross_entropy(model(x), y).backward()
 optimizer.step()
-print(sorted(tracker.collect().scalars)[:2], [g.module_name for g in groups])
-try:
-    find_invariant_groups(torch.compile(model), x)
-except ValueError as error:
-    print("refused:", error)
+print(sorted(tracker.collect().scalars)[:2])
 """
 
 
-def test_the_package_works_on_a_torch_without_the_gated_apis():
-    """torch 2.4 and 2.5 lack set_stance (and Muon, Adafactor): the package imports, measures an uncompiled model,
-    and refuses a compiled one with the release to install, where it used to fail at import (Muon's registry
-    entry) or with an AttributeError at the first step."""
+@pytest.mark.skipif(not compat.supported("muon"), reason="the running torch has no Muon to take away")
+def test_the_package_works_on_a_torch_without_muon():
+    """torch 2.6–2.8 have no torch.optim.Muon: the package imports (its registry entry used to fail at import) and
+    measures."""
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(SIMULATED_OLD_TORCH)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    first, refused = run.stdout.strip().splitlines()
-    assert first == "['sphere/angular_update/0', 'sphere/angular_update/all'] ['0']"
-    assert refused.startswith("refused: find_invariant_groups: a torch.compile'd model needs torch >= 2.6")
-    assert f"this is torch {torch.__version__}" in refused
-
-
-def test_a_compiled_model_is_refused_at_fit_start_on_an_older_torch(monkeypatch, tmp_path):
-    from pytorch_lightning.utilities.exceptions import MisconfigurationException
-
-    from lightning_sphere import SphereMonitor
-    from tests.lightning_helpers import Net, fit
-
-    monkeypatch.delattr(torch.compiler, "set_stance")
-    module = Net()
-    module.net = torch.compile(module.net)
-    with pytest.raises(MisconfigurationException, match=r"SphereMonitor: a torch.compile'd model needs torch >= 2.6"):
-        fit(module, tmp_path, [SphereMonitor()], max_steps=1)
-    fit(Net(), tmp_path, [SphereMonitor()], max_steps=1)  # uncompiled: monitored as on a newer torch
+    assert run.stdout.strip() == "['sphere/angular_update/0', 'sphere/angular_update/all']"

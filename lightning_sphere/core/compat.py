@@ -1,80 +1,89 @@
-"""What the package uses of torch releases newer than its floor (``torch>=2.4``), in one place.
+"""What the package uses of torch releases newer than its floor, in one place.
 
-Every API below came after the oldest torch the package installs with. The package reaches each through
-:func:`api` (``None`` when the running torch predates it), so that a user on an older release gets the features
-that need it turned off, or refused with the release to upgrade to, never an ``AttributeError`` in the middle of
-training. ``tests/test_versions.py`` checks the list against the running torch and the package's source: a new
-use of a gated API outside this module fails it. ``docs/development.md`` says how the floor and the newest release
-are tried.
+The floor (``torch>=2.6`` in pyproject.toml) is the oldest release whose APIs the code needs everywhere: an autograd
+node's ``_input_metadata`` and ``Module.register_state_dict_post_hook`` (2.5), ``torch.compiler.set_stance`` (2.6).
+What needs a newer release is listed in :data:`GATED` and reached through :func:`api` or :func:`supported`, so
+that on an older torch the feature is left out or refused with the release to install, never an
+``AttributeError`` in the middle of training. ``tests/test_versions.py`` checks the list against the running torch
+and the package's source (a use of a gated API outside this module fails it); ``.ci/versions`` runs the suite on
+the floor and on the newest releases (docs/development.md records what passed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+#: The oldest torch the package supports (pyproject.toml says the same; a test checks it).
+TORCH_FLOOR = "2.6"
+
 
 @dataclass(frozen=True)
 class Gated:
-    """An API newer than the torch floor: where it lives, the release that introduced it, what needs it and what
-    happens without it."""
+    """A feature that needs a torch newer than the floor."""
 
-    #: dotted path, module then attributes (``torch.optim.Muon``)
-    path: str
-    #: the first torch release that has it
+    #: what it is
+    name: str
+    #: the first torch release it works with
     since: str
-    #: what in this package uses it
+    #: what in this package needs it
     used_for: str
     #: what happens on an older torch
     without: str
-    #: where an older torch had it, if anywhere (a private module)
-    before: str | None = None
+    #: the API it needs, as a dotted path, when one tells (its absence is the test)
+    path: str | None = None
 
 
-#: The APIs newer than the torch floor, by path. Sources: torch's release notes (2.5: Adafactor and the public
-#: ``torch.distributed.tensor``; 2.6: ``torch.compiler.set_stance``; 2.9: Muon).
+#: The features newer than the torch floor, by key.
 GATED: dict[str, Gated] = {
-    g.path: g
-    for g in (
-        Gated(
-            "torch.compiler.set_stance",
-            "2.6",
-            "running a compiled model's first training step eagerly, so that detection sees its layer calls",
-            "a compiled model is refused at its first step with the release to upgrade to; uncompiled ones are "
-            "unaffected",
-        ),
-        Gated(
-            "torch.optim.Adafactor",
-            "2.5",
-            "torch's Adafactor in the optimizer registry (§8.4)",
-            "not registered (there is no such optimizer to use)",
-        ),
-        Gated(
-            "torch.optim.Muon",
-            "2.9",
-            "torch's Muon in the optimizer registry (§8.2)",
-            "not registered; another Muon can be with register_muon",
-        ),
-        Gated(
-            "torch.distributed.tensor.DTensor",
-            "2.5",
-            "reading FSDP2's sharded parameters (DTensor, Shard, Replicate)",
-            "read from torch.distributed._tensor, where torch 2.4 has them",
-            before="torch.distributed._tensor.DTensor",
-        ),
-        Gated(
-            "torch.distributed.tensor._utils.compute_local_shape_and_global_offset",
-            "2.5",
-            "the rows of a sharded parameter this rank holds (FSDP2)",
-            "read from torch.distributed._tensor._utils, where torch 2.4 has it",
-            before="torch.distributed._tensor._utils.compute_local_shape_and_global_offset",
-        ),
-    )
+    "muon": Gated(
+        "torch.optim.Muon",
+        "2.9",
+        "torch's Muon in the optimizer registry (docs/theory.md §8.2)",
+        "not registered: there is no such optimizer; another Muon can be registered with register_muon",
+        path="torch.optim.Muon",
+    ),
+    "fsdp2": Gated(
+        "FSDP2 (fully_shard) under SphereMonitor",
+        "2.9",
+        "measuring and correcting parameters that fully_shard shards",
+        "refused at fit start: on torch 2.7.1 and 2.8.0 the suite's FSDP2 runs did not equal one process (Adam's "
+        "effective lr half of it on two ranks), where from 2.9 they do",
+    ),
 }
+
+
+def release(version: str | None = None) -> tuple[int, ...]:
+    """``(major, minor, patch)`` of ``version`` (default: the running torch's), local tags left out."""
+    text = version if version is not None else str(torch.__version__)
+    match = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(part) for part in match.group().split(".")) if match else ()
+
+
+def supported(key: str) -> bool:
+    """Whether the running torch has the gated feature ``key`` (a key of :data:`GATED`).
+
+    Raises:
+        KeyError: for a feature not listed (list it, with the release it needs).
+    """
+    gated = GATED[key]
+    return release() >= release(gated.since) and (gated.path is None or resolve(gated.path) is not None)
+
+
+def refusal(key: str) -> str:
+    """Why the gated feature ``key`` is not available here, with the release to install."""
+    gated = GATED[key]
+    return f"{gated.name} needs torch >= {gated.since} ({gated.used_for}); this is torch {torch.__version__}"
+
+
+def api(key: str) -> Any | None:
+    """The API of the gated feature ``key``, ``None`` where the running torch lacks it."""
+    gated = GATED[key]
+    return resolve(gated.path) if gated.path is not None and supported(key) else None
 
 
 def resolve(path: str) -> Any | None:
@@ -91,59 +100,3 @@ def resolve(path: str) -> Any | None:
                 return None
         return found
     return None
-
-
-def api(path: str) -> Any | None:
-    """A gated API (a key of :data:`GATED`): the running torch's, or where an older one kept it, else ``None``.
-
-    Raises:
-        KeyError: for a path not listed in :data:`GATED` (list it, with the release that introduced it).
-    """
-    gated = GATED[path]
-    found = resolve(path)
-    if found is None and gated.before is not None:
-        found = resolve(gated.before)
-    return found
-
-
-def dtensor_types() -> tuple[Any, Any, Any]:
-    """``(DTensor, Replicate, Shard)`` of the running torch (from ``torch.distributed._tensor`` on torch 2.4),
-    ``None`` each on a torch built without distributed support."""
-    dtensor = api("torch.distributed.tensor.DTensor")
-    if dtensor is None:
-        return None, None, None
-    home = importlib.import_module(dtensor.__module__)
-    return dtensor, getattr(home, "Replicate", None), getattr(home, "Shard", None)
-
-
-def compiled(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` runs compiled code: a ``torch.compile(module)`` wrapper, a module compiled
-    in place (``module.compile()``), or a LightningModule given to ``Trainer.fit`` compiled (its ``_compiler_ctx``)."""
-    return any(
-        type(m).__name__ == "OptimizedModule"
-        or getattr(m, "_compiled_call_impl", None) is not None
-        or getattr(m, "_compiler_ctx", None) is not None
-        for m in model.modules()
-    )
-
-
-def compile_refusal(model: torch.nn.Module) -> str | None:
-    """Why ``model`` cannot be monitored on the running torch (a compiled model before torch 2.6, which cannot run
-    its first step eagerly on demand), or ``None``."""
-    if api("torch.compiler.set_stance") is not None or not compiled(model):
-        return None
-    return (
-        f"a torch.compile'd model needs torch >= {GATED['torch.compiler.set_stance'].since} "
-        "(torch.compiler.set_stance runs its first training step eagerly, so that detection sees its layers); this "
-        f"is torch {torch.__version__}. Upgrade torch, or train the model uncompiled"
-    )
-
-
-def force_eager() -> contextlib.AbstractContextManager[Any]:
-    """Compiled code runs eagerly inside: ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6). On an older
-    torch, nothing (a compiled model is refused before: :func:`compile_refusal`)."""
-    set_stance = api("torch.compiler.set_stance")
-    if set_stance is None:
-        return contextlib.nullcontext()
-    context: contextlib.AbstractContextManager[Any] = set_stance("force_eager")
-    return context

@@ -18,18 +18,16 @@ training strategy must look like to be supported is :mod:`lightning_sphere.integ
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_sphere.core.compat import api, dtensor_types
-
-if TYPE_CHECKING:
+try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
-else:  # torch >= 2.5 public, 2.4 private (core/compat.py); None each without torch.distributed
-    DTensor, Replicate, Shard = dtensor_types()
+except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sharded
+    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: Any) -> TypeGuard[DTensor]:
@@ -55,9 +53,9 @@ def sharded_rows(param: Tensor) -> tuple[int, int] | None:
         raise ValueError(reason)
     if all(isinstance(p, Replicate) for p in param.placements):
         return None
-    local_shape_and_offset = api("torch.distributed.tensor._utils.compute_local_shape_and_global_offset")
-    assert local_shape_and_offset is not None  # a DTensor's torch has it (public or private)
-    shape, offset = local_shape_and_offset(param.shape, param.device_mesh, param.placements)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return int(offset[0]), int(shape[0])
 
 

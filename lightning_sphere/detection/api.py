@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_sphere.core.compat import compile_refusal, force_eager
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.core.names import named_modules
 from lightning_sphere.detection.finder import GroupFinder, GroupsSpec
@@ -69,8 +68,7 @@ def find_invariant_groups(
       4: output reaches the model's output before any normalization
 
     Raises:
-        ValueError: for a ``groups`` mapping that names what the model does not have; for a compiled model on a
-            torch older than 2.6 (:func:`~lightning_sphere.core.compat.compile_refusal`).
+        ValueError: for a ``groups`` mapping that names what the model does not have.
     """
     finder = GroupFinder(model, groups, tolerance)
     norm_inputs: list[tuple[nn.Module, Tensor]] = []
@@ -94,11 +92,8 @@ def find_invariant_groups(
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     # Compiled code would skip the recording hooks: this one pass runs eagerly, as the monitor's recorded step
     # does (the compiled graphs are untouched). Without torch._dynamo imported, nothing compiled can run.
-    refusal = compile_refusal(model)
-    if refusal is not None:
-        raise ValueError(f"find_invariant_groups: {refusal}")
     compiled = "torch._dynamo" in sys.modules
-    eager = force_eager() if compiled else contextlib.nullcontext()
+    eager = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager:
             model.train()

@@ -22,7 +22,6 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from lightning_fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lightning_sphere.core.compat import compile_refusal
 from lightning_sphere.integrations.lightning.arguments import (
     _check_optimizers,
 )
@@ -131,7 +130,7 @@ class SphereCallback(CallbackPieces):
                 f"SphereCallback does not support {type(fabric.strategy).__name__}: supported are a single device "
                 "and DDP, which keep every filter whole on every rank. Use SphereTracker directly, or no callback."
             )
-        reason = check_model(module) or compile_refusal(module)
+        reason = check_model(module)
         if reason:
             raise error(reason)
         every = self.log_every_n_steps or LOG_EVERY_N_STEPS

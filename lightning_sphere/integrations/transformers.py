@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from lightning_sphere.core.compat import compile_refusal, force_eager
 from lightning_sphere.detection.finder import MAX_TRIES, GroupFinder
 from lightning_sphere.integrations.lightning.arguments import _check_arguments, _correction, _selection
 from lightning_sphere.optimizers.modes import cannot_invert, unsupported
@@ -107,15 +106,12 @@ class SphereCallback(TrainerCallback):
             reason = unsupported(inner, self.correction) or cannot_invert(inner, self.correction)
             if reason:
                 raise ValueError(f"SphereCallback(spherical_correction=...): {reason}")
-        refusal = compile_refusal(model)
-        if refusal is not None:
-            raise ValueError(f"SphereCallback: {refusal}")
         self._model = model
         self.finder = GroupFinder(model, self.groups_spec, self.tolerance, _compute_dtype(args), MAX_TRIES)
         self.finder.start()
         self._hook = model.register_forward_hook(self._analyze)
         # ``torch_compile=True``: the first step runs eagerly, so that its layer calls and graph can be read
-        self._eager = force_eager()
+        self._eager = torch.compiler.set_stance("force_eager")
 
     def _analyze(self, module: nn.Module, inputs: Any, output: Any) -> None:
         """The first forward pass of training: its graph, while alive."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_sphere.core.compat import api
+import torch
+
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.kernels.compiled import host_float
 from lightning_sphere.optimizers.registry import OptimizerRule, ParamGroup, register_optimizer
@@ -29,14 +30,13 @@ def _relative_bound(group: ParamGroup, entry: InvariantGroups, state: dict[str, 
     return 0.0, min(lr, 1 / math.sqrt(step)) * group["d"]
 
 
-if (_adafactor := api("torch.optim.Adafactor")) is not None:  # torch >= 2.5
-    register_optimizer(
-        _adafactor,
-        OptimizerRule(
-            "Adafactor",
-            decoupled_decay=lambda group: True,
-            formula=False,
-            gradient_intact=True,
-            update_length=_relative_bound,
-        ),
-    )
+register_optimizer(
+    torch.optim.Adafactor,
+    OptimizerRule(
+        "Adafactor",
+        decoupled_decay=lambda group: True,
+        formula=False,
+        gradient_intact=True,
+        update_length=_relative_bound,
+    ),
+)

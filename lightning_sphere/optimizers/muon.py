@@ -93,5 +93,5 @@ def register_muon(optimizer_class: type[torch.optim.Optimizer] | str, **reading:
     register_optimizer(optimizer_class, muon_rule(name.rsplit(".", 1)[-1], **reading))
 
 
-if (_muon := api("torch.optim.Muon")) is not None:  # torch >= 2.9
+if (_muon := api("muon")) is not None:  # torch >= 2.9
     register_muon(_muon)

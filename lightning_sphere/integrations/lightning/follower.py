@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sphere.core.compat import force_eager
 from lightning_sphere.core.groups import InvariantGroups
 from lightning_sphere.detection.finder import MAX_TRIES, GroupFinder
 from lightning_sphere.integrations.lightning.announcements import Announcements
@@ -135,7 +134,7 @@ class GroupFollower:
                 # torch.compile'd code would skip the recording hooks (a model compiled earlier) or break its
                 # graphs at them for good: this one step runs eagerly, later ones compile without the hooks.
                 self._eager_next = False
-                self._eager = force_eager()
+                self._eager = torch.compiler.set_stance("force_eager")
 
     def analyze(self, loss: Tensor) -> None:
         """Read the layers off the graph of a recorded batch's backward pass."""

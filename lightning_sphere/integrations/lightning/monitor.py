@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sphere.core.compat import compile_refusal
 from lightning_sphere.correction.steering_options import Hyperball, Rotational
 from lightning_sphere.integrations.lightning.arguments import (
     _check_optimizers,
@@ -140,9 +139,6 @@ class SphereMonitorLogic(CallbackPieces):
         self._log.follow(cadence)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        refusal = compile_refusal(pl_module)  # compiled by now, if it is (configure_model, Trainer.fit)
-        if refusal is not None:
-            raise self._framework.misconfiguration(f"{self._framework.callback}: {refusal}")
         if isinstance(trainer.strategy, self._framework.sharding_strategies):
             reason = check_model(pl_module)
             if reason:
