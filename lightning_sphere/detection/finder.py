@@ -139,6 +139,13 @@ class GroupFinder:
                     self._unused.setdefault(call.name, _NO_GRAPH if call.output is None else _NO_BACKWARD)
             self._recorder = None
 
+    def has_blind_calls(self) -> bool:
+        """Whether the recording holds a layer call made without a graph (``torch.no_grad``, or the forward of a
+        reentrant checkpoint, which the backward pass recomputes with one: :meth:`analyze_recomputed`)."""
+        return self._recorder is not None and any(
+            isinstance(c.module, LAYERS) and c.output is None for c in self._recorder.calls
+        )
+
     def has_layer_calls(self) -> bool:
         """Whether the recording holds a call of a layer not analyzed yet."""
         return self._recorder is not None and any(isinstance(c.module, LAYERS) for c in self._recorder.calls)

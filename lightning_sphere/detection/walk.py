@@ -67,7 +67,7 @@ class ScalingWalk:
         scale reaches the loss end up in :attr:`broken`, the first reason in :attr:`reason`."""
         self.start = start
         self.values[(start, 0)] = ScaledValue(Fraction(1), ids)
-        if start in self.graph.roots:  # the layer's output is the model's (or loss's) output itself
+        if start in self.graph.roots and not self.graph.consumers.get(start):  # the layer's output is the output
             self._lose([self.values[(start, 0)]], at_output(self.graph.output))
         queue: list[tuple[int, int, Node]] = []
         queued: set[Node] = set()

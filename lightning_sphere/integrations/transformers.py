@@ -114,12 +114,15 @@ class SphereCallback(TrainerCallback):
         self._eager = torch.compiler.set_stance("force_eager")
 
     def _analyze(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        """The first forward pass of training: its graph, while alive."""
+        """The first forward pass of training: its graph, while alive. Recording goes on through the backward pass
+        when some layer ran without a graph (gradient checkpointing with ``use_reentrant=True``, the default of
+        transformers before 5), whose forward the backward pass recomputes with one."""
         self._hook.remove()
         finder = self.finder
         assert finder is not None  # set with the hook
         root = _loss_of(output)
-        finder.stop()
+        if not finder.has_blind_calls():
+            finder.stop()
         if root is not None and root.grad_fn is not None:
             finder.analyze([root])
 
@@ -136,6 +139,7 @@ class SphereCallback(TrainerCallback):
             if self._eager is not None:
                 self._eager.__exit__(None, None, None)  # the compiler's stance as it was
                 self._eager = None
+            finder.analyze_recomputed()  # the layers a reentrant checkpoint ran without a graph, if any
             finder.finish()
             grads = {p: p.grad for p in finder.model.parameters() if p.grad is not None}
             finder.verify(grads)
