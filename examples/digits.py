@@ -229,16 +229,16 @@ def main(
     )
     if len(settling) < len(results):
         print("predicted (§7): none where docs/theory.md §7 has no equilibrium (Adam with L2 weight decay).")
-    print(
-        "What this demo shows: each optimizer's steps on the sphere"
-        + (
-            f", and how close {_names(settling)} to {'their' if len(settling) > 1 else 'its'} §7 equilibrium."
-            if settling
-            else "."
-        )
-        + "\nWhat it does not: which optimizer trains best — digits is small, the runs short, one seed; the ablation"
-        "\n(docs/guides/correction.md) runs several."
+    shows = "What this demo shows: each optimizer's steps on the sphere" + (
+        f", and how close {_names(settling)} to {'their' if len(settling) > 1 else 'its'} §7 equilibrium."
+        if settling
+        else "."
     )
+    does_not = (
+        "What it does not: which optimizer trains best — digits is small, the runs short, one seed; the ablation "
+        "(docs/guides/correction.md) runs several."
+    )
+    print(textwrap.fill(shows, 108) + "\n" + textwrap.fill(does_not, 108))
     print(f"\n{tensorboard_command(logdir)}")
     return results
 

@@ -76,7 +76,8 @@ def test_digits_demo(tmp_path, capsys):
     assert f"--logdir {tmp_path}" in out
     # clean output: Lightning's device lines and tips are not printed; the summary table once
     assert "GPU available" not in out and "Seed set" not in out and out.count("radially invariant groups") == 1
-    assert "as it told the sgdm run" in out and "how close SGD-M and AdamW come to their §7 equilibrium" in out
+    words = " ".join(out.split())  # as printed, wrapped
+    assert "as it told the sgdm run" in words and "how close SGD-M and AdamW come to their §7 equilibrium" in words
     # a new user's trial: a second invocation into the same folder mixed both into the table (0.0276, not 0.0308)
     with pytest.raises(ValueError, match="sgdm already holds a run's event files: give a --logdir that is new"):
         load("digits").main(max_epochs=1, logdir=tmp_path, runs=("sgdm",))
