@@ -180,6 +180,8 @@ MODELS: dict[str, RealModel] = {
     "timm_efficientnet": RealModel("timm", _timm("test_efficientnet"), image(32)),
     "timm_byobnet": RealModel("timm", _timm("test_byobnet"), image(32)),
     "timm_efficientnet_gn": RealModel("timm", _timm("test_efficientnet_gn"), image(32)),
+    # issue 25: star blocks `act(f1(x)) * f2(x) → conv(bias) → BN`, the bias on the way cancelled by the BN
+    "timm_starnet": RealModel("timm", _timm("starnet_s050", num_classes=10), image(64)),
     "timm_vit_qk_norm": RealModel(
         "timm",
         _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, qk_norm=True),

@@ -707,3 +707,86 @@ def test_a_weight_standardized_layer_is_probed_on_its_own_output():
     found = find_invariant_groups(model, x)
     assert sorted(g.module_name for g in found) == ["conv1", "conv2"]
     assert all(g.num_groups == 3 and g.cosine < 1e-4 for g in found)  # float32; a random direction: 0.19
+
+
+# --- a bias between the layer and its normalization (issue 25, kind 3) ------------------------------------
+
+
+class BiasBetween(nn.Module):
+    """``conv`` → ReLU → ``mix`` (1×1, with a bias) → ``norm``: the layer's scale reaches the norm through a bias,
+    as timm's StarNet has ``act(f1(x)) * f2(x) → conv(bias) → BN``. ``relu_after_bias``: a ReLU between the bias and
+    the norm (it does not commute with the shift: the constant stops being a per-channel one)."""
+
+    def __init__(self, norm: nn.Module, relu_after_bias: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.mix = nn.Conv2d(8, 6, 1)
+        self.norm, self.relu_after_bias = norm, relu_after_bias
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.mix(F.relu(self.conv(x)))
+        h = F.relu(h) if self.relu_after_bias else h
+        return self.head(F.relu(self.norm(h)).mean((2, 3)))
+
+
+class LinearBiasBetween(nn.Module):
+    """The same with ``nn.Linear`` layers and ``BatchNorm1d`` (the bias added by ``addmm``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.mix, self.bn, self.head = (
+            nn.Linear(5, 8, bias=False),
+            nn.Linear(8, 6),
+            nn.BatchNorm1d(6),
+            nn.Linear(6, 2),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.bn(self.mix(F.relu(self.up(x))))))
+
+
+def test_a_bias_a_batch_norm_cancels_keeps_the_layer_before_it_invariant():
+    # Before: "conv: output reaches Convolution (a bias on the way) before any normalization"; the ground truth
+    # (scaling conv by any positive factors leaves the float64 output unchanged) says it is invariant, as a whole:
+    # mix ties its channels. mix's own bias joins nothing: the batch norm cancels it.
+    model = BiasBetween(nn.BatchNorm2d(6)).double()
+    check(model, IMAGES.double(), {"conv": (1, ["conv.weight"]), "mix": (6, ["mix.weight"])}, {})
+    assert_finer_groups_move(model, IMAGES.double(), ["conv.weight"], 1)
+    linear = LinearBiasBetween().double()
+    x = torch.randn(16, 5, dtype=torch.float64)
+    check(linear, x, {"up": (1, ["up.weight"]), "mix": (6, ["mix.weight"])}, {"head": "reaches the model's output"})
+
+
+@pytest.mark.parametrize(
+    ("norm", "relu_after_bias", "reason"),
+    [
+        (nn.GroupNorm(2, 6), False, "reaches mix (Conv2d: Convolution), whose bias norm (GroupNorm: NativeGroupNorm)"),
+        (nn.BatchNorm2d(6), True, "reaches mix (Conv2d: Convolution), whose bias no normalization of each channel"),
+    ],
+)
+def test_a_bias_no_normalization_cancels_is_named(norm, relu_after_bias, reason):
+    # A group's mean, or a ReLU after the bias, leaves the bias's constant in: conv is not invariant (ground truth)
+    model = BiasBetween(norm, relu_after_bias).double()
+    found, _ = detected(model, IMAGES.double())
+    check(model, IMAGES.double(), {k: v for k, v in found.items() if k != "conv"}, {"conv": reason})
+
+
+# --- one entry per group (issue 25, kind 2) -----------------------------------------------------------------
+
+
+def test_a_one_entry_group_is_listed_with_the_true_reason():
+    # timm's FastViT scales each channel by a depthwise [C, 1, 1, 1] conv before a BatchNorm: invariant (the ground
+    # truth below), but with one entry a group's gradient is round-off and |cos(g, x)| reads 1 at any eps; it was
+    # rejected as "invariant only up to the eps" and is now listed as what it is.
+    from lightning_sphere import find_invariant_groups
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 1, groups=6, bias=False), nn.BatchNorm2d(6),
+        nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 2),
+    ).double()  # fmt: skip
+    with pytest.warns(UserWarning, match="one entry per group"):
+        groups = find_invariant_groups(model, IMAGES.double())
+    assert groups.rejected["2"].startswith("one entry per group (d = 1, 6 groups): a group's direction is its sign")
+    assert "the eps of" not in groups.rejected["2"]
+    assert not output_moves(model, IMAGES.double(), ["2.weight"], 6)  # invariant channel by channel, as the reason says

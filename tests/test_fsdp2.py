@@ -331,16 +331,26 @@ def test_fsdp2_resumes_the_rotational_and_hyperball_modes_from_a_distributed_che
 
 def test_fsdp2_is_refused_with_the_release_on_an_older_torch(monkeypatch):
     """On torch 2.7.1 and 2.8.0 the FSDP2 runs above did not equal one process (AdamW's effective lr half of it on
-    two ranks); from 2.9 they do. Before 2.9 a sharded model is refused at fit start, with the release to install."""
+    two ranks); from 2.9 they do. Before 2.9 a sharded model is refused, with the release to install: by
+    SphereMonitor at fit start, by SphereTracker (the plain API, Hugging Face's Trainer) when built."""
+    from lightning_sphere import SphereTracker, find_invariant_groups
     from lightning_sphere.core import compat
     from lightning_sphere.integrations import strategies
+    from lightning_sphere.tracking import tracker
 
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False), torch.nn.LayerNorm(6), torch.nn.Linear(6, 2))
+    groups = find_invariant_groups(model, torch.randn(3, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monkeypatch.setattr(compat, "release", lambda version=None: (2, 8, 0) if version is None else (2, 9))
-    monkeypatch.setattr(strategies, "is_dtensor", lambda p: True)  # a parameter fully_shard sharded
-    reason = strategies.check_model(torch.nn.Linear(2, 2))
-    assert reason is not None and reason.startswith(
-        "SphereMonitor: FSDP2 (fully_shard) under SphereMonitor needs torch"
+    for owner in (strategies, tracker):  # as if fully_shard had sharded the parameters
+        monkeypatch.setattr(owner, "is_dtensor", lambda p: True)
+    reason = strategies.check_model(model)  # SphereMonitor, at fit start
+    assert reason is not None and reason.startswith("FSDP2 (fully_shard) needs torch >= 2.9 for measuring")
+    assert "did not match one process" in reason and reason.endswith(
+        "Upgrade torch, or train on one device or with DDP"
     )
-    assert ">= 2.9" in reason and "Upgrade torch, or train on one device or with DDP" in reason
+    with pytest.raises(ValueError, match=r"SphereTracker: FSDP2 \(fully_shard\) needs torch >= 2\.9"):
+        SphereTracker(groups, [optimizer])  # the plain API and Hugging Face's Trainer build one
     monkeypatch.undo()
-    assert strategies.check_model(torch.nn.Linear(2, 2)) is None
+    assert strategies.check_model(model) is None
+    SphereTracker(groups, [optimizer]).close()

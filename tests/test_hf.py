@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lightning_sphere.integrations.transformers import SphereCallback  # noqa: E402
+from tests.conftest import torch_at_least  # noqa: E402
 from tests.tensorboard_read import Served  # noqa: E402
 
 HEADS, HEAD_DIM, HIDDEN = 4, 8, 32
@@ -93,7 +94,15 @@ def head_angles(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         # transformers before 5 checkpoints with use_reentrant=True: the layers run without a graph in forward, and
         # are read off the one the backward pass recomputes (before: nothing tracked, on transformers 4.51)
         {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
-        pytest.param({"torch_compile": True}, marks=pytest.mark.slow),  # the first step eager, then compiled
+        pytest.param(  # the first step eager, then compiled
+            {"torch_compile": True},
+            marks=[
+                pytest.mark.slow,
+                torch_at_least(
+                    "2.7", "torch 2.6's compiled attention backward fails in float64 on CPU, callback or not"
+                ),
+            ],
+        ),
     ],
     ids=["plain", "accumulation", "checkpointing", "reentrant checkpointing", "compile"],
 )
@@ -215,9 +224,10 @@ def test_ddp_on_two_processes_measures_each_step_as_captured(tmp_path):
     script = Path(__file__).with_name("hf_ddp_run.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                str(script), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}
-    )
+    # transformers 4.x's TrainingArguments(torch_compile=True) sets ACCELERATE_DYNAMO_* in this process's
+    # environment: an earlier test's would compile the two ranks too
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for key, value in ranks[0]["weights"].items():

@@ -121,7 +121,7 @@ def test_reasons_name_the_module_that_consumed_the_output_in_both_apis(tmp_path)
     module = MLP()
     plain = find_invariant_groups(module.net, torch.randn(4, 1, 8, 8, dtype=torch.float64))
     assert plain.rejected == {
-        "1": "output reaches 3 (Linear: Addmm) before any normalization",  # through the ReLU, which keeps scale
+        "1": "output reaches 3 (Linear: Addmm), then the model's output before any normalization",  # past the ReLU
         "3": "output reaches the model's output before any normalization",
     }
     monitor = SphereMonitor(log_every_n_steps=1)
@@ -129,7 +129,7 @@ def test_reasons_name_the_module_that_consumed_the_output_in_both_apis(tmp_path)
         fit(module, tmp_path, [monitor], max_steps=1)
     reasons = dict(line.strip().split(": ", 1) for line in monitor.summary().splitlines() if line.startswith("  "))
     assert reasons == {
-        "net.1": "output reaches net.3 (Linear: Addmm) before any normalization",
+        "net.1": "output reaches net.3 (Linear: Addmm), then LogSoftmax before any normalization",
         "net.3": "output reaches LogSoftmax before any normalization",  # the loss, computed outside the modules
     }
 

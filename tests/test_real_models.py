@@ -31,3 +31,14 @@ def test_every_detected_group_is_invariant(name, library, record_property):
     # The ground truth separates its verdicts by orders of magnitude on every model, or it proves nothing.
     invariant_max, failed_min = result.gap
     assert invariant_max < 1e-6 < 1e-4 < failed_min
+
+
+def test_a_bias_a_batch_norm_cancels_leaves_the_layer_before_it_tracked():
+    """timm's StarNet: ``act(f1(x)) * f2(x) → g.conv(bias) → g.bn``: f2 is invariant (the ground truth, eps tiny) and
+    was given up as "a bias on the way"; the batch norm cancels g's bias, so f2 is detected (issue 25, kind 3)."""
+    pytest.importorskip("timm")
+    result = compare("timm_starnet")
+    f2 = {name for name in result.invariant_tiny if name.endswith(".f2.conv")}
+    detected_f2 = f2 & set(result.detected)
+    assert detected_f2 and detected_f2 <= set(result.invariant_tiny)  # found, and truly invariant
+    assert result.false_positives == {} and result.built_false_positives == {}

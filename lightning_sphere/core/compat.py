@@ -36,6 +36,8 @@ class Gated:
     without: str
     #: the API it needs, as a dotted path, when one tells (its absence is the test)
     path: str | None = None
+    #: why an older torch will not do, when no missing API says it
+    why: str = ""
 
 
 #: The features newer than the torch floor, by key.
@@ -48,11 +50,12 @@ GATED: dict[str, Gated] = {
         path="torch.optim.Muon",
     ),
     "fsdp2": Gated(
-        "FSDP2 (fully_shard) under SphereMonitor",
+        "FSDP2 (fully_shard)",
         "2.9",
         "measuring and correcting parameters that fully_shard shards",
-        "refused at fit start: on torch 2.7.1 and 2.8.0 the suite's FSDP2 runs did not equal one process (Adam's "
-        "effective lr half of it on two ranks), where from 2.9 they do",
+        "refused (SphereMonitor at fit start, SphereTracker when built)",
+        why="on torch 2.7.1 and 2.8.0 the test suite's FSDP2 runs did not match one process (AdamW's effective lr "
+        "half of it on two ranks), from 2.9 they do",
     ),
 }
 
@@ -77,7 +80,8 @@ def supported(key: str) -> bool:
 def refusal(key: str) -> str:
     """Why the gated feature ``key`` is not available here, with the release to install."""
     gated = GATED[key]
-    return f"{gated.name} needs torch >= {gated.since} ({gated.used_for}); this is torch {torch.__version__}"
+    why = f" ({gated.why})" if gated.why else ""
+    return f"{gated.name} needs torch >= {gated.since} for {gated.used_for}{why}; this is torch {torch.__version__}"
 
 
 def api(key: str) -> Any | None:

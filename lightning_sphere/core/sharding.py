@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-try:  # torch >= 2.4
+try:  # absent from a torch built without torch.distributed
     from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sharded
+except ImportError:  # pragma: no cover - no DTensor, nothing is sharded
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 

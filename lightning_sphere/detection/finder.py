@@ -205,8 +205,8 @@ class GroupFinder:
         for name in sorted(blind - candidates):
             why = found.rejected.get(name, "")
             # Inside the segment the graph tells; where the output leaves it, the graph ends: say so.
-            ends = (at_output("the loss"), at_output("the model's output"))
-            self._unused[name] = why if why and why not in ends else _CHECKPOINTED
+            ends = tuple(at_output(end).removeprefix("output reaches ") for end in ("the loss", "the model's output"))
+            self._unused[name] = why if why and not why.endswith(ends) else _CHECKPOINTED
         calls[:] = [c for c in calls if c.name not in blind]
         return True
 

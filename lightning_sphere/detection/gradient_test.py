@@ -66,6 +66,8 @@ def verify(
     for entry, cos in zip(candidates, gradient_cosines(candidates, grads), strict=True):
         if cos is None:
             waiting.append(entry)
+        elif entry.group_size == 1:  # no cosine tells anything in one dimension (failure_reason says why)
+            rejected.append(replace(entry, cosine=cos))
         elif cos <= tolerance_for(entry, tolerance, compute_dtype) or (
             indistinct(entry, compute_dtype) and entry.norm_type != GRADIENT_TEST
         ):
@@ -104,6 +106,12 @@ def failure_reason(
     to a random direction's; 16-bit round-off when the test cannot tell; the normalization's eps when the
     structure vouched for it."""
     d = entry.group_size
+    if d == 1:
+        return (
+            f"one entry per group (d = 1, {entry.num_groups:,} groups): a group's direction is its sign, so there "
+            "is no step on a sphere to measure, and |cos(g, x)| is 1 whatever the gradient; it steps as the "
+            "optimizer has it"
+        )
     yardstick = (
         f"max |cos(g, x)| = {entry.cosine:.1e} > {tolerance_for(entry, tolerance, compute_dtype):.1e}, "
         f"while a random direction shows about 1/√d = {random_cosine(d):.1e} (d = {d:,})"

@@ -39,6 +39,12 @@ class ScaledValue:
     statistic: bool = False  # a norm or variance: adding eps to it is the normalization's own approximation
     shift_free: bool = True  # a per-channel shift of the layer's output would still be a per-channel shift
     channels_kept: bool = True  # no operation on the way moved or mixed channels
+    #: the shape of the value where a bias on the way (a convolution's or a linear layer's, unscaled) added a
+    #: constant per entry of dim 1; ``None`` if none did. Only a normalization that subtracts each dim-1 channel's
+    #: mean (batch statistics) cancels it, reached with the shape unchanged through shift-commuting moves.
+    offset: tuple[int, ...] | None = None
+    #: where that bias was added, in the user's terms (``mix (Conv2d: Convolution)``)
+    offset_at: str = ""
 
     def moved(self, ids: Tensor, keeps_channels: bool = True, keeps_shift: bool = True) -> ScaledValue:
         """The same scaling with its entries moved to ``ids`` (a view, an element-wise map, a pooling).
@@ -48,12 +54,18 @@ class ScaledValue:
         commutes with adding a per-channel constant (a view, a copy; not a relu), so that a centering
         normalization after it still cancels the layer's bias.
         """
+        if self.offset is not None and not (keeps_shift and keeps_channels and tuple(ids.shape) == self.offset):
+            raise ScaleBroken(
+                f"output reaches {self.offset_at}, whose bias no normalization of each channel cancels after it"
+            )
         return ScaledValue(
             self.degree,
             ids,
             statistic=self.statistic,
             shift_free=self.shift_free and keeps_shift,
             channels_kept=self.channels_kept and keeps_channels,
+            offset=self.offset,
+            offset_at=self.offset_at,
         )
 
 
@@ -111,6 +123,10 @@ class WalkContext(Protocol):
 
     def break_at(self, node: Node, why: str = "") -> ScaleBroken:
         """The error that the layer's scale reaches the loss through ``node`` (``why``: a detail)."""
+        ...
+
+    def where(self, node: Node, why: str = "") -> str:
+        """``node`` in the user's terms: the module whose forward ran it, with the operation."""
         ...
 
     def reduce(self, node: Node, ids: Tensor, dims: Sequence[int]) -> Tensor:

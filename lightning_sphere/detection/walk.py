@@ -91,7 +91,7 @@ class ScalingWalk:
                 self.values[(node, nr)] = value
                 users = self.graph.consumers.get(node, [])
                 if node in self.graph.roots:
-                    self._lose([value], at_output(self.graph.output))
+                    self._lose([value], at_output(self._through([value]) + self.graph.output))
                 elif self.inside is not None and not set(users) <= self.inside:
                     self._lose([value], "weight is used besides its standardization")
                 else:
@@ -107,7 +107,13 @@ class ScalingWalk:
         rule = rule_for(node.name())
         if rule is None:
             raise self.break_at(node)
-        return rule(self, node, inputs)
+        outputs = rule(self, node, inputs)
+        if any(v is not None and v.offset is not None for v in inputs) and any(
+            v is not None and v.offset is None for v in outputs
+        ):  # a rule that does not carry a bias's constant along: it may not stay a per-channel constant
+            at = next(v.offset_at for v in inputs if v is not None and v.offset is not None)
+            raise ScaleBroken(f"output reaches {at}, then {self.where(node)} before any normalization")
+        return outputs
 
     def _lose(self, values: Sequence[ScaledValue], reason: str) -> None:
         """The channels of ``values`` reach the loss unnormalized."""
@@ -135,7 +141,16 @@ class ScalingWalk:
         )
         if derived and _op(node) in ("Add", "Sub", "Cat"):
             return ScaleBroken("output is used besides the normalization")
-        return ScaleBroken(f"output reaches {self.where(node, why)} before any normalization")
+        return ScaleBroken(
+            f"output reaches {self._through(self._inputs(node))}{self.where(node, why)} before any normalization"
+        )
+
+    @staticmethod
+    def _through(values: Sequence[ScaledValue | None]) -> str:
+        """``"mix (Linear: Addmm), then "`` when the scale came through a bias on the way: the first module the
+        user would look at."""
+        at = next((v.offset_at for v in values if v is not None and v.offset is not None), "")
+        return f"{at}, then " if at else ""
 
     def where(self, node: Node, why: str = "") -> str:
         """Where the scale went, in the user's terms: the submodule whose forward ran ``node``, with the operation

@@ -16,9 +16,9 @@ from lightning_sphere.core.compat import refusal, supported
 from lightning_sphere.core.names import named_parameters
 from lightning_sphere.core.sharding import _WHY, SUPPORTED_STRATEGIES, _placement_problem, is_dtensor, sharded_rows
 
-try:  # torch >= 2.4
+try:  # absent from a torch built without torch.distributed
     from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is sharded
+except ImportError:  # pragma: no cover - no DTensor, nothing is sharded
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
@@ -35,7 +35,7 @@ def check_model(model: nn.Module) -> str | None:
     """Why ``model`` cannot be monitored, naming every parameter of two or more dimensions (those the monitor
     may track) whose placement :func:`unsupported_placement` refuses; ``None`` if none."""
     if not supported("fsdp2") and any(is_dtensor(p) for _, p in named_parameters(model)):
-        return f"SphereMonitor: {refusal('fsdp2')}. Upgrade torch, or train on one device or with DDP"
+        return f"{refusal('fsdp2')}. Upgrade torch, or train on one device or with DDP"
     problems = [
         f"`{name}` {problem}"
         for name, p in named_parameters(model)

@@ -40,7 +40,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_sphere.core.compat import refusal, supported
 from lightning_sphere.core.groups import UNOPTIMIZED, InvariantGroups, Stepped
+from lightning_sphere.core.sharding import is_dtensor
 from lightning_sphere.correction.base import Rewrite
 from lightning_sphere.kernels.compiled import Kernels, should_compile
 from lightning_sphere.measurement.metrics import (
@@ -151,6 +153,8 @@ class SphereTracker:
         optimizers = [unwrap_optimizer(o) for o in optimizers]
         self.groups, self.untracked, stepped = _by_optimizer(groups, optimizers)
         params = [p for entry in self.groups for p in entry.params]
+        if not supported("fsdp2") and any(is_dtensor(p) for p in params):  # the plain API, Hugging Face's Trainer
+            raise ValueError(f"SphereTracker: {refusal('fsdp2')}. Upgrade torch, or train on one device or with DDP")
         self.device = params[0].device if params else torch.device("cpu")
         self.kernels = Kernels(
             should_compile(sum(g.numel for g in self.groups), self.device) if compile is None else compile

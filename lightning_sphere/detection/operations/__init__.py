@@ -114,6 +114,7 @@ RULES: dict[str, Rule] = {
     "VarMeanBackward0": partial(reductions.statistic_and_mean, factor=2),
     "StdMeanBackward0": partial(reductions.statistic_and_mean, factor=1),
     "MmBackward0": contractions.matmul,
+    "AddmmBackward0": contractions.addmm,
     "BmmBackward0": contractions.matmul,
     "ConvolutionBackward0": contractions.convolution,
     "NativeLayerNormBackward0": normalizations.layer_norm,

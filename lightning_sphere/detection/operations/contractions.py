@@ -31,12 +31,15 @@ def matmul(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> l
 
 
 def convolution(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
-    """A convolution without bias, of a scaled input ``(N, C_in, *)`` or by a scaled weight ``(C_out, C_in, *k)``
-    (not transposed, not grouped): each output entry ties all the input's channels, or scales with its filter."""
+    """A convolution of a scaled input ``(N, C_in, *)`` or by a scaled weight ``(C_out, C_in, *k)`` (not
+    transposed, not grouped): each output entry ties all the input's channels, or scales with its filter. Its bias,
+    if any, adds a constant per output channel, which a normalization with batch statistics right after cancels
+    (:attr:`~lightning_sphere.detection.scaling.ScaledValue.offset`)."""
     bias = saved(node, "_saved_bias_sym_sizes_opt")
-    if bias is not None and math.prod(bias) > 0:
-        raise walk.break_at(node, ", a bias on the way")
+    biased = bias is not None and math.prod(bias) > 0
     x, w = inputs[0], inputs[1]
+    if biased and ((len(inputs) > 2 and inputs[2] is not None) or (x is not None and w is not None)):
+        raise walk.break_at(node, ", a bias on the way")
     out = output_shape(node)
     ids = None
     if x is not None:
@@ -49,7 +52,19 @@ def convolution(walk: WalkContext, node: Node, inputs: list[ScaledValue | None])
         ids = other if ids is None else walk.merge(ids, other)
     degree = (x.degree if x else 0) + (w.degree if w else 0)
     assert ids is not None
-    return [ScaledValue(Fraction(degree), ids, shift_free=False, channels_kept=False)]
+    offset, at = (tuple(out), walk.where(node)) if biased else (None, "")
+    return [ScaledValue(Fraction(degree), ids, shift_free=False, channels_kept=False, offset=offset, offset_at=at)]
+
+
+def addmm(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``bias + a @ b`` (``nn.Linear`` on a matrix): the product as :func:`matmul`, the bias a constant per output
+    feature (dim 1), which a batch-statistics normalization right after cancels; a scaled bias breaks the scale."""
+    if inputs[0] is not None:
+        raise walk.break_at(node)
+    (value,) = matmul(walk, node, inputs[1:])
+    assert value is not None
+    value.offset, value.offset_at = tuple(output_shape(node)), walk.where(node)
+    return [value]
 
 
 def attention(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:

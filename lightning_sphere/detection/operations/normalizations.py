@@ -34,6 +34,8 @@ def layer_norm(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) 
 def group_norm(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     """Normalizes each of ``group`` consecutive sets of channels of each sample, as ``(N, group, -1)``."""
     value = sole_input(walk, node, inputs)
+    if value.offset is not None:  # it subtracts each group's mean, not each channel's
+        raise ScaleBroken(f"output reaches {value.offset_at}, whose bias {walk.where(node)} does not cancel")
     grouped = ScaledValue(value.degree, reshape_ids(value.ids, (value.ids.shape[0], saved(node, "_saved_group"), -1)))
     grouped.shift_free, grouped.channels_kept = value.shift_free, False
     return _normalize(walk, node, grouped, [2], fused=False)
@@ -48,13 +50,16 @@ def batch_norm(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) 
         what = f"{call.name} ({type(call.module).__name__})" if call else "a batch norm"
         raise ScaleBroken(f"{what} uses running statistics (eval mode)")
     dims = [d for d in range(value.ids.dim()) if d != 1]
-    return _normalize(walk, node, value, dims, fused=True)
+    return _normalize(walk, node, value, dims, fused=True, cancels_offset=True)
 
 
 def _normalize(
-    walk: WalkContext, node: Node, value: ScaledValue, dims: list[int], fused: bool
+    walk: WalkContext, node: Node, value: ScaledValue, dims: list[int], fused: bool, cancels_offset: bool = False
 ) -> list[ScaledValue | None]:
-    """A fused normalization over ``dims`` of its input: the channels in each normalized set tie."""
+    """A fused normalization over ``dims`` of its input: the channels in each normalized set tie.
+    ``cancels_offset``: it subtracts each dim-1 channel's mean, which cancels a bias on the way."""
+    if value.offset is not None and not cancels_offset:
+        raise ScaleBroken(f"output reaches {value.offset_at}, whose bias {walk.where(node)} does not cancel")
     ids = value.ids
     row_ids = rows(compact(ids), [d for d in range(ids.dim()) if d not in dims])
     if mixes_scaling(row_ids):
