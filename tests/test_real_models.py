@@ -42,3 +42,27 @@ def test_a_bias_a_batch_norm_cancels_leaves_the_layer_before_it_tracked():
     detected_f2 = f2 & set(result.detected)
     assert detected_f2 and detected_f2 <= set(result.invariant_tiny)  # found, and truly invariant
     assert result.false_positives == {} and result.built_false_positives == {}
+
+
+def test_one_entry_groups_of_a_real_model_are_listed_with_the_true_reason():
+    """timm's FastViT scales each channel by a depthwise ``[C, 1, 1, 1]`` conv before a BatchNorm (``conv_scale``):
+    it was rejected as "invariant only up to the eps" (|cos(g, x)| reads 1 in one dimension, at any eps); now the
+    reason says what it is (issue 25, kind 2; the ground truth of such a layer: tests/test_dataflow_norms.py)."""
+    pytest.importorskip("timm")
+    import warnings
+
+    import torch
+
+    from lightning_sphere import find_invariant_groups
+    from tests.torchvision_ops import define_torchvision_op_schemas
+
+    define_torchvision_op_schemas()
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("fastvit_t8", pretrained=False, num_classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = find_invariant_groups(model, torch.randn(2, 3, 64, 64))
+    scales = {name: why for name, why in groups.rejected.items() if name.endswith("conv_scale.conv")}
+    assert len(scales) >= 10 and all(why.startswith("one entry per group (d = 1") for why in scales.values())
