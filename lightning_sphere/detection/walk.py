@@ -111,8 +111,7 @@ class ScalingWalk:
         if any(v is not None and v.offset is not None for v in inputs) and any(
             v is not None and v.offset is None for v in outputs
         ):  # a rule that does not carry a bias's constant along: it may not stay a per-channel constant
-            at = next(v.offset_at for v in inputs if v is not None and v.offset is not None)
-            raise ScaleBroken(f"output reaches {at}, then {self.where(node)} before any normalization")
+            raise ScaleBroken(f"output reaches {self._through(inputs)}{self.where(node)} before any normalization")
         return outputs
 
     def _lose(self, values: Sequence[ScaledValue], reason: str) -> None:
