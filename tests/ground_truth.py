@@ -140,6 +140,9 @@ class Probe:
 
 
 def out_channels(layer: nn.Module) -> int:
+    """Output channels of a layer; an embedding's rows."""
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings
     return layer.out_channels if isinstance(layer, _ConvNd) else layer.out_features
 
 
@@ -234,11 +237,12 @@ class Truth:
 
 
 def layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv, ConvTranspose and Linear module with a trainable weight."""
+    """Every Conv, ConvTranspose, Linear and Embedding module with a trainable weight (an embedding's rows are
+    scaled as a layer's output channels)."""
     return {
         n: m
         for n, m in model.named_modules()
-        if isinstance(m, _ConvNd | nn.Linear) and isinstance(getattr(m, "weight", None), nn.Parameter)
+        if isinstance(m, _ConvNd | nn.Linear | nn.Embedding) and isinstance(getattr(m, "weight", None), nn.Parameter)
     }
 
 

@@ -143,5 +143,9 @@ def test_both_owners_of_a_tied_weight_are_tracked_or_listed(mode):
             reference = twin(idx)
             twin.emb.weight.mul_(2)
             assert (twin(idx) - reference).abs().max() > 1e-3 * reference.abs().max()
-    else:  # emb is no layer: the graph watches Conv and Linear layers
-        assert groups.rejected == {"head": "output reaches the model's output before any normalization"}
+    else:  # emb is followed from its weight, through both uses: head's reaches the output
+        assert groups.rejected == {
+            "emb": "weight used 2 times (emb (Embedding), head (Linear: T)): output reaches the model's output "
+            "before any normalization",
+            "head": "output reaches the model's output before any normalization",
+        }

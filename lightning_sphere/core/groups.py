@@ -32,10 +32,13 @@ class ParamSlice:
         split: if above 1, dimension 0 is first unflattened into ``(split, -1)``: the layout of a
             grouped ConvTranspose weight, whose output channel is ``(group, dim 1)``.
         channels: ``(start, stop)``: only these output channels (rows of dimension 0) belong to the groups,
-            the q and k rows of a fused qkv projection, say; ``None``: all of them.
+            the q and k rows of a fused qkv projection, say; with ``split`` and ``channel_dims=(0, 1)``, the rows
+            ``start:stop`` of each of the ``split`` runs of dimension 0 (the q and k rows of each head of a
+            head-major ``[q_h, k_h, v_h]`` layout); ``None``: all of them.
 
     Raises:
-        ValueError: for a channel range with other channel dimensions than ``(0,)``, or out of bounds.
+        ValueError: for a channel range with other channel dimensions than ``(0,)`` (``(0, 1)`` with a split),
+            or out of bounds.
     """
 
     name: str
@@ -47,8 +50,13 @@ class ParamSlice:
     def __post_init__(self) -> None:
         if self.channels is not None:
             start, stop = self.channels
-            if self.channel_dims != (0,) or self.split != 1 or not 0 <= start < stop <= self.param.shape[0]:
-                raise ValueError(f"{self.name}: channels {self.channels} must be a range of the rows of dim 0")
+            runs = self.param.shape[0] // self.split if self.param.dim() else 0
+            dims = (0,) if self.split == 1 else (0, 1)
+            if self.channel_dims != dims or not 0 <= start < stop <= runs or runs * self.split != self.param.shape[0]:
+                raise ValueError(
+                    f"{self.name}: channels {self.channels} must be a range of the rows of dim 0"
+                    + (f" (of each of its {self.split} runs)" if self.split > 1 else "")
+                )
 
     def __repr__(self) -> str:  # the parameter by name and shape, not its values
         extras = "".join(
@@ -64,9 +72,11 @@ class ParamSlice:
         return f"ParamSlice({self.name!r}, {shape} {str(self.param.dtype).removeprefix('torch.')}{extras})"
 
     def _shaped(self, t: Tensor) -> Tensor:
+        shaped = t.unflatten(0, (self.split, -1)) if self.split > 1 else t
         if self.channels is not None:
-            return t[self.channels[0] : self.channels[1]]
-        return t.unflatten(0, (self.split, -1)) if self.split > 1 else t
+            rows = slice(*self.channels)
+            return shaped[:, rows] if self.split > 1 else shaped[rows]  # of each run, if split
+        return shaped
 
     @cached_property
     def _shard(self) -> tuple[int, int] | None:
@@ -75,7 +85,8 @@ class ParamSlice:
         if shard is not None and (self.split > 1 or (0 in self.channel_dims and self.channel_dims != (0,))):
             raise ValueError(
                 f"{self.name}: its output channels are laid out across dim 0 in a way a shard of dim 0 cuts "
-                "(a grouped ConvTranspose); FSDP2 cannot shard it for SphereMonitor: leave it out of fully_shard"
+                "(a grouped ConvTranspose, the rows of each head); FSDP2 cannot shard it for SphereMonitor: leave it "
+                "out of fully_shard"
             )
         return shard
 
@@ -111,9 +122,10 @@ class ParamSlice:
         """The shape of :meth:`_shaped` of the whole parameter, from shapes alone (a sharded parameter is not
         sliced: that would gather it)."""
         shape = tuple(self.param.shape)
+        runs = (self.split, shape[0] // self.split) if self.split > 1 else (shape[0],)
         if self.channels is not None:
-            return (self.channels[1] - self.channels[0], *shape[1:])
-        return (self.split, shape[0] // self.split, *shape[1:]) if self.split > 1 else shape
+            runs = (*runs[:-1], self.channels[1] - self.channels[0])
+        return (*runs, *shape[1:])
 
     @property
     def num_channels(self) -> int:

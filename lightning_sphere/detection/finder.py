@@ -22,7 +22,7 @@ from lightning_sphere.detection.candidates import GroupsSpec, initial_candidates
 from lightning_sphere.detection.gradient_test import failure_reason, verify_with_fallback
 from lightning_sphere.detection.layers import LAYERS, GraphRoot, find_candidates
 from lightning_sphere.detection.parametrized import stored_weight
-from lightning_sphere.detection.recorder import DataflowRecorder, _Call
+from lightning_sphere.detection.recorder import WATCHED, DataflowRecorder, _Call
 from lightning_sphere.detection.walk import at_output
 
 T = TypeVar("T")
@@ -148,7 +148,7 @@ class GroupFinder:
 
     def has_layer_calls(self) -> bool:
         """Whether the recording holds a call of a layer not analyzed yet."""
-        return self._recorder is not None and any(isinstance(c.module, LAYERS) for c in self._recorder.calls)
+        return self._recorder is not None and any(isinstance(c.module, WATCHED) for c in self._recorder.calls)
 
     def analyze(self, roots: Sequence[GraphRoot]) -> None:
         """Read candidates off the graph that produced ``roots`` (its nodes must still be alive).
@@ -162,9 +162,10 @@ class GroupFinder:
             raise RuntimeError("GroupFinder.analyze() needs a recorded forward pass: call start() first")
         self.analyzed = True
         calls = self._recorder.calls
-        if not any(isinstance(c.module, LAYERS) for c in calls):
+        if not any(isinstance(c.module, WATCHED) for c in calls):
             return  # nothing new to learn from this graph: no walk
-        found = find_candidates(calls, roots, self.model, exclude=self._weight_normed)
+        undecided = [name for name in self.watched if name not in self.decided()]
+        found = find_candidates(calls, roots, self.model, exclude=self._weight_normed, uses=undecided)
         final = {name: reason for name, reason in found.rejected.items() if "frozen" not in reason}
         decided = {g.module_name for g in self.accepted} | set(self.rejected)
         for name, reason in final.items():
@@ -353,7 +354,7 @@ def _watched(
     watched: dict[str, tuple[nn.Parameter, ...]] = {g.module_name: g.params for g in declared}
     if auto:
         for name, module in named_modules(model):
-            stored = stored_weight(module) if isinstance(module, LAYERS) else None
+            stored = stored_weight(module) if isinstance(module, WATCHED) else None
             if stored is not None and module not in owners:
                 watched.setdefault(name, stored.params)
     return watched, owners

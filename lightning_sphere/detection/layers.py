@@ -28,10 +28,17 @@ from torch.autograd.graph import Node
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from lightning_sphere.core.groups import InvariantGroups, ParamSlice
-from lightning_sphere.core.names import class_name, named_parameters
+from lightning_sphere.core.names import class_name, named_modules, named_parameters
 from lightning_sphere.core.sharding import unsharded_aliases
+from lightning_sphere.detection.channels import (
+    companion_slice,
+    group_size,
+    kept_channels,
+    rows_slice,
+    walk_parts,
+)
 from lightning_sphere.detection.parametrized import Stored, read_scaling, stored_weight
-from lightning_sphere.detection.recorder import CHANNEL_NORMS, LAYERS, _Call, _Graph, _NormNamer
+from lightning_sphere.detection.recorder import CHANNEL_NORMS, LAYERS, WATCHED, _Call, _Graph, _NormNamer
 from lightning_sphere.detection.scaling import ChannelTies, NormReached
 from lightning_sphere.detection.walk import ScalingWalk
 
@@ -52,15 +59,25 @@ class GraphRoot(Protocol):
 
 
 def find_candidates(
-    calls: Sequence[_Call], roots: Sequence[GraphRoot], model: nn.Module, exclude: Collection[nn.Module] = ()
+    calls: Sequence[_Call],
+    roots: Sequence[GraphRoot],
+    model: nn.Module,
+    exclude: Collection[nn.Module] = (),
+    uses: Collection[str] | None = None,
 ) -> Candidates:
     """Layers whose output reaches the loss only through normalizations that cancel its scale (§1 table).
+
+    A layer is followed from its recorded calls; one whose weight the graph holds but that was not called (its
+    weight used outside its forward, ``F.linear(x, self.qkv.weight, bias)``), an ``nn.Embedding``, and a layer
+    whose weight is also used outside its calls are followed from the weight itself, through every use of it
+    (docs/theory.md §1.3).
 
     Args:
         calls: what a :class:`DataflowRecorder` saw during the forward pass that built ``roots``.
         roots: the loss, or the model's outputs.
         model: the model, for parameter names.
         exclude: layers found another way (weight normalization), to leave alone.
+        uses: the names of the modules that may be followed from their weight (``None``: every one).
     """
     graph = _Graph([r.grad_fn for r in roots if r.grad_fn is not None])
     scalar = all(tuple(getattr(r, "shape", (2,))) == () for r in roots)  # a loss; else the model's outputs
@@ -89,11 +106,42 @@ def find_candidates(
     for module, module_calls in layer_calls.items():
         name = module_calls[0].name
         result = _layer_groups(name, module, module_calls, graph, namer, param_names)
+        stored = stored_weight(module)
+        if isinstance(result, str) and result.endswith(f" is also used outside {name}") and stored is not None:
+            leaf = graph.leaf.get(stored.params[0])
+            alone = _from_weight(name, module, leaf, graph, namer, param_names) if leaf is not None else result
+            result = alone if isinstance(alone, InvariantGroups) else result
         if isinstance(result, str):
             found.rejected[name] = result
         else:
             found.groups.append(result)
+    called = set(layer_calls) | set(exclude)
+    for name, module in named_modules(model):
+        if module in called or not isinstance(module, WATCHED) or (uses is not None and name not in uses):
+            continue
+        stored = stored_weight(module)
+        if stored is None or stored.computed_by is not None or not stored.params[0].requires_grad:
+            continue
+        leaf = graph.leaf.get(stored.params[0])
+        if leaf is not None:  # used in this graph, not by a call of its own
+            result = _from_weight(name, module, leaf, graph, namer, param_names)
+            if isinstance(result, str):
+                found.rejected[name] = result
+            else:
+                found.groups.append(result)
     return found
+
+
+def _from_weight(
+    name: str, layer: nn.Module, leaf: Node, graph: _Graph, namer: _NormNamer, names: dict[nn.Parameter, str]
+) -> InvariantGroups | str:
+    """The groups of a layer followed from its weight's ``AccumulateGrad`` node through every use of it, the
+    bias added to its rows included (:meth:`~lightning_sphere.detection.walk.ScalingWalk.add_bias`)."""
+    if isinstance(layer, _ConvTransposeNd):
+        return "weight used outside its module's forward, as a transposed convolution's, which is not followed"
+    weight = stored_weight(layer)
+    assert weight is not None  # find_candidates follows plain weights alone
+    return _structural_groups(name, layer, weight.params[0], (), graph, namer, names, None, start=leaf)
 
 
 def _layer_groups(
@@ -170,7 +218,7 @@ def _scale_free(name: str, weight: nn.Parameter, stored: Stored, names: dict[nn.
 
 def _weight_channel_ids(layer: nn.Module, shape: tuple[int, ...]) -> Tensor:
     """The layer's output channel of every entry of a tensor shaped like its weight."""
-    if not isinstance(layer, _ConvTransposeNd):
+    if not isinstance(layer, _ConvTransposeNd):  # (C_out, C_in / groups, *k), an embedding's (V, D)
         return _channel_ids(shape, 0, shape[0])
     # (C_in, C_out / groups, *k): output channel (group of the input channel, j)
     per_group = shape[1]
@@ -188,45 +236,68 @@ def _structural_groups(
     namer: _NormNamer,
     names: dict[nn.Parameter, str],
     standardized: tuple[ChannelTies, list[NormReached]] | None,
+    start: Node | None = None,
 ) -> InvariantGroups | str:
-    """The groups the layer's output (or its standardized weight) decides, on ``weight``, or why it has none."""
+    """The groups the layer's output (or its standardized weight) decides, on ``weight``, or why it has none.
+    ``start``: the weight's ``AccumulateGrad`` node, to follow the weight itself (not ``calls``); the bias
+    entries added to its rows join the groups (:attr:`ScalingWalk.companions`)."""
     transposed = isinstance(layer, _ConvTransposeNd)
     channels = _out_channels(layer)
     bias_stored = stored_weight(layer, "bias")
     bias = bias_stored.params[0] if bias_stored is not None and bias_stored.computed_by is None else None
+    companions: dict[Tensor, dict[int, int]] = {}
+    broken: set[int] = set()
+    reasons: list[str] = []
     if standardized is not None:
         ties, norms = standardized
         with_bias = False
     else:
-        ties = ChannelTies(channels)
-        norms, broken, reasons = [], set(), []
-        for call in calls:
-            dim = 1 if isinstance(layer, _ConvNd) else len(call.shape) - 1
-            if not call.shape or call.shape[dim] != channels:
-                return "its output does not hold its channels where expected"
-            assert call.output is not None  # find_candidates keeps the calls whose output is in the graph
-            walk = ScalingWalk(graph, ties, namer)
-            norms += walk.run(call.output, _channel_ids(call.shape, dim, channels))
-            broken |= walk.broken
-            reasons.append(walk.reason)
+        if start is not None:
+            starts = [(start, _weight_channel_ids(layer, tuple(weight.shape)))]
+        else:
+            starts = []
+            for call in calls:
+                dim = 1 if isinstance(layer, _ConvNd) else len(call.shape) - 1
+                if not call.shape or call.shape[dim] != channels:
+                    return "its output does not hold its channels where expected"
+                assert call.output is not None  # find_candidates keeps the calls whose output is in the graph
+                starts.append((call.output, _channel_ids(call.shape, dim, channels)))
+        walked = walk_parts(starts, graph, namer, channels)
+        ties, norms, broken, reasons, companions = (
+            walked.ties,
+            walked.norms,
+            walked.broken,
+            walked.reasons,
+            walked.companions,
+        )
         if not norms:
             return next((r for r in reasons if r), "output reaches no normalization")
-        if bias_stored is not None and bias_stored.computed_by is not None and not all(n.cancels_shift for n in norms):
-            return f"bias computed by {bias_stored.computed_by}, which is not followed"
-        with_bias = bias is not None and not all(n.cancels_shift for n in norms)
-    reason = _check_params(layer, weight, calls, graph, names, with_bias)
+        if start is not None:
+            with_bias = False  # the bias added to the weight's rows is among the companions
+        else:
+            if (
+                bias_stored is not None
+                and bias_stored.computed_by is not None
+                and not all(n.cancels_shift for n in norms)
+            ):
+                return f"bias computed by {bias_stored.computed_by}, which is not followed"
+            with_bias = bias is not None and not all(n.cancels_shift for n in norms)
+    reason = _check_params(layer, weight, calls, graph, names, with_bias) if start is None else None
     if reason:
         return reason
     kept = None
     if standardized is None and broken:
-        kept = _kept_range(ties, channels, broken)
-        if kept is None or transposed or (isinstance(layer, _ConvNd) and layer.groups != 1):
+        kept = kept_channels(ties, channels, broken)
+        if kept is None or transposed:
             return next(r for r in reasons if r)
-    start, stop = kept or (0, channels)
-    per_group = _group_size(ties, channels, start, stop)
-    num_groups = (stop - start) // per_group
+    first, stop, period = kept or (0, channels, channels)
+    order = [k * period + c for k in range(channels // period) for c in range(first, stop)]
+    per_group = group_size(ties, order)
+    num_groups = len(order) // per_group
+    split = channels // period
+    rows = None if kept is None else (first, stop)
     if kept is not None:
-        pieces = [ParamSlice(names[weight], weight, channels=kept)]
+        pieces = [rows_slice(names[weight], weight, rows, split)]
     elif isinstance(layer, _ConvTransposeNd):
         # weight is (C_in, C_out / groups, *k): output channel (group, j) once dim 0 is split.
         split = layer.groups
@@ -234,7 +305,13 @@ def _structural_groups(
     else:
         pieces = [ParamSlice(names[weight], weight)]
     if with_bias and bias is not None:  # with_bias implies a bias
-        pieces.append(ParamSlice(names[bias], bias, channels=kept))
+        pieces.append(rows_slice(names[bias], bias, rows, split))
+    for param, joined in companions.items():
+        piece = companion_slice(names, param, joined, set(order), rows, split)
+        if isinstance(piece, str):
+            return piece
+        if piece is not None:
+            pieces.append(piece)
     norm_call = namer(norms[0].node)
     norm_modules = {id(call.module) if call else None for call in (namer(n.node) for n in norms)}
     return InvariantGroups(
@@ -255,10 +332,12 @@ def _structural_groups(
 
 
 def _out_channels(layer: nn.Module) -> int:
-    """The output channels of one of the :data:`LAYERS`."""
+    """The output channels of one of the :data:`WATCHED` modules (the rows of an embedding)."""
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings
     if isinstance(layer, _ConvNd):
         return layer.out_channels
-    assert isinstance(layer, nn.Linear)  # find_candidates keeps the LAYERS alone
+    assert isinstance(layer, nn.Linear)  # find_candidates keeps the WATCHED alone
     return layer.out_features
 
 
@@ -266,31 +345,6 @@ def _channel_ids(shape: Sequence[int], dim: int, channels: int) -> Tensor:
     view = [1] * len(shape)
     view[dim] = channels
     return torch.arange(channels, dtype=torch.int32).view(view).expand(*shape)
-
-
-def _group_size(ties: ChannelTies, channels: int, start: int = 0, stop: int | None = None) -> int:
-    """The smallest run of consecutive channels, dividing the channels ``start:stop``, that holds every tied
-    set among them whole."""
-    stop = channels if stop is None else stop
-    count = stop - start
-    roots = [ties.find(c) for c in range(start, stop)]
-    for size in range(1, count + 1):
-        if count % size:
-            continue
-        block: dict[int, int] = {}
-        if all(block.setdefault(r, c // size) == c // size for c, r in enumerate(roots)):
-            return size
-    return count
-
-
-def _kept_range(ties: ChannelTies, channels: int, broken: set[int]) -> tuple[int, int] | None:
-    """The channels whose scale never reaches the loss, when they are one run ``(start, stop)`` of at least
-    two channels not tied to a broken one (the q and k rows of a fused qkv projection); else ``None``."""
-    lost = {ties.find(c) for c in broken}
-    fine = [c for c in range(channels) if ties.find(c) not in lost]
-    if len(fine) < 2 or fine[-1] - fine[0] + 1 != len(fine):
-        return None
-    return fine[0], fine[-1] + 1
 
 
 def _standardized(

@@ -18,6 +18,8 @@ from lightning_sphere.core.names import named_modules
 from lightning_sphere.detection.parametrized import computed_node, graph_below, parametrizations
 
 LAYERS = (_ConvNd, nn.Linear)
+#: What detection examines: the layers, and the embeddings, whose rows it follows from the weight alone.
+WATCHED = (*LAYERS, nn.Embedding)
 CHANNEL_NORMS = (_BatchNorm, _InstanceNorm)
 
 
@@ -73,8 +75,8 @@ class DataflowRecorder:
     def __enter__(self) -> DataflowRecorder:
         every = True  # recording every layer of the model: its first step
         for name, module in named_modules(self.model):
-            every &= not isinstance(module, LAYERS) or self.layers is None or module in self.layers
-            if isinstance(module, LAYERS) and (self.layers is None or module in self.layers):
+            every &= not isinstance(module, WATCHED) or self.layers is None or module in self.layers
+            if isinstance(module, WATCHED) and (self.layers is None or module in self.layers):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
                 chain = parametrizations(module).get("weight")
                 if chain is not None:
@@ -96,7 +98,7 @@ class DataflowRecorder:
         """Hook every module but the layers: what computes a normalization is named after it."""
         self._norms_hooked = True
         for name, module in named_modules(self.model):
-            if not isinstance(module, LAYERS):
+            if not isinstance(module, WATCHED):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:

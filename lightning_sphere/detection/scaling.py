@@ -45,6 +45,13 @@ class ScaledValue:
     offset: tuple[int, ...] | None = None
     #: where that bias was added, in the user's terms (``mix (Conv2d: Convolution)``)
     offset_at: str = ""
+    #: where a constant was added to the value, which is no statistic (``q · Σk + eps``), if one was: only a
+    #: division by it that cancels the scale may follow (the normalization up to that constant, as up to an eps)
+    shifted_at: str = ""
+
+    @property
+    def shifted(self) -> bool:
+        return bool(self.shifted_at)
 
     def moved(self, ids: Tensor, keeps_channels: bool = True, keeps_shift: bool = True) -> ScaledValue:
         """The same scaling with its entries moved to ``ids`` (a view, an element-wise map, a pooling).
@@ -66,6 +73,7 @@ class ScaledValue:
             channels_kept=self.channels_kept and keeps_channels,
             offset=self.offset,
             offset_at=self.offset_at,
+            shifted_at=self.shifted_at,
         )
 
 
@@ -135,6 +143,11 @@ class WalkContext(Protocol):
 
     def merge(self, a: Tensor, b: Tensor) -> Tensor:
         """Element-wise: entries of ``a`` and ``b`` that both scale scale together."""
+        ...
+
+    def add_bias(self, node: Node, slot: int, value: ScaledValue, dim: int) -> ScaledValue:
+        """``value`` (a product by the layer's weight) plus the bias that input ``slot`` of ``node`` adds along
+        ``dim``: the bias entries copied from parameters join the channel they are added to."""
         ...
 
 

@@ -22,6 +22,7 @@ from torch.autograd.graph import Node
 
 from lightning_sphere.core.names import class_name
 from lightning_sphere.detection.operations import rule_for
+from lightning_sphere.detection.provenance import provenance
 from lightning_sphere.detection.recorder import _Call, _Graph
 from lightning_sphere.detection.scaling import (
     ChannelTies,
@@ -61,6 +62,11 @@ class ScalingWalk:
         self.start: Node | None = None
         self.broken: set[int] = set()
         self.reason = ""
+        #: where the layer's channels were first parted (``q, k, v = qkv.chunk(3)``): the channels in each part
+        self.parts: list[set[int]] = []
+        #: parameter → {entry: channel}: the entries of a bias built on the spot (``F.linear(x, w, cat(...))``)
+        #: that are added to the layer's channels, and so scale with them (:meth:`add_bias`)
+        self.companions: dict[Tensor, dict[int, int]] = {}
 
     def run(self, start: Node, ids: Tensor) -> list[NormReached]:
         """Follow the layer's channels from ``start`` (whose value has channel ``ids``); the channels whose
@@ -85,6 +91,8 @@ class ScalingWalk:
                 where = self.where(node)
                 self._lose([v for v in self._inputs(node) if v is not None], f"output reaches {where}, not followed")
                 continue
+            if not self.parts and len(outputs) > 1:
+                self.parts = _parts(outputs, self.ties)
             for nr, value in enumerate(outputs):
                 if value is None or value.degree == 0 or bool((compact(value.ids) < 0).all()):
                     continue  # no longer scales with the layer
@@ -107,11 +115,19 @@ class ScalingWalk:
         rule = rule_for(node.name())
         if rule is None:
             raise self.break_at(node)
+        norms = len(self.norms)
+        shifted = [v for v in inputs if v is not None and v.shifted]
         outputs = rule(self, node, inputs)
         if any(v is not None and v.offset is not None for v in inputs) and any(
             v is not None and v.offset is None for v in outputs
         ):  # a rule that does not carry a bias's constant along: it may not stay a per-channel constant
             raise ScaleBroken(f"output reaches {self._through(inputs)}{self.where(node)} before any normalization")
+        divided = _op(node) == "Div"  # by the shifted value: the product rule checked it cancels the scale
+        if shifted and (
+            any(v is not None and not v.shifted for v in outputs) or (len(self.norms) > norms and not divided)
+        ):
+            # a constant added on the way that this node neither carries nor divides by: no normalization
+            raise ScaleBroken(f"output reaches {shifted[0].shifted_at}, then {self.where(node)}, not a normalization")
         return outputs
 
     def _lose(self, values: Sequence[ScaledValue], reason: str) -> None:
@@ -179,6 +195,54 @@ class ScalingWalk:
             stack.extend(child for child, _ in n.next_functions if child is not None)
         return False
 
+    def add_bias(self, node: Node, slot: int, value: ScaledValue, dim: int) -> ScaledValue:
+        """``value``, the product of an input by the layer's weight, plus the bias that input ``slot`` of ``node``
+        adds along ``dim`` (``addmm``'s bias, a convolution's): the walk started from the weight itself, so this
+        bias is the layer's own, whatever built it (docs/theory.md §1.3).
+
+        Each bias entry copied from a parameter entry joins the channel of the column it is added to
+        (:attr:`companions`); an entry no parameter gives is zero when nothing constant went into the bias (an
+        in-place zero, Swin V2's key bias), else an unknown constant: its channel is lost. A bias built any
+        other way, or a constant tensor, is an unknown constant for every column: the :attr:`ScaledValue.offset`
+        that only a batch-statistics normalization cancels.
+        """
+        child, nr = node.next_functions[slot]
+        from_weight = self.start is not None and hasattr(self.start, "variable")
+        origin = provenance(child, nr) if child is not None and from_weight else None
+        if origin is None:
+            value.offset, value.offset_at = tuple(value.ids.shape), self.where(node)
+            return value
+        dim %= value.ids.dim()
+        columns = rows(compact(value.ids), [dim])
+        if bool((columns.amax(1) != columns.amin(1)).any()):
+            raise self.break_at(node, ", a bias added across channels")
+        channel = columns[:, 0].expand(value.ids.shape[dim]).clone()  # the channel of each column, -1: none
+        lost: dict[int, str] = {}  # channel → why it is lost
+        for param, (entries, added_to) in origin.sources.items():
+            leaf = self.graph.leaf.get(param)
+            if leaf is not None and not set(self.graph.consumers.get(leaf, ())) <= origin.nodes | {node}:
+                why = f"output reaches {self.where(node)}, whose bias is computed from a tensor used elsewhere too"
+                lost.update(dict.fromkeys(channel[added_to].tolist(), why))
+                continue
+            joined = self.companions.setdefault(param, {})
+            for entry, c in zip(entries.tolist(), channel[added_to].tolist(), strict=True):
+                if entry in joined and min(joined[entry], c) >= 0 and joined[entry] != c:
+                    self.ties.tie(torch.tensor([[joined[entry], c]], dtype=torch.int32))
+                joined.setdefault(entry, c)
+        if origin.constant:
+            why = f"output reaches {self.where(node)}, whose bias holds a constant (a buffer, a literal)"
+            lost.update(dict.fromkeys(channel[~origin.copied.to(channel.device)].tolist(), why))
+        lost.pop(-1, None)
+        if not lost:
+            return value
+        self.broken.update(lost)
+        self.reason = self.reason or next(iter(lost.values()))
+        gone = torch.isin(channel, torch.tensor(list(lost), dtype=channel.dtype))
+        shape = [1] * value.ids.dim()
+        shape[dim] = -1
+        ids = torch.where(gone.view(shape), torch.tensor(-1, dtype=value.ids.dtype), value.ids)
+        return ScaledValue(value.degree, ids, value.statistic, value.shift_free, value.channels_kept)
+
     def reduce(self, node: Node, ids: Tensor, dims: Sequence[int]) -> Tensor:
         """Tie the channels met along ``dims``; the result keeps those dims with size 1. An entry that does
         not depend on the layer summed with ones that do breaks the scaling."""
@@ -199,6 +263,22 @@ class ScalingWalk:
         if bool(both.any()):
             self.ties.tie(torch.stack([a[both], b[both]], 1))
         return torch.where(a >= 0, a, b).expand(shape)
+
+
+def _parts(outputs: Sequence[ScaledValue | None], ties: ChannelTies) -> list[set[int]]:
+    """The channels in each output of a node that parts a value (a split, an unbind), with those tied to them so
+    far, when no channel is in two of them and at least two hold some; else none."""
+    roots: dict[int, set[int]] = {}
+    for c in range(len(ties.parent)):
+        roots.setdefault(ties.find(c), set()).add(c)
+    parts = []
+    for v in outputs:
+        ids = set(compact(v.ids).unique().tolist()) - {-1} if v is not None else set()
+        parts.append(set().union(*(roots[ties.find(i)] for i in ids)) if ids else set())
+    parts = [p for p in parts if p]
+    if len(parts) < 2 or sum(map(len, parts)) != len(set().union(*parts)):
+        return []
+    return parts
 
 
 def at_output(output: str) -> str:

@@ -9,10 +9,19 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import torch
+from torch import Tensor
 from torch.autograd.graph import Node
 
 from lightning_sphere.detection.nodes import saved
-from lightning_sphere.detection.scaling import ScaledValue, WalkContext, output_shape
+from lightning_sphere.detection.scaling import (
+    ScaledValue,
+    WalkContext,
+    compact,
+    output_shape,
+    reshape_ids,
+    sole_input,
+)
 
 
 def matmul(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
@@ -24,6 +33,8 @@ def matmul(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> l
         ids = walk.reduce(node, a.ids, [a.ids.dim() - 1]).expand(out)
     if b is not None:
         other = walk.reduce(node, b.ids, [b.ids.dim() - 2]).expand(out)
+        if ids is not None:
+            same_degree(walk, node, ids, other)
         ids = other if ids is None else walk.merge(ids, other)
     degree = (a.degree if a else 0) + (b.degree if b else 0)
     assert ids is not None
@@ -42,18 +53,31 @@ def convolution(walk: WalkContext, node: Node, inputs: list[ScaledValue | None])
         raise walk.break_at(node, ", a bias on the way")
     out = output_shape(node)
     ids = None
-    if x is not None:
+    groups = saved(node, "_saved_groups")
+    if x is not None and groups > 1 and not saved(node, "_saved_transposed"):
+        # each output channel of group g sums the input channels of group g alone
+        n, c_in, *space = x.ids.shape
+        grouped = walk.reduce(node, reshape_ids(x.ids, (n, groups, c_in // groups, *space)), range(2, x.ids.dim() + 1))
+        shape = (out[0], groups, out[1] // groups, *out[2:])
+        ids = reshape_ids(grouped.expand(shape), out)
+    elif x is not None:
         ids = walk.reduce(node, x.ids, list(range(1, x.ids.dim()))).expand(out)
     if w is not None:
         if saved(node, "_saved_transposed") or saved(node, "_saved_groups") != 1:
             raise walk.break_at(node)
         per = walk.reduce(node, w.ids, list(range(1, w.ids.dim()))).flatten()
         other = per.view(1, -1, *[1] * (len(out) - 2)).expand(out)
+        if ids is not None:
+            same_degree(walk, node, ids, other)
         ids = other if ids is None else walk.merge(ids, other)
     degree = (x.degree if x else 0) + (w.degree if w else 0)
     assert ids is not None
-    offset, at = (tuple(out), walk.where(node)) if biased else (None, "")
-    return [ScaledValue(Fraction(degree), ids, shift_free=False, channels_kept=False, offset=offset, offset_at=at)]
+    value = ScaledValue(Fraction(degree), ids, shift_free=False, channels_kept=False)
+    if biased and x is None:  # the walk started from this weight: the bias is the layer's own
+        return [walk.add_bias(node, 2, value, dim=1)]
+    if biased:
+        value.offset, value.offset_at = tuple(out), walk.where(node)
+    return [value]
 
 
 def addmm(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
@@ -63,8 +87,28 @@ def addmm(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> li
         raise walk.break_at(node)
     (value,) = matmul(walk, node, inputs[1:])
     assert value is not None
+    if inputs[1] is None:  # the walk started from the weight (``F.linear(x, w, b)``): the bias is the layer's own
+        return [walk.add_bias(node, 0, value, dim=-1)]
     value.offset, value.offset_at = tuple(output_shape(node)), walk.where(node)
     return [value]
+
+
+def same_degree(walk: WalkContext, node: Node, a: Tensor, b: Tensor) -> None:
+    """A product of two scaled operands, ``a`` and ``b`` the channels each brings to every output entry: an entry
+    where only one of them scales does not scale as the others (ρ^k instead of ρ^(k+l)), which one degree per
+    value cannot say (v padded with ones, as ReLU linear attention does): the scale breaks."""
+    a, b = torch.broadcast_tensors(compact(a), compact(b))
+    if bool(((a >= 0) != (b >= 0)).any()):
+        raise walk.break_at(node, ", a product with entries where one factor alone scales")
+
+
+def embedding(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``F.embedding(indices, weight)`` of a scaled weight ``(V, D)``: each output vector is the row its index
+    picks, and scales as that row (a gather: entries move, nothing is summed)."""
+    value = sole_input(walk, node, inputs)
+    indices = saved(node, "_saved_indices")
+    picked = compact(value.ids)[indices.to(value.ids.device).long()]
+    return [value.moved(picked.expand(output_shape(node)), keeps_channels=False)]
 
 
 def attention(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:

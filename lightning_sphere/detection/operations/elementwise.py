@@ -13,6 +13,7 @@ import torch
 from torch.autograd.graph import Node
 
 from lightning_sphere.detection.nodes import saved
+from lightning_sphere.detection.operations.contractions import same_degree
 from lightning_sphere.detection.scaling import (
     NormReached,
     ScaledValue,
@@ -69,6 +70,11 @@ def add(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list
         ]
     if len(present) == 1 and constant and present[0].statistic:
         return [present[0].moved(present[0].ids.expand(out))]  # + eps
+    if len(present) == 1 and len(node.next_functions) == 1 and not present[0].shifted:
+        # + a number: only a divisor that cancels the scale may carry it (q · Σk + eps in ReLU linear attention)
+        shifted = present[0].moved(present[0].ids.expand(out))
+        shifted.shifted_at = walk.where(node)
+        return [shifted]
     raise walk.break_at(node)
 
 
@@ -82,7 +88,11 @@ def product(
     degree = (a.degree if a else 0) + (-(b.degree) if divide and b else (b.degree if b else 0))
     base = a or b
     assert base is not None
+    if a is not None and b is not None:
+        same_degree(walk, node, a.ids.expand(out), b.ids.expand(out))
     ids = walk.merge(a.ids, b.ids) if a is not None and b is not None else base.ids
+    if (a is not None and a.shifted) or (b is not None and b.shifted and not (divide and degree == 0)):
+        raise walk.break_at(node, ", after a constant was added")
     if degree == 0:
         walk.norms.append(NormReached(node, cancels_shift=False, fused_channel_norm=False, channels_kept=False))
         return [None]

@@ -38,6 +38,31 @@ def t(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[S
     return [value.moved(value.ids.t(), keeps_channels=False)]
 
 
+def roll(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``torch.roll``: entries shifted cyclically along some dimensions (all of them flattened when none given)."""
+    value = first_scaled(inputs)
+    shifts, dims = list(saved(node, "_saved_shifts")), [signed(d) for d in saved(node, "_saved_dims")]
+    ids = value.ids.roll(shifts, dims) if dims else value.ids.flatten().roll(shifts).view(value.ids.shape)
+    return [value.moved(ids, keeps_channels=False)]
+
+
+def constant_pad(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
+    """``F.pad(x, pad, value=c)``: the padded entries are the constant, which does not scale (``-1``); a negative
+    pad crops."""
+    value = first_scaled(inputs)
+    pad = list(saved(node, "_saved_pad"))
+    ids = torch.nn.functional.pad(compact_for_pad(value.ids, len(pad) // 2), pad, value=-1)
+    return [value.moved(ids.expand(output_shape(node)), keeps_channels=False, keeps_shift=False)]
+
+
+def compact_for_pad(ids: torch.Tensor, padded: int) -> torch.Tensor:
+    """``ids`` without broadcast dimensions except the last ``padded`` ones, which the pad changes."""
+    index = tuple(
+        slice(0, 1) if stride == 0 and d < ids.dim() - padded else slice(None) for d, stride in enumerate(ids.stride())
+    )
+    return ids[index]
+
+
 def slice_(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list[ScaledValue | None]:
     """``x[..., start:end:step, ...]`` along one dimension."""
     value = first_scaled(inputs)
