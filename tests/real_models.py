@@ -74,6 +74,32 @@ def _tv_swin() -> nn.Module:
     )
 
 
+def _tv_swin_v2() -> nn.Module:
+    """torchvision's Swin V2: cosine attention, q/k/v and the output projection by ``F.linear`` on the modules'
+    weights, the key bias zeroed in place, post-norms. Its continuous position bias MLP gets PyTorch's default
+    Linear initialization instead of std 0.02: at 0.02 it moves the output by 1e-5, too little for the ground
+    truth to tell it apart from an invariant layer."""
+    define_torchvision_op_schemas()
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    model = SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[4, 8],
+        window_size=[4, 4],
+        num_classes=10,
+        block=SwinTransformerBlockV2,
+        downsample_layer=PatchMergingV2,
+    )
+    for module in model.modules():
+        if hasattr(module, "cpb_mlp"):
+            for layer in module.cpb_mlp:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+    return model
+
+
 def _tv_vgg11_bn() -> nn.Module:
     model = _tv("vgg11_bn")()
     # Its 120M-parameter classifier (no normalization) replaced by one Linear: 20x less to copy and scale.
@@ -168,6 +194,7 @@ MODELS: dict[str, RealModel] = {
         image(32),
     ),
     "tv_swin": RealModel("torchvision", _tv_swin, image(32)),
+    "tv_swin_v2": RealModel("torchvision", _tv_swin_v2, image(32), head_dim=8),  # issue 25
     "tv_lraspp_mobilenet_v3": RealModel(
         "torchvision", _tv("lraspp_mobilenet_v3_large", weights_backbone=None, num_classes=3), image(64)
     ),
@@ -182,6 +209,25 @@ MODELS: dict[str, RealModel] = {
     "timm_efficientnet_gn": RealModel("timm", _timm("test_efficientnet_gn"), image(32)),
     # issue 25: star blocks `act(f1(x)) * f2(x) → conv(bias) → BN`, the bias on the way cancelled by the BN
     "timm_starnet": RealModel("timm", _timm("starnet_s050", num_classes=10), image(64)),
+    # issue 25: `F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))`, per-head norms on q and k, a norm in
+    # the SwiGLU MLP
+    "timm_eva02": RealModel(
+        "timm",
+        _timm(
+            "eva02_tiny_patch14_224",
+            img_size=28,
+            embed_dim=32,
+            depth=2,
+            num_heads=4,
+            num_classes=10,
+            qk_norm=True,
+            scale_mlp=True,
+        ),
+        image(28),
+        head_dim=8,
+    ),
+    # issue 25: ReLU linear attention (LiteMLA), its denominator from padding v with ones
+    "timm_efficientvit": RealModel("timm", _timm("efficientvit_b0", num_classes=10), image(64), head_dim=16),
     "timm_vit_qk_norm": RealModel(
         "timm",
         _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, qk_norm=True),
@@ -200,6 +246,26 @@ MODELS: dict[str, RealModel] = {
     "hf_bert": RealModel(
         "transformers", _hf("BertConfig", "BertModel", vocab_size=128, **_ENCODER), tokens(), head_dim=8
     ),
+    # issue 25: DeBERTa-v3's configuration: token embeddings straight into a LayerNorm (no position embedding
+    # added), relative position embeddings normalized row by row
+    "hf_deberta_v2": RealModel(
+        "transformers",
+        _hf(
+            "DebertaV2Config",
+            "DebertaV2Model",
+            vocab_size=128,
+            position_biased_input=False,
+            relative_attention=True,
+            pos_att_type="p2c|c2p",
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            position_buckets=16,
+            max_relative_positions=-1,
+            **_ENCODER,
+        ),
+        tokens(),
+        head_dim=8,
+    ),
     "hf_vit": RealModel(
         "transformers",
         _hf("ViTConfig", "ViTModel", image_size=32, patch_size=8, **_ENCODER),
@@ -216,7 +282,7 @@ MODELS: dict[str, RealModel] = {
 }
 
 #: Run by default (each well under 10 s); the others are ``slow``.
-FAST = ("timm_test_resnet", "timm_vit_qk_norm", "hf_qwen3")
+FAST = ("timm_test_resnet", "timm_vit_qk_norm", "hf_qwen3", "tv_swin_v2", "hf_deberta_v2")
 
 
 def available(library: str) -> bool:

@@ -171,11 +171,13 @@ class InvariantGroups:
         num_groups: number of groups; each holds :attr:`group_size` entries.
         norm_name: name of the normalization module that makes the groups invariant.
         norm_type: its class name (``"BatchNorm2d"``, …).
-        granularity: ``"channel"``, ``"layer"`` or ``"<k> channels"``.
+        granularity: ``"channel"``, ``"layer"`` or ``"<k> channels"`` (an embedding's: ``"row"``, ``"<k> rows"``).
         cosine: ``max |cos(g, x)|`` over the groups when verified, ``None`` before.
         channels_aligned: the normalization normalizes each output channel where it is (channel c of the
             norm is output channel c, nothing on the way moves channels): its running statistics, if it keeps
             any, are one per group.
+        norm_count: the fewest values one of its normalizations normalized together on the batch it was found
+            on (batch × spatial size for a BatchNorm); ``None`` when not known (a normalization written by hand).
     """
 
     module_name: str
@@ -186,6 +188,7 @@ class InvariantGroups:
     granularity: str = "channel"
     cosine: float | None = None
     channels_aligned: bool = False
+    norm_count: int | None = None
 
     @property
     def params(self) -> tuple[nn.Parameter, ...]:

@@ -140,6 +140,7 @@ def walk_parts(starts: Sequence[tuple[Node, Tensor]], graph: _Graph, namer: _Nor
             combined.companions.setdefault(param, {}).update(joined)
     if _invariant_count(combined, channels) > _invariant_count(whole, channels):
         return combined
+    whole.reasons = combined.reasons + whole.reasons  # each part's own break says more than where parts meet
     return whole
 
 

@@ -160,10 +160,10 @@ class GroupFinder:
         """
         if self._recorder is None:
             raise RuntimeError("GroupFinder.analyze() needs a recorded forward pass: call start() first")
-        self.analyzed = True
+        first, self.analyzed = not self.analyzed, True
         calls = self._recorder.calls
-        if not any(isinstance(c.module, WATCHED) for c in calls):
-            return  # nothing new to learn from this graph: no walk
+        if not first and not any(isinstance(c.module, WATCHED) for c in calls):
+            return  # nothing new to learn from this graph: no walk (the first may hold weights used by no call)
         undecided = [name for name in self.watched if name not in self.decided()]
         found = find_candidates(calls, roots, self.model, exclude=self._weight_normed, uses=undecided)
         final = {name: reason for name, reason in found.rejected.items() if "frozen" not in reason}

@@ -116,6 +116,13 @@ def failure_reason(
         f"max |cos(g, x)| = {entry.cosine:.1e} > {tolerance_for(entry, tolerance, compute_dtype):.1e}, "
         f"while a random direction shows about 1/√d = {random_cosine(d):.1e} (d = {d:,})"
     )
+    if entry.norm_count is not None and entry.norm_count <= 2:
+        return (
+            f"{entry.norm_name} ({entry.norm_type}) normalizes only {entry.norm_count} value"
+            f"{'s' if entry.norm_count > 1 else ''} together on this batch (a BatchNorm over a 1×1 map of a batch of "
+            "2, say): its output is ±1 (or 0) whatever its input, so the gradient it passes back is round-off and "
+            f"eps, which cannot verify the layer ({yardstick}); it steps as the optimizer has it"
+        )
     if entry.norm_type == GRADIENT_TEST:
         if indistinct(entry, compute_dtype):
             floor = noise_floor(compute_dtype or entry.slices[0].param.dtype)

@@ -320,7 +320,7 @@ def _structural_groups(
         num_groups=num_groups,
         norm_name=norm_call.name if norm_call else name,
         norm_type=class_name(norm_call.module) if norm_call else class_name(layer),
-        granularity="channel" if per_group == 1 else "layer" if num_groups == 1 else f"{per_group} channels",
+        granularity=_granularity(layer, per_group, num_groups),
         channels_aligned=per_group == 1
         and standardized is None
         and kept is None
@@ -328,7 +328,14 @@ def _structural_groups(
         and norm_call is not None
         and isinstance(norm_call.module, CHANNEL_NORMS)
         and all(n.fused_channel_norm and n.channels_kept for n in norms),
+        norm_count=min((n.count for n in norms if n.count is not None), default=None),
     )
+
+
+def _granularity(layer: nn.Module, per_group: int, num_groups: int) -> str:
+    """``"channel"``, ``"layer"`` or ``"<k> channels"``; an embedding's rows are ``"row"``/``"<k> rows"``."""
+    unit = "row" if isinstance(layer, nn.Embedding) else "channel"
+    return unit if per_group == 1 else "layer" if num_groups == 1 else f"{per_group} {unit}s"
 
 
 def _out_channels(layer: nn.Module) -> int:

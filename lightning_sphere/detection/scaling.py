@@ -85,6 +85,8 @@ class NormReached:
     cancels_shift: bool
     fused_channel_norm: bool
     channels_kept: bool
+    #: how many values each set it normalizes holds (a fused norm's; ``None`` for one written by hand)
+    count: int | None = None
 
 
 class ScaleBroken(Exception):

@@ -162,9 +162,10 @@ class ScalingWalk:
 
     @staticmethod
     def _through(values: Sequence[ScaledValue | None]) -> str:
-        """``"mix (Linear: Addmm), then "`` when the scale came through a bias on the way: the first module the
-        user would look at."""
+        """``"mix (Linear: Addmm), then "`` when the scale came through a bias on the way, or through a constant
+        added to it (``"block (Block: Add), then "``): the first place the user would look at."""
         at = next((v.offset_at for v in values if v is not None and v.offset is not None), "")
+        at = at or next((v.shifted_at for v in values if v is not None and v.shifted), "")
         return f"{at}, then " if at else ""
 
     def where(self, node: Node, why: str = "") -> str:

@@ -70,8 +70,8 @@ def add(walk: WalkContext, node: Node, inputs: list[ScaledValue | None]) -> list
         ]
     if len(present) == 1 and constant and present[0].statistic:
         return [present[0].moved(present[0].ids.expand(out))]  # + eps
-    if len(present) == 1 and len(node.next_functions) == 1 and not present[0].shifted:
-        # + a number: only a divisor that cancels the scale may carry it (q · Σk + eps in ReLU linear attention)
+    if len(present) == 1 and constant and not present[0].shifted:
+        # + a constant: only a divisor that cancels the scale may carry it (q · Σk + eps in ReLU linear attention)
         shifted = present[0].moved(present[0].ids.expand(out))
         shifted.shifted_at = walk.where(node)
         return [shifted]

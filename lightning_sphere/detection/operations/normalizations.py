@@ -7,6 +7,8 @@ way broke the shift.
 
 from __future__ import annotations
 
+import math
+
 from torch.autograd.graph import Node
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -68,7 +70,13 @@ def _normalize(
     walk.ties.tie(row_ids)
     kept = value.channels_kept
     walk.norms.append(
-        NormReached(node, cancels_shift=value.shift_free and single, fused_channel_norm=fused, channels_kept=kept)
+        NormReached(
+            node,
+            cancels_shift=value.shift_free and single,
+            fused_channel_norm=fused,
+            channels_kept=kept,
+            count=math.prod(ids.shape[d] for d in dims),
+        )
     )
     return [None]
 
