@@ -4,7 +4,7 @@ Needs the ``zoo`` extra (torchvision, timm, transformers); every model is built 
 weights (no download). Not a test: it prints what ``tests/test_real_models.py`` asserts (zero false
 positives) and what it only reports (recall). Columns:
 
-- invariant real / tiny eps: Conv, ConvTranspose and Linear modules the ground truth finds invariant with
+- invariant real / tiny eps: Conv, ConvTranspose, Linear and Embedding modules the ground truth finds invariant with
   the model's own eps on the example input / with every eps tiny (structurally);
 - detected: modules ``find_invariant_groups`` returns (zero-initialized parameters randomized first), and as
   built; recall: detected / invariant at real eps;

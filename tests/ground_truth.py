@@ -273,7 +273,10 @@ def ground_truth(model: nn.Module, example: Any, head_dim: int | None = None, se
                 verdict = Verdict(block, change, real_change <= REAL_EPS_TOLERANCE, real_change, with_bias=with_bias)
                 break
             verdict.change = min(verdict.change, change)
-        if not verdict.structural and head_dim and channels > head_dim and channels % head_dim == 0:
+        # heads are blocks of a projection's rows; an embedding's blocks of rows no index of the example picks
+        # would pass for invariant
+        projection = not isinstance(layer, nn.Embedding)
+        if not verdict.structural and projection and head_dim and channels > head_dim and channels % head_dim == 0:
             verdict = _heads_alone(tiny, real, layer, real_layers[name], head_dim, verdict)
         truth.verdicts[name] = verdict
     return truth

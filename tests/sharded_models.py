@@ -107,6 +107,36 @@ class Block(nn.Module):
         fully_shard(self, mesh=mesh)
 
 
+class Fused(nn.Module):
+    """timm's EVA attention (issue 25): ``F.linear(h, self.qkv.weight, cat(q_bias, k_bias, v_bias))``, ``qkv`` never
+    called, per-head RMSNorms on q and k: the q rows of each head (3 heads of 2) tracked with the entries of
+    ``q_bias`` (a parameter of this module, not of the Linear) added to them; q_bias's 6 entries split 3 and 3
+    over the ranks, the weight's 18 rows 9 and 9."""
+
+    def __init__(self, d: int = 8, heads: int = 3, head_dim: int = 2) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * heads * head_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(heads * head_dim) * 0.1)
+        self.register_buffer("k_bias", torch.zeros(heads * head_dim))
+        self.v_bias = nn.Parameter(torch.randn(heads * head_dim) * 0.1)
+        self.q_norm = nn.RMSNorm(head_dim)
+        self.k_norm = nn.RMSNorm(head_dim)
+        self.head = nn.Linear(heads * head_dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(self.ln(x), self.qkv.weight, bias).view(b, t, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v).transpose(1, 2).reshape(b, t, -1)
+        return self.head(a.mean(1))
+
+    def shard(self, mesh: Any, fully_shard: Any) -> None:
+        fully_shard(self, mesh=mesh)
+
+
 def conv_data(n: int = 32) -> TensorDataset:
     gen = torch.Generator().manual_seed(SEED * 1_000_003 + 3)
     return TensorDataset(torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen))
@@ -118,14 +148,14 @@ def token_data(n: int = 32) -> TensorDataset:
 
 
 class Module(pl.LightningModule):
-    """``net`` ("conv", "block" or "transpose") trained with ``optimizer`` ("sgd": SGD with momentum and weight decay,
-    "adamw", "plain": SGD without momentum); ``shard``: apply FSDP2 in ``configure_model``."""
+    """``net`` ("conv", "block", "transpose" or "fused") trained with ``optimizer`` ("sgd": SGD with momentum and
+    weight decay, "adamw", "plain": SGD without momentum); ``shard``: apply FSDP2 in ``configure_model``."""
 
     def __init__(self, net: str = "conv", optimizer: str = "sgd", batch_size: int = 8, shard: bool = True) -> None:
         super().__init__()
         torch.manual_seed(SEED)  # the same weights in every process
         self.kind = net
-        self.net = {"conv": ConvNet, "block": Block, "transpose": GroupedTranspose}[net]()
+        self.net = {"conv": ConvNet, "block": Block, "transpose": GroupedTranspose, "fused": Fused}[net]()
         self.optimizer_name, self.batch_size, self.sharded = optimizer, batch_size, shard
 
     def configure_model(self) -> None:
@@ -156,7 +186,7 @@ class Module(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         """Batch k holds samples ``[b·k, b·(k+1))`` of the data in one process; on W ranks, rank r's batch k
         holds its r-th part (no sampler: the global batch is the single-process batch of W·b samples)."""
-        data = token_data() if self.kind == "block" else conv_data()
+        data = token_data() if self.kind in ("block", "fused") else conv_data()
         world, rank = self.trainer.world_size, self.trainer.global_rank
         if world > 1:
             b = self.batch_size

@@ -559,7 +559,7 @@ def test_a_norm_that_mixes_the_layer_with_other_channels_breaks_it():
     """The second half of conv is normalized together with side's channels: neither scales alone. The first
     half still has its own BatchNorm: those rows are tracked, as a channel range."""
     model = SplitNorms(group_norm=True)
-    check(model, IMAGES, {"conv": (4, ["conv.weight"], (0, 4))}, {"side": "entries that do not scale"})
+    check(model, IMAGES, {"conv": (4, ["conv.weight"], (0, 4))}, {"side": "together with values that do not scale"})
     assert output_moves(model, IMAGES, ["conv.weight"], 4, (4, 8))
 
 

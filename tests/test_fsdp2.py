@@ -284,6 +284,19 @@ def test_fsdp2_transformer_block_measures_and_corrects_as_one_process_does(tmp_p
 
 @FSDP2
 @pytest.mark.slow
+def test_fsdp2_follows_a_weight_used_outside_its_module_with_its_bias_as_one_process_does(tmp_path):
+    """A qkv weight used by ``F.linear`` with a bias concatenated from the attention's own parameters (issue 25): on
+    two ranks the graph holds the unsharded copies, the q rows and their ``q_bias`` entries (split over the ranks)
+    are tracked, measured and corrected as in one process."""
+    runs = [("fsdp2", "fused", "adamw", {}), ("fsdp2", "fused", "adamw", {"spherical_correction": True})]
+    ranks = on_two_ranks(_fits, tmp_path, runs)
+    for run, results in zip(runs, zip(*ranks, strict=True), strict=True):
+        assert_like_one_process(list(results), fit(tmp_path, "single", *run[1:]))
+    assert "net.qkv" in ranks[0][0]["summary"] and "net.q_norm" in ranks[0][0]["summary"]
+
+
+@FSDP2
+@pytest.mark.slow
 def test_fsdp2_resumes_from_a_distributed_checkpoint_as_if_never_stopped(tmp_path):
     """The checkpoint holds the real weights r̂ u (what loads and trains as plain SGD's model), and the monitor's
     state the virtual radii (replicated: rank zero writes them): every rank stores u again from both, and the

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -342,3 +343,69 @@ def test_a_norm_of_two_values_is_named_as_what_keeps_the_layer_unverified():
     assert not moves(model, images, [[("2.weight", [c]), ("2.bias", [c])] for c in range(8)])
     assert rejected["2"].startswith("3 (BatchNorm2d) normalizes only 2 values together on this batch")
     assert "up to the eps" not in rejected["2"]
+
+
+# --- what the graph cannot tell: in-place writes into a bias, a constant of unknown size -----------------------
+
+
+class WrittenBias(ZeroedBias):
+    """Swin V2's attention with another in-place write into the key part of the bias than ``zero_()``."""
+
+    def __init__(self, write: str) -> None:
+        super().__init__()
+        self.write = write
+        with torch.no_grad():
+            self.qkv.bias.normal_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        bias = self.qkv.bias.clone()
+        getattr(bias[WIDTH : 2 * WIDTH], self.write)(*([] if self.write == "zero_" else [1e-3]))
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(b, t, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+        attention = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * 10).softmax(-1)
+        return (attention @ v).transpose(1, 2).reshape(b, t, WIDTH)
+
+
+@pytest.mark.parametrize(("write", "kept"), [("zero_", 2 * WIDTH), ("fill_", WIDTH), ("add_", WIDTH)])
+def test_an_in_place_write_into_the_bias_counts_as_a_zero_only_when_it_held_zero(write, kept):
+    """``zero_()``, ``fill_(c)`` and ``add_(c)`` on a slice of the bias leave the same graph (``fill_`` looks like a
+    zero, ``add_`` like a copy): the values the bias held in the forward pass decide; with ``fill_`` and ``add_`` the
+    key rows are not invariant, and are left out."""
+    model = WrittenBias(write)
+    groups, _ = found(model, TOKENS)
+    num_groups, (weight, bias) = groups["qkv"]
+    assert rows_of(weight) == rows_of(bias) == list(range(kept)) and num_groups == kept // HEAD_DIM
+    assert not moves(model, TOKENS, heads(range(kept), "qkv.weight", "qkv.bias"))
+    if kept < 2 * WIDTH:
+        assert moves(model, TOKENS, heads(range(WIDTH, 2 * WIDTH), "qkv.weight", "qkv.bias"))
+
+
+class DividedPlusConstant(nn.Module):
+    def __init__(self, constant: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.constant = constant
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.fc(x))
+        return y / (y.sum(-1, keepdim=True) + self.constant)
+
+
+def test_a_constant_of_unknown_size_added_to_a_divisor_is_tested_as_strictly_as_a_numeric_candidate():
+    """``y / (Σy + c)`` is a normalization up to c, whose size the graph does not hold: only the gradient vouches
+    for it, with the numeric test's δ = 0.01; with c = 1 it is rejected, and the reason names the constant."""
+    from lightning_sphere.core.tolerance import NUMERIC_TOLERANCE, random_cosine, tolerance_for
+
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    groups, rejected = found(DividedPlusConstant(1e-6), x)
+    assert "fc" in groups
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (entry,) = find_invariant_groups(DividedPlusConstant(1e-6), x)
+    assert entry.unknown_eps and tolerance_for(entry) == NUMERIC_TOLERANCE * random_cosine(entry.group_size)
+    model = DividedPlusConstant(1.0)
+    groups, rejected = found(model, x)
+    assert moves(model, x, [[("fc.weight", list(range(16))), ("fc.bias", list(range(16)))]])
+    assert "fc" not in groups
+    assert rejected["fc"].startswith("invariant only up to the constant added at the model (DividedPlusConstant: Add)")

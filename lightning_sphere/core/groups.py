@@ -178,6 +178,9 @@ class InvariantGroups:
             any, are one per group.
         norm_count: the fewest values one of its normalizations normalized together on the batch it was found
             on (batch × spatial size for a BatchNorm); ``None`` when not known (a normalization written by hand).
+        unknown_eps: where a normalization written by hand adds a constant of unknown size to what it divides by
+            (``q·Σk + eps``), if one does: only the gradient test says it is small, as strictly as for a numeric
+            candidate (docs/theory.md §1.3).
     """
 
     module_name: str
@@ -189,6 +192,7 @@ class InvariantGroups:
     cosine: float | None = None
     channels_aligned: bool = False
     norm_count: int | None = None
+    unknown_eps: str = ""
 
     @property
     def params(self) -> tuple[nn.Parameter, ...]:

@@ -51,10 +51,12 @@ def tolerance_for(
     entry: InvariantGroups, tolerance: float | None = None, compute_dtype: torch.dtype | None = None
 ) -> float:
     """The largest max |cos(g, x)| over ``entry``'s groups that passes the gradient test: δ/√d, δ the
-    ``tolerance`` (``None``: :data:`COSINE_TOLERANCE`, or :data:`NUMERIC_TOLERANCE` for numeric candidates),
+    ``tolerance`` (``None``: :data:`COSINE_TOLERANCE`, or :data:`NUMERIC_TOLERANCE` for numeric candidates and
+    for a normalization whose eps is a constant of unknown size),
     and at least the round-off :func:`noise_floor` of its weights' dtype and of ``compute_dtype``."""
     if tolerance is None:
-        tolerance = NUMERIC_TOLERANCE if entry.norm_type == GRADIENT_TEST else COSINE_TOLERANCE
+        strict = entry.norm_type == GRADIENT_TEST or bool(entry.unknown_eps)  # what only the gradient vouches for
+        tolerance = NUMERIC_TOLERANCE if strict else COSINE_TOLERANCE
     floor = max(noise_floor(d) for d in (entry.slices[0].param.dtype, compute_dtype or torch.float32))
     return max(tolerance * random_cosine(entry.group_size), floor)
 

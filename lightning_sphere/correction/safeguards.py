@@ -235,19 +235,31 @@ class Guard:
             cos = worst[groups][stopped[groups] & worst[groups].isfinite()]
             if not cos.numel():  # stopped, but the host never saw a finite cosine: say so plainly
                 cos = torch.zeros(1, dtype=worst.dtype)
-            self.stops.announced[i] = (
-                f"|cos(g, x)| up to {float(cos.max()):.2g} > {float(self._tolerance[groups.start]):.2g}"
-            )
+            worst_cos, threshold = _apart(float(cos.max()), float(self._tolerance[groups.start]))
+            self.stops.announced[i] = f"|cos(g, x)| up to {worst_cos} > {threshold}"
             cause, name = self.safeguards.radial_cause, m.entry.module_name
             what = f"{name}'s steps are not tangent to the sphere: {cause}" if cause else f"{name} is not radially "
             self.safeguards.warn(
                 f"lightning_sphere: {what if cause else what + 'invariant any more'}. On a step since the last report, "
-                f"most of its {m.entry.num_groups} groups showed {self.stops.announced[i]} (median "
+                f"{_most_of(m.entry.num_groups)} showed {self.stops.announced[i]} (median "
                 f"{float(cos.median()):.2g}, above the gradient test's δ/√d); its spherical correction stops, and it "
                 "takes the plain optimizer's steps from now on"
             )
             if cause:
                 self.stops.announced[i] += " (gradients clipped by value)"
+
+
+def _apart(value: float, threshold: float) -> tuple[str, str]:
+    """``value`` and the ``threshold`` it exceeds, with as many digits as it takes for them to read apart."""
+    for digits in range(2, 8):
+        shown = f"{value:.{digits}g}", f"{threshold:.{digits}g}"
+        if shown[0] != shown[1]:
+            return shown
+    return shown
+
+
+def _most_of(groups: int) -> str:
+    return "its group" if groups == 1 else f"most of its {groups} groups"
 
 
 def _version(value: Any) -> Any:

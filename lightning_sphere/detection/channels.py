@@ -48,7 +48,9 @@ def companion_slice(
     inside = {e: c for e, c in joined.items() if c in kept}
     if not inside:
         return None
-    name = names.get(param, "a bias") if isinstance(param, nn.Parameter) else "a bias"
+    if not isinstance(param, nn.Parameter) or param not in names:
+        return "a bias added to its rows is computed from a tensor that is no parameter of the model"
+    name = names[param]
     offsets = {c - e for e, c in inside.items()}
     shift = min(offsets)
     low, high = (rows or (0, max(kept) + 1))[0] - shift, (rows or (0, max(kept) + 1))[1] - shift
@@ -58,7 +60,6 @@ def companion_slice(
     taken = {e for e in range(size) if low <= e % (size // split) < high} if split > 1 else set(range(low, high))
     if any(e in taken and c not in kept for e, c in joined.items()):
         return f"bias `{name}` is added to its channels and to others"
-    assert isinstance(param, nn.Parameter)  # provenance keeps parameters alone
     if rows is None and (low, high) == (0, size):
         return ParamSlice(names[param], param)
     return rows_slice(names[param], param, (low, high), split)
@@ -94,6 +95,47 @@ def kept_channels(ties: ChannelTies, channels: int, broken: set[int]) -> tuple[i
         if fine == [k * period + c for k in range(channels // period) for c in first]:
             return first[0], first[-1] + 1, period
     return None
+
+
+def align_companions(
+    ties: ChannelTies, channels: int, broken: set[int], companions: dict[Tensor, dict[int, int]]
+) -> set[int]:
+    """``broken``, widened so that each bias built on the spot covers all the kept channels or none: every group
+    holds the same parameters. EVA's ``cat((q_bias, k_bias, v_bias))`` with ``k_bias`` a zero buffer leaves the q
+    and k rows invariant, but only the q rows have a parameter bias: keep the larger of the channels a bias covers
+    and those it does not (the covered ones when equal)."""
+    for param, joined in companions.items():
+        lost = {ties.find(c) for c in broken}
+        fine = {c for c in range(channels) if ties.find(c) not in lost}
+        covered = {c for c in joined.values() if c in fine}
+        shifts = {c - e for e, c in joined.items() if c in covered}
+        if len(shifts) == 1 and param.dim() == 1:  # an entry added nowhere (zeroed on the way) may sit in the slice
+            shift = shifts.pop()
+            covered |= {c for c in fine if 0 <= c - shift < param.shape[0] and joined.get(c - shift, c) == c}
+        if not covered or covered == fine:
+            continue
+        options = [broken | (fine - covered), broken | covered]
+        sizes = [_kept_size(ties, channels, option) for option in options]
+        broken = options[0] if sizes[0] >= sizes[1] else options[1]
+    return broken
+
+
+def _kept_size(ties: ChannelTies, channels: int, broken: set[int]) -> int:
+    kept = kept_channels(ties, channels, broken)
+    return 0 if kept is None else (kept[1] - kept[0]) * (channels // kept[2])
+
+
+def scattered(ties: ChannelTies, channels: int, broken: set[int]) -> str:
+    """What to add to the reason a layer is left out when some of its channels are invariant but
+    :func:`kept_channels` cannot hold them (they are not one run, nor the same run of every head)."""
+    lost = {ties.find(c) for c in broken}
+    fine = sum(ties.find(c) not in lost for c in range(channels))
+    if not fine:
+        return ""
+    return (
+        f"; its other {fine} of {channels} channels are invariant, but do not form one run of channels (or the "
+        "same run in every head), which its groups cannot hold"
+    )
 
 
 def rows_slice(name: str, param: nn.Parameter, rows: tuple[int, int] | None, split: int) -> ParamSlice:

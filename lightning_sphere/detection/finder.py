@@ -35,8 +35,8 @@ class GroupFinder:
     """Candidates from real forward passes, verified by the gradients of real steps, for as long as training
     runs: a layer first called, or first trainable, on a later step is examined then.
 
-    Every *watched* module (each Conv, ConvTranspose and Linear layer, each weight-normalized tensor, each
-    candidate of ``"numeric"`` or of a mapping) is at any time accepted, pending (a structural candidate
+    Every *watched* module (each Conv, ConvTranspose, Linear and Embedding layer, each weight-normalized tensor,
+    each candidate of ``"numeric"`` or of a mapping) is at any time accepted, pending (a structural candidate
     waiting for a gradient to verify it), rejected for good (with the reason), or not seen yet; the last two
     kinds are listed with a true reason by :meth:`untracked`. A layer whose weight is computed (a
     parametrization, pruning) is watched through the tensor the optimizer steps; no weight is ever computed
@@ -164,8 +164,10 @@ class GroupFinder:
         calls = self._recorder.calls
         if not first and not any(isinstance(c.module, WATCHED) for c in calls):
             return  # nothing new to learn from this graph: no walk (the first may hold weights used by no call)
-        undecided = [name for name in self.watched if name not in self.decided()]
-        found = find_candidates(calls, roots, self.model, exclude=self._weight_normed, uses=undecided)
+        known = self.decided()
+        undecided = [name for name in self.watched if name not in known]
+        biases = self._recorder.biases.values
+        found = find_candidates(calls, roots, self.model, exclude=self._weight_normed, uses=undecided, biases=biases)
         final = {name: reason for name, reason in found.rejected.items() if "frozen" not in reason}
         decided = {g.module_name for g in self.accepted} | set(self.rejected)
         for name, reason in final.items():

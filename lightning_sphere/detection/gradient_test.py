@@ -131,6 +131,11 @@ def failure_reason(
                 "direction shows; name it in groups= to track it"
             )
         return f"gradient not orthogonal to the weights: {yardstick}"
+    if entry.unknown_eps:
+        return (
+            f"invariant only up to the constant added at {entry.unknown_eps} to what it divides by (an eps of "
+            f"unknown size), which is not small next to it on this batch: {yardstick}"
+        )
     eps = getattr(_norm(model, entry), "eps", None)
     if isinstance(eps, float) and eps > 0:
         return (

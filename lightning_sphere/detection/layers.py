@@ -18,7 +18,7 @@ LayerNorm or RMSNorm over its output.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -31,14 +31,16 @@ from lightning_sphere.core.groups import InvariantGroups, ParamSlice
 from lightning_sphere.core.names import class_name, named_modules, named_parameters
 from lightning_sphere.core.sharding import unsharded_aliases
 from lightning_sphere.detection.channels import (
+    align_companions,
     companion_slice,
     group_size,
     kept_channels,
     rows_slice,
+    scattered,
     walk_parts,
 )
 from lightning_sphere.detection.parametrized import Stored, read_scaling, stored_weight
-from lightning_sphere.detection.recorder import CHANNEL_NORMS, LAYERS, WATCHED, _Call, _Graph, _NormNamer
+from lightning_sphere.detection.recorder import CHANNEL_NORMS, EMBEDDINGS, LAYERS, WATCHED, _Call, _Graph, _NormNamer
 from lightning_sphere.detection.scaling import ChannelTies, NormReached
 from lightning_sphere.detection.walk import ScalingWalk
 
@@ -64,6 +66,7 @@ def find_candidates(
     model: nn.Module,
     exclude: Collection[nn.Module] = (),
     uses: Collection[str] | None = None,
+    biases: Mapping[Node, list[Tensor]] | None = None,
 ) -> Candidates:
     """Layers whose output reaches the loss only through normalizations that cancel its scale (§1 table).
 
@@ -78,8 +81,10 @@ def find_candidates(
         model: the model, for parameter names.
         exclude: layers found another way (weight normalization), to leave alone.
         uses: the names of the modules that may be followed from their weight (``None``: every one).
+        biases: the values of the biases built on the spot, by node (:attr:`DataflowRecorder.biases`).
     """
     graph = _Graph([r.grad_fn for r in roots if r.grad_fn is not None])
+    graph.bias_values = biases or {}
     scalar = all(tuple(getattr(r, "shape", (2,))) == () for r in roots)  # a loss; else the model's outputs
     graph.output = "the loss" if scalar else "the model's output"
     for sharded, unsharded in unsharded_aliases(model).items():  # FSDP2: the graph holds the unsharded copies
@@ -102,6 +107,9 @@ def find_candidates(
         elif not stored.params[0].requires_grad:
             found.rejected[call.name] = "weight is frozen"
     param_names = {p: n for n, p in named_parameters(model)}
+    for sharded, unsharded in unsharded_aliases(model).items():  # a bias read off the graph is the unsharded copy
+        if isinstance(sharded, nn.Parameter) and isinstance(unsharded, nn.Parameter) and sharded in param_names:
+            param_names.setdefault(unsharded, param_names[sharded])
     namer = _NormNamer(calls)
     for module, module_calls in layer_calls.items():
         name = module_calls[0].name
@@ -286,10 +294,11 @@ def _structural_groups(
     if reason:
         return reason
     kept = None
+    broken = align_companions(ties, channels, broken, companions) if companions else broken
     if standardized is None and broken:
         kept = kept_channels(ties, channels, broken)
         if kept is None or transposed:
-            return next(r for r in reasons if r)
+            return next(r for r in reasons if r) + scattered(ties, channels, broken)
     first, stop, period = kept or (0, channels, channels)
     order = [k * period + c for k in range(channels // period) for c in range(first, stop)]
     per_group = group_size(ties, order)
@@ -329,18 +338,19 @@ def _structural_groups(
         and isinstance(norm_call.module, CHANNEL_NORMS)
         and all(n.fused_channel_norm and n.channels_kept for n in norms),
         norm_count=min((n.count for n in norms if n.count is not None), default=None),
+        unknown_eps=next((n.constant_at for n in norms if n.constant_at), ""),
     )
 
 
 def _granularity(layer: nn.Module, per_group: int, num_groups: int) -> str:
     """``"channel"``, ``"layer"`` or ``"<k> channels"``; an embedding's rows are ``"row"``/``"<k> rows"``."""
-    unit = "row" if isinstance(layer, nn.Embedding) else "channel"
+    unit = "row" if isinstance(layer, EMBEDDINGS) else "channel"
     return unit if per_group == 1 else "layer" if num_groups == 1 else f"{per_group} {unit}s"
 
 
 def _out_channels(layer: nn.Module) -> int:
     """The output channels of one of the :data:`WATCHED` modules (the rows of an embedding)."""
-    if isinstance(layer, nn.Embedding):
+    if isinstance(layer, EMBEDDINGS):
         return layer.num_embeddings
     if isinstance(layer, _ConvNd):
         return layer.out_channels

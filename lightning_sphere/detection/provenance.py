@@ -9,20 +9,23 @@ zero, or that it is some constant.
 The graph says it without any value: back-propagating an index through the nodes that built the bias (calling
 each autograd node on a probe gradient, as the engine would) lands, at each parameter's ``AccumulateGrad``
 node, on the index of the bias entry that copies it. Only nodes that move, copy or zero entries are allowed on
-the way, and a second probe checks that every parameter entry is copied once, unscaled (docs/theory.md §1.3).
+the way, and a second probe checks that every parameter entry is copied once, unscaled; the values the bias held
+in the forward pass (kept by :class:`BiasValues` while the pass is recorded) check what the graph cannot tell
+(docs/theory.md §1.3).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import Node
+from torch.overrides import TorchFunctionMode
 
 from lightning_sphere.detection.nodes import signed
-from lightning_sphere.detection.scaling import output_shape
 
 #: Autograd nodes that only move, copy, cast or overwrite entries: a bias built by these is a selection of
 #: parameter entries, zeros and constants. ``CopySlices`` is an in-place write into a slice (``b[k:2k].zero_()``).
@@ -56,22 +59,27 @@ class Provenance:
         sources: parameter → ``(entries, bias_entries)``: entry ``entries[i]`` of the parameter is copied into
             entry ``bias_entries[i]`` of the bias (int64 tensors).
         copied: ``(N,)`` bool, entries copied from a parameter.
-        constant: whether some input on the way is a tensor that does not require a gradient (a buffer, a
-            literal): entries not copied may then be any constant; without one they are zero (written by an
-            in-place zero, or a slice left out).
+        zero: ``(N,)`` bool, entries known to be zero (a part left out or zeroed in place, its value seen zero);
+            an entry neither copied nor zero may be any constant.
         nodes: the nodes that built the bias, down to the parameters' ``AccumulateGrad`` nodes.
     """
 
     sources: dict[nn.Parameter, tuple[Tensor, Tensor]]
     copied: Tensor
-    constant: bool
+    zero: Tensor
     nodes: set[Node]
 
 
-def provenance(node: Node, nr: int = 0) -> Provenance | None:
+def provenance(node: Node, nr: int = 0, values: Sequence[Tensor] = ()) -> Provenance | None:
     """Where the entries of output ``nr`` of ``node`` (a 1-D bias) come from; ``None`` when the graph that built
-    it does anything but move, copy or zero parameter entries, or when it is larger than :data:`MAX_ENTRIES`."""
-    shape = output_shape(node, nr)
+    it does anything but move, copy or overwrite parameter entries, or when it is larger than :data:`MAX_ENTRIES`.
+
+    ``values``: what the bias held in the forward pass (:class:`BiasValues`), which the graph does not keep. An
+    in-place write into a slice (``CopySlices``) hides what it wrote: ``zero_()`` and ``fill_(c)`` look alike,
+    and ``add_(c)`` looks like a copy. With the values, a copied entry must hold its parameter entry and an entry
+    written must hold zero; without them, nothing written in place is trusted.
+    """
+    shape = tuple(node._input_metadata[nr].shape)  # the bias's shape, as the node received it
     if len(shape) != 1 or not 0 < shape[0] <= MAX_ENTRIES:
         return None
     nodes, constant = _below(node)
@@ -95,9 +103,50 @@ def provenance(node: Node, nr: int = 0) -> Provenance | None:
             return None
         if bias_entries.unique().numel() != bias_entries.numel():
             return None
+        for value in values:  # what was copied holds the parameter's entry (an in-place add_ would not)
+            same = value.to(param.device).flatten()[bias_entries] == param.detach().flatten()[entries]
+            entries, bias_entries = entries[same], bias_entries[same]
         copied[bias_entries] = True
         sources[param] = (entries, bias_entries)
-    return Provenance(sources, copied, constant, nodes)
+    written = any(n.name() in _IN_PLACE for n in nodes)
+    if values:
+        zero = ~copied & torch.stack([v.to(copied.device).flatten() == 0 for v in values]).all(0)
+    else:
+        zero = ~copied & (not constant and not written)
+    return Provenance(sources, copied, zero, nodes)
+
+
+_IN_PLACE = frozenset({"torch::autograd::CopySlices", "CopySlices"})
+
+
+class BiasValues(TorchFunctionMode):
+    """While active, keeps the value of each bias built on the spot (a tensor with an autograd node, at most
+    :data:`MAX_ENTRIES` entries) that ``F.linear``, ``addmm`` or a convolution receives, by that node: what
+    :func:`provenance` checks the graph's reading against. Active during the recorded forward passes only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[Node, list[Tensor]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        slot = _BIAS_SLOT.get(func)
+        if slot is not None:
+            bias = args[slot] if len(args) > slot else kwargs.get("bias" if slot else "input")
+            built = isinstance(bias, Tensor) and bias.grad_fn is not None and bias.dim() == 1
+            if built and bias.numel() <= MAX_ENTRIES:
+                self.values.setdefault(bias.grad_fn, []).append(bias.detach().clone())
+        return func(*args, **kwargs)
+
+
+#: The functions that add a bias to a product by a weight, and the position of the bias among their arguments.
+_BIAS_SLOT: dict[Any, int] = {
+    torch.nn.functional.linear: 2,
+    torch.addmm: 0,
+    torch.nn.functional.conv1d: 2,
+    torch.nn.functional.conv2d: 2,
+    torch.nn.functional.conv3d: 2,
+}
 
 
 def _below(root: Node) -> tuple[set[Node] | None, bool]:

@@ -4,7 +4,7 @@ reads, and the graph they left behind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +16,12 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_sphere.core.names import named_modules
 from lightning_sphere.detection.parametrized import computed_node, graph_below, parametrizations
+from lightning_sphere.detection.provenance import BiasValues
 
 LAYERS = (_ConvNd, nn.Linear)
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 #: What detection examines: the layers, and the embeddings, whose rows it follows from the weight alone.
-WATCHED = (*LAYERS, nn.Embedding)
+WATCHED = (*LAYERS, *EMBEDDINGS)
 CHANNEL_NORMS = (_BatchNorm, _InstanceNorm)
 
 
@@ -71,6 +73,9 @@ class DataflowRecorder:
         self._handles: list[Any] = []
         self._norms_hooked = False
         self._computed: dict[nn.Module, tuple[Node, int]] = {}  # layer → its parametrized weight's node
+        #: the values of the biases built on the spot for a weight (``F.linear(x, w, cat(...))``), by their node
+        self.biases = BiasValues()
+        self._depth = 0  # module calls entered and not yet left, while the biases' values are kept
 
     def __enter__(self) -> DataflowRecorder:
         every = True  # recording every layer of the model: its first step
@@ -86,7 +91,23 @@ class DataflowRecorder:
             # reasons would name it or not by chance). Waiting for some layers not called yet, hooks stay off
             # every other module until one of them runs: nothing per step.
             self._hook_norms()
+        if every:  # the first step, when weights used outside their module are read: keep their biases' values
+            for _, module in named_modules(self.model):
+                self._handles.append(module.register_forward_pre_hook(self._capture))
+                self._handles.append(module.register_forward_hook(self._release, always_call=True))
         return self
+
+    def _capture(self, module: nn.Module, args: Any) -> None:
+        """On entering the outermost module call: keep the biases' values until it returns. The mode enters and
+        leaves with the module calls, which nest, so that it never leaves a mode of someone else's on the stack."""
+        if self._depth == 0:
+            self.biases.__enter__()
+        self._depth += 1
+
+    def _release(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.biases.__exit__(None, None, None)
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
@@ -132,6 +153,8 @@ class _Graph:
         #: what the roots are, in the user's terms (for the reasons given)
         self.output = "the model's output"
         self.nodes, self.consumers, self.leaf = graph_below(roots)
+        #: the values the biases built on the spot held (:class:`~lightning_sphere.detection.provenance.BiasValues`)
+        self.bias_values: Mapping[Node, list[Tensor]] = {}
 
 
 class _NormNamer:

@@ -87,6 +87,8 @@ class NormReached:
     channels_kept: bool
     #: how many values each set it normalizes holds (a fused norm's; ``None`` for one written by hand)
     count: int | None = None
+    #: where a constant of unknown size was added to the divisor (a hand-written eps), if one was
+    constant_at: str = ""
 
 
 class ScaleBroken(Exception):

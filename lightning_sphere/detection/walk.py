@@ -209,7 +209,8 @@ class ScalingWalk:
         """
         child, nr = node.next_functions[slot]
         from_weight = self.start is not None and hasattr(self.start, "variable")
-        origin = provenance(child, nr) if child is not None and from_weight else None
+        values = self.graph.bias_values.get(child, ()) if child is not None else ()
+        origin = provenance(child, nr, values) if child is not None and from_weight else None
         if origin is None:
             value.offset, value.offset_at = tuple(value.ids.shape), self.where(node)
             return value
@@ -230,9 +231,11 @@ class ScalingWalk:
                 if entry in joined and min(joined[entry], c) >= 0 and joined[entry] != c:
                     self.ties.tie(torch.tensor([[joined[entry], c]], dtype=torch.int32))
                 joined.setdefault(entry, c)
-        if origin.constant:
-            why = f"output reaches {self.where(node)}, whose bias holds a constant (a buffer, a literal)"
-            lost.update(dict.fromkeys(channel[~origin.copied.to(channel.device)].tolist(), why))
+        unknown = ~(origin.copied | origin.zero).to(channel.device)
+        if bool(unknown.any()):
+            why = f"output reaches {self.where(node)}, whose bias holds a constant (a buffer, a literal, a value "
+            why += "written in place)"
+            lost.update(dict.fromkeys(channel[unknown].tolist(), why))
         lost.pop(-1, None)
         if not lost:
             return value
@@ -290,4 +293,7 @@ def at_output(output: str) -> str:
 
 def _op(node: Node) -> str:
     """The operation of an autograd node, as torch names its forward (``Addmm`` for ``AddmmBackward0``)."""
-    return node.name().removesuffix("Backward0").removesuffix("Backward1")
+    name = node.name().removeprefix("torch::autograd::")
+    if name == "CopySlices":  # an in-place op on a view: the graph does not say which
+        return "an in-place operation on a view"
+    return name.removesuffix("Backward0").removesuffix("Backward1")

@@ -94,7 +94,10 @@ def product(
     if (a is not None and a.shifted) or (b is not None and b.shifted and not (divide and degree == 0)):
         raise walk.break_at(node, ", after a constant was added")
     if degree == 0:
-        walk.norms.append(NormReached(node, cancels_shift=False, fused_channel_norm=False, channels_kept=False))
+        at = b.shifted_at if divide and b is not None else ""
+        walk.norms.append(
+            NormReached(node, cancels_shift=False, fused_channel_norm=False, channels_kept=False, constant_at=at)
+        )
         return [None]
     return [
         ScaledValue(

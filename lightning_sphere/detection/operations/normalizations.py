@@ -65,7 +65,7 @@ def _normalize(
     ids = value.ids
     row_ids = rows(compact(ids), [d for d in range(ids.dim()) if d not in dims])
     if mixes_scaling(row_ids):
-        raise walk.break_at(node, ", with entries that do not scale")
+        raise ScaleBroken(f"output is normalized by {walk.where(node)} together with values that do not scale with it")
     single = bool((row_ids.amax(1) == row_ids.amin(1)).all())
     walk.ties.tie(row_ids)
     kept = value.channels_kept
