@@ -60,7 +60,7 @@ def companion_slice(
     taken = {e for e in range(size) if low <= e % (size // split) < high} if split > 1 else set(range(low, high))
     if any(e in taken and c not in kept for e, c in joined.items()):
         return f"bias `{name}` is added to its channels and to others"
-    if rows is None and (low, high) == (0, size):
+    if (rows is None or split == 1) and (low, high) == (0, size):  # all of it: the parameter, not a slice
         return ParamSlice(names[param], param)
     return rows_slice(names[param], param, (low, high), split)
 
