@@ -17,12 +17,15 @@ import copy
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sphere import find_invariant_groups
+from lightning_sphere import SphereMonitor, find_invariant_groups
 from lightning_sphere.core.groups import ParamSlice
+from tests.lightning_helpers import fit
 
 HEADS, HEAD_DIM = 2, 4
 WIDTH = HEADS * HEAD_DIM
@@ -409,3 +412,54 @@ def test_a_constant_of_unknown_size_added_to_a_divisor_is_tested_as_strictly_as_
     assert moves(model, x, [[("fc.weight", list(range(16))), ("fc.bias", list(range(16)))]])
     assert "fc" not in groups
     assert rejected["fc"].startswith("invariant only up to the constant added at the model (DividedPlusConstant: Add)")
+
+
+# --- the monitor attached: training unchanged -----------------------------------------------------------------
+
+
+class TokenModel(pl.LightningModule):
+    """Embedding rows into a LayerNorm, then EVA's attention (``F.linear`` on ``qkv.weight`` with a bias built on
+    the spot): what the first step's recording reads (the weights' own uses, the bias values) runs on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.words = nn.Embedding(12, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.attention = BuiltBias()
+        self.head = nn.Linear(WIDTH, 3)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        ids, y = batch
+        out = self.head(self.attention(self.norm(self.words(ids))).mean(1))
+        loss = F.cross_entropy(out, y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(3)
+        data = TensorDataset(torch.randint(0, 12, (24, 5), generator=gen), torch.randint(0, 3, (24,), generator=gen))
+        return DataLoader(data, batch_size=8)
+
+
+def test_the_monitor_leaves_training_with_weights_followed_from_their_uses_bitwise_unchanged(tmp_path):
+    runs = {}
+    for monitored in (False, True):
+        model, monitor = TokenModel(), SphereMonitor()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = fit(model, tmp_path, [monitor] if monitored else [], max_steps=3)
+        losses = [m["loss"] for _, m in trainer.logger.history if "loss" in m]
+        state = {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        runs[monitored] = (losses, state, monitor)
+    assert runs[False][0] == runs[True][0] and len(runs[True][0]) == 3
+    assert runs[False][1].keys() == runs[True][1].keys()
+    for name, value in runs[False][1].items():
+        assert torch.equal(value, runs[True][1][name]), name
+    # and the monitor did read them: the embedding rows, the q rows of each head with q_bias
+    tracked = {g.module_name: [s.name for s in g.slices] for g in runs[True][2].groups}
+    assert tracked["words"] == ["words.weight"]
+    assert tracked["attention.qkv"] == ["attention.qkv.weight", "attention.q_bias"]

@@ -84,8 +84,7 @@ def kept_channels(ties: ChannelTies, channels: int, broken: set[int]) -> tuple[i
     ``first:stop`` of every run of ``period`` (the q and k rows of a fused qkv projection, one run; those of
     each head of a head-major ``[q_h, k_h, v_h]`` layout, one per head), at least two of them, none tied to a
     broken one; else ``None``."""
-    lost = {ties.find(c) for c in broken}
-    fine = [c for c in range(channels) if ties.find(c) not in lost]
+    fine = _fine(ties, channels, broken)
     if len(fine) < 2:
         return None
     for period in [p for p in range(1, channels + 1) if channels % p == 0]:
@@ -105,8 +104,7 @@ def align_companions(
     and k rows invariant, but only the q rows have a parameter bias: keep the larger of the channels a bias covers
     and those it does not (the covered ones when equal)."""
     for param, joined in companions.items():
-        lost = {ties.find(c) for c in broken}
-        fine = {c for c in range(channels) if ties.find(c) not in lost}
+        fine = set(_fine(ties, channels, broken))
         covered = {c for c in joined.values() if c in fine}
         shifts = {c - e for e, c in joined.items() if c in covered}
         if len(shifts) == 1 and param.dim() == 1:  # an entry added nowhere (zeroed on the way) may sit in the slice
@@ -120,6 +118,12 @@ def align_companions(
     return broken
 
 
+def _fine(ties: ChannelTies, channels: int, broken: set[int]) -> list[int]:
+    """The channels tied to no ``broken`` one, in order."""
+    lost = {ties.find(c) for c in broken}
+    return [c for c in range(channels) if ties.find(c) not in lost]
+
+
 def _kept_size(ties: ChannelTies, channels: int, broken: set[int]) -> int:
     kept = kept_channels(ties, channels, broken)
     return 0 if kept is None else (kept[1] - kept[0]) * (channels // kept[2])
@@ -128,8 +132,7 @@ def _kept_size(ties: ChannelTies, channels: int, broken: set[int]) -> int:
 def scattered(ties: ChannelTies, channels: int, broken: set[int]) -> str:
     """What to add to the reason a layer is left out when some of its channels are invariant but
     :func:`kept_channels` cannot hold them (they are not one run, nor the same run of every head)."""
-    lost = {ties.find(c) for c in broken}
-    fine = sum(ties.find(c) not in lost for c in range(channels))
+    fine = len(_fine(ties, channels, broken))
     if not fine:
         return ""
     return (
